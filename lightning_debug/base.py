@@ -1,0 +1,140 @@
+"""``DebugCallback``: what every lightning-debug callback shares.
+
+- one :meth:`DebugCallback.emit` path: catalogue lookup, de-duplication, one rank-zero console line, a W&B
+  alert for errors;
+- every Lightning hook a subclass defines is guarded: an exception inside the check becomes a
+  ``check.error`` finding and training goes on (``strict=True`` re-raises);
+- ``state_dict`` holds findings as plain types so checkpoints load with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from lightning_debug.findings import Finding, Severity, check_info, jsonable
+from lightning_debug.sinks import Sink
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+log = logging.getLogger("lightning_debug")
+if not log.handlers:  # like Lightning's own logger: visible by default, configurable by the user
+    _handler = logging.StreamHandler(sys.stderr)
+    _handler.setFormatter(logging.Formatter("[lightning-debug] %(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+_HOOK_PREFIXES = ("on_", "setup", "teardown")
+_UNGUARDED = {"on_exception", "on_save_checkpoint", "on_load_checkpoint"}
+
+
+def _guard(hook: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(hook)
+    def guarded(self: DebugCallback, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return hook(self, trainer, *args, **kwargs)
+        except Exception as err:
+            if self.strict:
+                raise
+            self.emit(
+                trainer,
+                "check.error",
+                f"{type(self).__name__}.{hook.__name__} failed: {type(err).__name__}: {err}",
+                data={"hook": hook.__name__, "exception": type(err).__name__, "text": str(err)},
+                key=f"{hook.__name__}:{type(err).__name__}",
+            )
+            return None
+
+    guarded.__lightning_debug_guarded__ = True  # type: ignore[attr-defined]
+    return guarded
+
+
+class DebugCallback(Callback):
+    """Base class: findings, de-duplication, guarded hooks and checkpointable state.
+
+    Args:
+        strict: re-raise the callback's own exceptions instead of reporting them as ``check.error``.
+        verbose: print each new finding to the console (rank zero only).
+    """
+
+    def __init__(self, *, strict: bool = False, verbose: bool = True) -> None:
+        self.strict = strict
+        self.verbose = verbose
+        self.findings: list[Finding] = []
+        self._seen: dict[str, int] = {}  # dedup key -> index into findings
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, attr in list(vars(cls).items()):
+            if (
+                callable(attr)
+                and name.startswith(_HOOK_PREFIXES)
+                and name not in _UNGUARDED
+                and not getattr(attr, "__lightning_debug_guarded__", False)
+            ):
+                setattr(cls, name, _guard(attr))
+
+    def emit(
+        self,
+        trainer: pl.Trainer,
+        check: str,
+        message: str,
+        *,
+        data: dict[str, Any] | None = None,
+        hint: str | None = None,
+        severity: Severity | str | None = None,
+        key: str | None = None,
+    ) -> Finding:
+        """Record a finding. A repeat of the same ``check`` and ``key`` is counted, not printed again."""
+        info = check_info(check)
+        step = int(trainer.global_step) if trainer is not None else 0
+        dedup = f"{check}|{key or ''}"
+        if dedup in self._seen:
+            i = self._seen[dedup]
+            self.findings[i] = self.findings[i].repeated(step)
+            return self.findings[i]
+        finding = Finding(
+            check=check,
+            severity=Severity(severity) if severity is not None else info.severity,
+            message=message,
+            hint=hint if hint is not None else info.hint,
+            step=step,
+            epoch=int(trainer.current_epoch) if trainer is not None else 0,
+            data=jsonable(data or {}),
+            source=type(self).__name__,
+        )
+        self._seen[dedup] = len(self.findings)
+        self.findings.append(finding)
+        self._announce(trainer, finding)
+        return finding
+
+    @rank_zero_only
+    def _announce(self, trainer: pl.Trainer | None, finding: Finding) -> None:
+        if self.verbose:
+            level = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+            log.log(level[finding.severity.value], "%s [%s] %s", finding.check, finding.severity.value, finding.message)
+        if trainer is not None and finding.severity is Severity.ERROR:
+            title = f"{finding.check}: {check_info(finding.check).title}"
+            Sink(trainer).alert(title, f"{finding.message}\n{finding.hint}")
+
+    def has_finding(self, check: str) -> bool:
+        return any(f.check == check for f in self.findings)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"findings": [f.to_dict() for f in self.findings], "seen": dict(self._seen)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.findings = [Finding.from_dict(d) for d in state_dict.get("findings", [])]
+        self._seen = dict(state_dict.get("seen", {}))
+
+
+def debug_callbacks_of(trainer: pl.Trainer) -> list[DebugCallback]:
+    return [cb for cb in trainer.callbacks if isinstance(cb, DebugCallback)]  # type: ignore[attr-defined]

@@ -1,0 +1,494 @@
+"""Findings and the check catalogue.
+
+A :class:`Finding` is what every check produces: a stable check id, a severity, one sentence with the
+numbers, a hint and the evidence. The :data:`CATALOGUE` lists every id the package can emit, with its
+meaning and its likely causes in the order the debugging lecture diagnoses them: model capacity, then
+optimizer / learning rate / initialisation / batch size, then implementation bugs, then train/test
+disconnect, then search, then overfitting, then loss-metric mismatch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
+from typing import Any
+
+
+class Severity(str, Enum):
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+    @property
+    def rank(self) -> int:
+        return {"info": 0, "warning": 1, "error": 2}[self.value]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One diagnosis. ``data`` holds the evidence and must be JSON-serialisable."""
+
+    check: str
+    severity: Severity
+    message: str
+    hint: str = ""
+    step: int = 0
+    epoch: int = 0
+    data: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+    count: int = 1
+    last_step: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "severity", Severity(self.severity))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["severity"] = self.severity.value
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Finding:
+        return cls(**d)
+
+    def repeated(self, step: int) -> Finding:
+        """The same finding seen once more, at ``step``."""
+        return replace(self, count=self.count + 1, last_step=step)
+
+
+def jsonable(value: Any) -> Any:
+    """Turn tensors, numpy scalars and tuples in evidence into plain JSON types."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "tolist"):  # torch.Tensor, numpy arrays and scalars
+        return jsonable(value.tolist())
+    if isinstance(value, float):
+        # JSON has no NaN/Inf; keep them readable and loadable.
+        return value if value == value and abs(value) != float("inf") else str(value)
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+
+
+@dataclass(frozen=True)
+class CheckInfo:
+    """What a check id means, what usually causes it (most likely first) and what to try."""
+
+    id: str
+    severity: Severity
+    title: str
+    meaning: str
+    causes: tuple[str, ...]
+    fixes: tuple[str, ...]
+    emitted_by: str
+
+    @property
+    def hint(self) -> str:
+        return "Try, most likely first: " + "; ".join(self.fixes) + "."
+
+
+def _c(
+    id: str,
+    severity: str,
+    title: str,
+    meaning: str,
+    causes: tuple[str, ...],
+    fixes: tuple[str, ...],
+    emitted_by: str,
+) -> CheckInfo:
+    return CheckInfo(id, Severity(severity), title, meaning, causes, fixes, emitted_by)
+
+
+_CHECKS: tuple[CheckInfo, ...] = (
+    _c(
+        "check.error",
+        "warning",
+        "A check failed internally",
+        "One of lightning-debug's own checks raised. Training went on; the check's result is missing.",
+        ("an input the check does not handle (the message names it)", "a bug in lightning-debug"),
+        (
+            "read the exception text in `data`",
+            "pass the offending argument explicitly",
+            "report it with the traceback; `strict=True` on the callback re-raises",
+        ),
+        "every DebugCallback",
+    ),
+    _c(
+        "check.skipped",
+        "info",
+        "A check could not run",
+        "A check found nothing it can judge (missing metric, batch of one, coupled loss, ...) and says why.",
+        (
+            "the monitored key is not logged, or logged under another name",
+            "the data or model shape is outside what the check supports",
+        ),
+        (
+            "log the key the callback monitors, or name the one you log",
+            "provide the documented hook (e.g. `split_fn`, `forward_fn`)",
+        ),
+        "every DebugCallback",
+    ),
+    _c(
+        "loss.nonfinite",
+        "error",
+        "Training loss is NaN or Inf",
+        "The training loss (or one of its components) became NaN or infinite.",
+        (
+            "learning rate far too high (updates blow up)",
+            "bad initialisation scale",
+            "a bug: log of 0, division by 0, fp16 overflow, NaN in the inputs",
+            "exploding gradients in a deep/recurrent model",
+        ),
+        (
+            "lower the learning rate 10x",
+            "add gradient clipping (`Trainer(gradient_clip_val=1.0)`)",
+            "check inputs and labels for NaN/Inf",
+            "use bf16 or fp32 instead of fp16",
+            "run with `Trainer(detect_anomaly=True)` to find the op",
+        ),
+        "LossConvergenceMonitor",
+    ),
+    _c(
+        "loss.diverging",
+        "error",
+        "Training loss is diverging",
+        "The smoothed training loss rises significantly (trend test), or sits far above its best value.",
+        (
+            "learning rate too high, or a warm-up that is too short",
+            "too small a batch for this learning rate",
+            "a bug in the loss or the data pipeline (labels changing, shuffled targets)",
+            "numerical instability (fp16, missing normalisation)",
+        ),
+        (
+            "lower the learning rate 3-10x",
+            "add or lengthen learning-rate warm-up",
+            "add gradient clipping",
+            "increase the batch size",
+        ),
+        "LossConvergenceMonitor",
+    ),
+    _c(
+        "loss.not_decreasing",
+        "warning",
+        "Training loss is not going down",
+        "After warm-up the training loss has not moved meaningfully from its starting level "
+        "(e.g. still at ln(num_classes)).",
+        (
+            "model capacity too low to fit anything",
+            "learning rate far too low or the optimizer not stepping",
+            "bad initialisation (dead units, saturated activations)",
+            "a bug: detached graph, frozen parameters, labels unrelated to inputs",
+        ),
+        (
+            "check the optimizer gets all parameters and `optimizer.step()` runs",
+            "raise the learning rate 10x",
+            "make sure logits are not detached and targets match inputs",
+            "try overfitting one batch (`OverfitBatchCheck`)",
+        ),
+        "LossConvergenceMonitor",
+    ),
+    _c(
+        "loss.plateau",
+        "warning",
+        "Training loss has plateaued far above its floor",
+        "The trend over the last window is statistically flat while the level is far above the best "
+        "achievable loss (`floor`).",
+        (
+            "too little model capacity (too small, a bottleneck layer)",
+            "learning rate too low or too high to make progress; poor optimizer; bad initialisation; batch size",
+            "a bug that caps what the model can learn (masking, label mismatch)",
+            "regularisation so strong it keeps the total loss up",
+        ),
+        (
+            "increase model size / remove bottlenecks",
+            "tune the learning rate (try 3x up and down) or use Adam",
+            "try a learning-rate schedule",
+            "check masking and labels with `BatchConsistencyCheck`",
+            "track the likelihood separately from regularisation (`components=`)",
+        ),
+        "LossConvergenceMonitor",
+    ),
+    _c(
+        "loss.converged",
+        "info",
+        "Training loss reached its floor",
+        "The training loss is flat and close to its floor: the model fits the training data.",
+        ("healthy training",),
+        ("look at the dev metric next: overfitting or loss-metric mismatch are the remaining questions",),
+        "LossConvergenceMonitor",
+    ),
+    _c(
+        "startup.cannot_overfit",
+        "error",
+        "The model cannot overfit one batch",
+        "On a copy of the model, repeated training on a single fixed batch did not drive the loss near its "
+        "floor. A correct model of reasonable size memorises one batch easily.",
+        (
+            "model capacity far too low for even one batch",
+            "learning rate / optimizer that cannot make progress",
+            "a bug: detached logits, wrong loss inputs, targets that change every step, frozen parameters",
+        ),
+        (
+            "check the loss uses the model's (non-detached) outputs and the batch's labels",
+            "check `configure_optimizers` returns all trainable parameters",
+            "raise the learning rate",
+            "make the model larger",
+        ),
+        "OverfitBatchCheck",
+    ),
+    _c(
+        "startup.overfit_ok",
+        "info",
+        "The model can overfit one batch",
+        "On a copy of the model, the loss on one fixed batch fell to near its floor.",
+        ("healthy model and loss",),
+        ("nothing to do",),
+        "OverfitBatchCheck",
+    ),
+    _c(
+        "val.loss_metric_divergence",
+        "warning",
+        "Dev loss rises while the dev metric improves",
+        "Over the trailing window of validation checks the dev loss trends up significantly while the "
+        "evaluation metric is flat or improving and above chance: the model grows confident in its wrong "
+        "answers (overconfidence).",
+        (
+            "overconfidence: wrong predictions become more confident as weights grow (overfitting the loss, "
+            "not the 0/1 metric)",
+            "loss-metric mismatch: the loss is not the thing you evaluate",
+        ),
+        (
+            "early-stop and select checkpoints on the evaluation metric, not the loss",
+            "watch calibration (`CalibrationMonitor`); apply temperature scaling after training",
+            "use label smoothing or stronger weight decay",
+        ),
+        "LossMetricDivergence",
+    ),
+    _c(
+        "val.overfitting",
+        "warning",
+        "Training loss falls while dev loss rises",
+        "The generalisation gap is growing: training loss keeps falling while dev loss trends up.",
+        (
+            "too much capacity for the data / too little regularisation",
+            "train/test disconnect (different distributions)",
+            "training too long",
+        ),
+        (
+            "add regularisation (dropout, weight decay) or more data",
+            "early-stop on the dev metric",
+            "check the dev data comes from the same distribution",
+        ),
+        "LossMetricDivergence",
+    ),
+    _c(
+        "stop.early",
+        "info",
+        "Early stopping stopped the run",
+        "MetricEarlyStopping ended training; `data.reason` says why "
+        "(patience, threshold, divergence, nonfinite, finding:<id>).",
+        ("the monitored metric stopped improving", "a threshold or another finding requested the stop"),
+        ("if it stopped too early, raise `patience` or `warmup`, or use `smoothing`",),
+        "MetricEarlyStopping",
+    ),
+    _c(
+        "stop.deferred",
+        "info",
+        "Early stopping deferred (possible grokking)",
+        "Patience is not counted while the training metric is saturated but the dev loss or weight norm is "
+        "still moving: the run may still generalise late (grokking).",
+        ("memorisation phase before late generalisation",),
+        ("nothing; set `grokking_guard=False` to stop on plain patience",),
+        "MetricEarlyStopping",
+    ),
+    _c(
+        "batch.loss_mismatch",
+        "error",
+        "Batched loss differs from per-example losses",
+        "The loss of a mini-batch is not the mean/token-mean/sum of the losses of its examples computed "
+        "alone: padding or masking is broken.",
+        (
+            "a bug: padding positions are scored, the mask is ignored, or the reduction is wrong",
+            "a loss that couples examples by design (declare `coupled_loss=True`)",
+        ),
+        (
+            "mask padded positions out of the loss (labels = -100 / ignore_index)",
+            "pass the attention mask to every pooling/softmax",
+            "check the loss reduction",
+        ),
+        "BatchConsistencyCheck",
+    ),
+    _c(
+        "batch.padding_dependence",
+        "error",
+        "An example's loss depends on how much it was padded",
+        "The mismatch between batched and single-example loss grows with the padding an example received.",
+        ("a bug: attention/pooling over padded positions, position ids not shifted for left padding",),
+        (
+            "apply the attention mask in every softmax/mean over positions",
+            "mask targets whose context is padding",
+            "compute position ids from the mask",
+        ),
+        "BatchConsistencyCheck",
+    ),
+    _c(
+        "batch.cross_sample_dependence",
+        "error",
+        "Information crosses the batch dimension",
+        "An example's output depends on another example's input (off-diagonal gradient), with "
+        "batch-statistics layers in eval mode.",
+        (
+            "a bug: a softmax/mean/norm over the batch dimension, a wrong `view`/`transpose`, seq-first vs "
+            "batch-first mix-up",
+            "a layer that uses batch statistics even in eval (BatchNorm with track_running_stats=False)",
+        ),
+        (
+            "check every reduction's `dim=`",
+            "check `batch_first` of recurrent/attention layers",
+            "replace `view` after a transpose with `permute` + `reshape`",
+        ),
+        "BatchConsistencyCheck",
+    ),
+    _c(
+        "batch.ok",
+        "info",
+        "Mini-batch consistency holds",
+        "Batched loss equals the aggregated per-example losses and no example depends on another.",
+        ("healthy batching",),
+        ("nothing to do",),
+        "BatchConsistencyCheck",
+    ),
+    _c(
+        "decode.score_mismatch",
+        "error",
+        "Decoder scores differ from the loss of the decoded output",
+        "The log-probability the decoder accumulated for its output differs from the model's teacher-forced "
+        "log-likelihood of that same output.",
+        (
+            "a bug in score accumulation (off-by-one, EOS not counted, padding after EOS counted)",
+            "processed scores (temperature, top-k, penalties) compared with raw likelihoods",
+            "decode and loss use different masks or position ids",
+        ),
+        (
+            "accumulate log_softmax of raw logits at the chosen token, including EOS",
+            "mask everything after the first EOS",
+            "use the same attention mask/position ids in both paths",
+        ),
+        "DecodingConsistencyCheck",
+    ),
+    _c(
+        "decode.beam_not_monotonic",
+        "warning",
+        "Bigger beams often score worse",
+        "Across examples, the best hypothesis of a larger beam has a worse model score than a smaller beam "
+        "more often than search noise explains.",
+        (
+            "a search bug: hypotheses dropped, finished beams mishandled, scores normalised inconsistently",
+            "early stopping of the beam search",
+        ),
+        (
+            "compare scores with `length_penalty=0`",
+            "check how finished hypotheses are kept",
+            "try `early_stopping=False`",
+        ),
+        "DecodingConsistencyCheck",
+    ),
+    _c(
+        "decode.ok",
+        "info",
+        "Decoder scores match the loss",
+        "The decoder's scores equal the teacher-forced likelihood of its outputs and larger beams score "
+        "at least as well.",
+        ("healthy decoding",),
+        ("nothing to do",),
+        "DecodingConsistencyCheck",
+    ),
+    _c(
+        "calibration.overconfident",
+        "warning",
+        "The model is overconfident",
+        "Expected calibration error is high and mean confidence exceeds accuracy.",
+        (
+            "overfitting the likelihood: large weights, long training, little regularisation",
+            "loss-metric mismatch: accuracy still fine while confidence grows",
+        ),
+        (
+            "apply temperature scaling on the dev set",
+            "use label smoothing or more weight decay",
+            "early-stop on the metric and check calibration of the selected checkpoint",
+        ),
+        "CalibrationMonitor",
+    ),
+    _c(
+        "calibration.underconfident",
+        "warning",
+        "The model is underconfident",
+        "Expected calibration error is high and accuracy exceeds mean confidence.",
+        ("too much regularisation or label smoothing", "training stopped very early"),
+        ("reduce label smoothing / regularisation", "apply temperature scaling (T < 1)"),
+        "CalibrationMonitor",
+    ),
+    _c(
+        "grokking.memorized",
+        "info",
+        "Training data memorised, dev metric far behind",
+        "The training metric reached its threshold while the dev metric is far below it.",
+        ("memorisation before generalisation (normal early in grokking)", "overfitting"),
+        ("keep training with weight decay if you expect late generalisation; do not stop on dev loss",),
+        "GrokkingMonitor",
+    ),
+    _c(
+        "grokking.generalized",
+        "info",
+        "Dev metric caught up after memorisation",
+        "The dev metric reached its threshold after the training metric had; `data` gives the delay ratio.",
+        ("grokking: late generalisation",),
+        ("nothing to do",),
+        "GrokkingMonitor",
+    ),
+    _c(
+        "grokking.stalled",
+        "warning",
+        "Memorised long ago, no sign of generalising",
+        "The training metric has been saturated for a long time while the dev metric and the weight norm are flat.",
+        ("too little weight decay for late generalisation", "too little training data", "plain overfitting"),
+        ("increase weight decay", "add training data", "stop the run and regularise"),
+        "GrokkingMonitor",
+    ),
+)
+
+CATALOGUE: dict[str, CheckInfo] = {c.id: c for c in _CHECKS}
+
+
+def check_info(check: str) -> CheckInfo:
+    try:
+        return CATALOGUE[check]
+    except KeyError:
+        raise ValueError(f"Unknown check id {check!r}; known ids: {sorted(CATALOGUE)}") from None
+
+
+def render_catalogue() -> str:
+    """The catalogue as Markdown: the source of ``docs/checks.md``."""
+    lines = [
+        "# Check catalogue",
+        "",
+        "Every finding id lightning-debug can emit. Causes are listed most likely first, in the order the",
+        "debugging lecture diagnoses them: capacity, then optimizer / learning rate / initialisation / batch",
+        "size, then implementation bugs, then train/test disconnect, then search, then overfitting, then",
+        "loss-metric mismatch.",
+        "",
+        "Generated from `lightning_debug/findings.py` by `python -m lightning_debug checks > docs/checks.md`.",
+        "",
+        "| id | severity | emitted by | title |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| `{c.id}` | {c.severity.value} | {c.emitted_by} | {c.title} |" for c in _CHECKS]
+    for c in _CHECKS:
+        lines += ["", f"## `{c.id}`", "", f"**{c.title}** ({c.severity.value}, {c.emitted_by})", "", c.meaning]
+        lines += ["", "Likely causes, most likely first:", ""]
+        lines += [f"{i}. {cause}" for i, cause in enumerate(c.causes, 1)]
+        lines += ["", "What to try:", ""]
+        lines += [f"- {fix}" for fix in c.fixes]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,87 @@
+"""DebugCallback: de-duplication, guarded hooks, checkpointable state — with real training."""
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_debug import DebugCallback, DebugReport
+
+from models import DigitsMLP, loaders, make_trainer
+
+
+class Probe(DebugCallback):
+    """Emits a repeated warning every batch and raises at one chosen step."""
+
+    def __init__(self, raise_at: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.raise_at = raise_at
+        self.batches_after_raise = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.raise_at is not None and trainer.global_step > self.raise_at:
+            self.batches_after_raise += 1
+        self.emit(trainer, "loss.plateau", f"flat at step {trainer.global_step}", data={"step": trainer.global_step})
+        if trainer.global_step == self.raise_at:
+            raise ZeroDivisionError("probe failed on purpose")
+
+
+def test_repeated_findings_are_counted_not_repeated(tmp_path, caplog):
+    probe = Probe()
+    train, _ = loaders(n_train=320)
+    make_trainer(tmp_path, [probe], max_epochs=1).fit(DigitsMLP(), train)
+    assert len(probe.findings) == 1
+    (f,) = probe.findings
+    assert (f.check, f.count, f.step, f.last_step) == ("loss.plateau", 10, 1, 10)
+    assert f.source == "Probe" and f.hint.startswith("Try")
+
+
+def test_a_check_that_raises_becomes_check_error_and_training_continues(tmp_path):
+    probe = Probe(raise_at=3)
+    train, _ = loaders(n_train=320)
+    trainer = make_trainer(tmp_path, [probe], max_epochs=1)
+    trainer.fit(DigitsMLP(), train)
+    assert trainer.global_step == 10, "training must run to the end"
+    errors = [f for f in probe.findings if f.check == "check.error"]
+    assert len(errors) == 1
+    assert "ZeroDivisionError: probe failed on purpose" in errors[0].message
+    assert errors[0].data["hook"] == "on_train_batch_end" and errors[0].step == 3
+    assert probe.batches_after_raise == 7
+
+
+def test_strict_reraises(tmp_path):
+    train, _ = loaders(n_train=320)
+    with pytest.raises(ZeroDivisionError):
+        make_trainer(tmp_path, [Probe(raise_at=2, strict=True)], max_epochs=1).fit(DigitsMLP(), train)
+
+
+def test_findings_survive_checkpoint_resume_with_weights_only(tmp_path):
+    train, _ = loaders(n_train=320)
+    probe = Probe(raise_at=1)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    make_trainer(tmp_path, [probe, ckpt], max_epochs=1, enable_checkpointing=True).fit(DigitsMLP(), train)
+    path = tmp_path / "ckpt" / "last.ckpt"
+    state = torch.load(path, weights_only=True)
+    saved = next(v for k, v in state["callbacks"].items() if "Probe" in k)
+    assert {f["check"] for f in saved["findings"]} == {"loss.plateau", "check.error"}
+
+    resumed = Probe()
+    make_trainer(tmp_path, [resumed], max_epochs=2).fit(DigitsMLP(), train, ckpt_path=path)
+    by_check = {f.check: f for f in resumed.findings}
+    assert set(by_check) == {"loss.plateau", "check.error"}
+    assert by_check["loss.plateau"].count == 20, "the count goes on across the resume"
+    assert by_check["loss.plateau"].step == 1
+
+
+def test_report_collects_findings_of_every_debug_callback(tmp_path):
+    class OtherProbe(Probe):
+        pass
+
+    a, b = Probe(), OtherProbe(raise_at=1)
+    report = DebugReport(print_table=False)
+    train, _ = loaders(n_train=64)
+    make_trainer(tmp_path, [a, b, report], max_epochs=1).fit(DigitsMLP(), train)
+    assert sorted(f.check for f in report.findings(make_trainer(tmp_path, [a, b]))) == [
+        "check.error",
+        "loss.plateau",
+        "loss.plateau",
+    ]

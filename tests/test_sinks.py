@@ -1,0 +1,92 @@
+"""What reaches the loggers: the offline W&B run read back from its file, and the no-W&B path on disk."""
+
+import csv
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from lightning_debug import DebugCallback, DebugReport
+from lightning_debug.sinks import Sink
+
+from models import DigitsMLP, loaders, make_trainer
+from wandb_reader import read_offline_run
+
+
+class Flags(DebugCallback):
+    """Logs a debug scalar and a figure each epoch; emits a warning and an error."""
+
+    def on_train_start(self, trainer, pl_module):
+        Sink(trainer).define_metric("debug/probe/level", summary="min,max")
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        sink = Sink(trainer)
+        sink.log_scalars({"debug/probe/level": 2.0 - trainer.current_epoch})
+        fig, ax = plt.subplots()
+        ax.plot([0, 1], [0, 1])
+        sink.log_figure("debug/probe/figure", fig)
+        sink.log_table("debug/probe/table", ["epoch", "value"], [[trainer.current_epoch, 1.5]])
+        self.emit(trainer, "loss.plateau", "flat at 2.30 (floor 0)", data={"level": 2.3})
+        self.emit(trainer, "loss.nonfinite", "loss is NaN at step 7")
+
+
+def test_wandb_offline_run_holds_findings_table_summary_metrics_and_alert(tmp_path, wandb_logger):
+    train, _ = loaders(n_train=128)
+    make_trainer(tmp_path, [Flags(), DebugReport(print_table=False)], logger=wandb_logger, max_epochs=2).fit(
+        DigitsMLP(), train
+    )
+    import wandb
+
+    wandb.finish()
+    run = read_offline_run(tmp_path)
+
+    table = run.table("debug/findings/table")
+    assert table["columns"][:5] == ["check", "severity", "step", "epoch", "count"]
+    rows = [(r[0], r[1], r[4]) for r in table["data"]]
+    assert rows == [("loss.nonfinite", "error", 2), ("loss.plateau", "warning", 2)]
+    assert run.summary["debug/findings/loss.plateau"] == 1
+    assert run.summary["debug/findings/total_error"] == 1
+    assert run.summary["debug/findings/status"] == "finished"
+
+    assert run.series("debug/probe/level") == [2.0, 1.0]
+    assert run.summary["debug/probe/level"]["min"] == 1.0 and run.summary["debug/probe/level"]["max"] == 2.0
+    assert any(m["name"] == "debug/probe/level" and m["summary"] == ["min", "max"] for m in run.metrics)
+    assert run.table("debug/probe/table")["data"] == [[1, 1.5]]
+    assert "debug/probe/figure" in run.keys()  # noqa: SIM118 (OfflineRun.keys, not a dict)
+
+    assert [a["title"] for a in run.alerts] == ["loss.nonfinite: Training loss is NaN or Inf"], "one alert, not two"
+    assert "NaN at step 7" in run.alerts[0]["text"]
+
+
+def test_without_wandb_figures_are_png_tables_csv_and_scalars_reach_csv_and_tensorboard(tmp_path):
+    train, _ = loaders(n_train=128)
+    loggers = [CSVLogger(str(tmp_path), name="csv"), TensorBoardLogger(str(tmp_path), name="tb")]
+    make_trainer(tmp_path, [Flags(), DebugReport(print_table=False)], logger=loggers, max_epochs=2).fit(
+        DigitsMLP(), train
+    )
+    out = tmp_path / "csv" / "version_0" / "lightning_debug"
+    assert sorted(p.name for p in out.glob("*.png")) == ["probe_figure_step4.png", "probe_figure_step8.png"]
+    assert (out / "report.json").exists()
+    with (out / "probe_table.csv").open() as fh:
+        assert list(csv.reader(fh)) == [["epoch", "value"], ["1", "1.5"]]
+    with (tmp_path / "csv" / "version_0" / "metrics.csv").open() as fh:
+        levels = [row["debug/probe/level"] for row in csv.DictReader(fh) if row.get("debug/probe/level")]
+    assert levels == ["2.0", "1.0"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (tmp_path / "tb").rglob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events), size_guidance={"images": 0})
+    acc.Reload()
+    assert "debug/probe/figure" in acc.Tags()["images"]
+    assert [e.value for e in acc.Scalars("debug/probe/level")] == [2.0, 1.0]
+
+
+def test_logging_failures_never_reach_training(tmp_path):
+    class Broken(CSVLogger):
+        def log_metrics(self, metrics, step=None):
+            raise OSError("disk full")
+
+    trainer = make_trainer(tmp_path, [Flags()], logger=Broken(str(tmp_path)), max_epochs=1)
+    Sink(trainer).log_scalars({"debug/x": 1.0})  # must not raise
