@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,8 @@ def _records(data: bytes) -> list[bytes]:
         if length == 0 and kind == 0:
             pos += left_in_block
             continue
+        if pos + 7 + length > len(data):
+            break  # a chunk still being written
         payload = data[pos + 7 : pos + 7 + length]
         assert zlib.crc32(payload, zlib.crc32(bytes([kind]))) == checksum, f"bad checksum at {pos}"
         pos += 7 + length
@@ -69,6 +72,7 @@ class OfflineRun:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     alerts: list[dict[str, Any]] = field(default_factory=list)
+    finished: bool = False
 
     @property
     def files(self) -> Path:
@@ -87,17 +91,31 @@ class OfflineRun:
         return json.loads((self.files / refs[index]["path"]).read_text())
 
 
-def read_offline_run(save_dir: str | Path) -> OfflineRun:
-    """Parse the newest ``offline-run-*`` under ``save_dir`` (or ``save_dir/wandb``)."""
+def read_offline_run(save_dir: str | Path, timeout: float = 60.0) -> OfflineRun:
+    """Parse the newest ``offline-run-*`` under ``save_dir`` (or ``save_dir/wandb``).
+
+    ``wandb.finish()`` can return before the wandb-core service has written everything, so this waits (up to
+    ``timeout`` seconds) for the run's ``exit`` record, which is written last.
+    """
     save_dir = Path(save_dir)
     roots = [save_dir / "wandb", save_dir]
     runs = sorted(p for r in roots if r.is_dir() for p in r.glob("offline-run-*"))
     assert runs, f"no offline run under {save_dir}"
     run_dir = runs[-1]
+    (log_file,) = run_dir.glob("run-*.wandb")
+    deadline = time.monotonic() + timeout
+    while True:
+        run = _parse(run_dir, log_file)
+        if run.finished or time.monotonic() > deadline:
+            assert run.finished, f"{log_file} has no exit record after {timeout} s: was wandb.finish() called?"
+            return run
+        time.sleep(0.2)
+
+
+def _parse(run_dir: Path, log_file: Path) -> OfflineRun:
     from wandb.proto import wandb_internal_pb2 as pb
 
     run = OfflineRun(run_dir)
-    (log_file,) = run_dir.glob("run-*.wandb")
     for payload in _records(log_file.read_bytes()):
         record = pb.Record.FromString(payload)
         kind = record.WhichOneof("record_type")
@@ -119,4 +137,6 @@ def read_offline_run(save_dir: str | Path) -> OfflineRun:
         elif kind == "alert":
             a = record.alert
             run.alerts.append({"title": a.title, "text": a.text, "level": a.level})
+        elif kind == "exit":
+            run.finished = True
     return run
