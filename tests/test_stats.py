@@ -1,0 +1,65 @@
+"""Property tests of the trend statistics every decision rests on.
+
+Floats are drawn without subnormals: the test session flushes denormals (torch.set_flush_denormal).
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_debug.stats import MIN_TREND_POINTS, robust_scale, trend
+
+series_len = st.integers(min_value=MIN_TREND_POINTS, max_value=60)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    n=series_len,
+    slope=st.floats(0.01, 10.0, allow_subnormal=False),
+    noise_frac=st.floats(0.0, 0.45, allow_subnormal=False),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_a_falling_series_with_noise_below_its_step_is_never_rising_or_flat(n, slope, noise_frac, seed):
+    """Bounded noise smaller than half the per-step fall keeps the series strictly decreasing."""
+    rng = np.random.default_rng(seed)
+    y = 100.0 - slope * np.arange(n) + rng.uniform(-noise_frac, noise_frac, n) * slope
+    t = trend(y)
+    assert t.falling and not t.rising, f"slope CI [{t.low:.4g}, {t.high:.4g}] for a strictly falling series"
+    assert t.tau == pytest.approx(-1.0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=series_len, level=st.floats(-1e3, 1e3, allow_subnormal=False), seed=st.integers(0, 2**31 - 1))
+def test_pure_noise_is_rarely_called_a_trend(n, level, seed):
+    """The 95% slope interval covers 0 for i.i.d. noise; with a fixed seed this is a deterministic check."""
+    rng = np.random.default_rng(seed)
+    t = trend(level + rng.normal(0, 1, n))
+    assert t.low <= t.high
+    assert not (t.rising and t.p_value > 0.05), "a CI that excludes 0 must come with a significant rank test"
+
+
+def test_noise_rate_of_false_trends_is_near_the_nominal_level():
+    rng = np.random.default_rng(0)
+    flagged = sum((t := trend(rng.normal(0, 1, 20))).rising or t.falling for _ in range(2000))
+    assert flagged / 2000 < 0.08, f"{flagged / 2000:.3f} of pure-noise series flagged at 95% confidence"
+
+
+def test_a_single_spike_does_not_make_a_trend():
+    y = np.full(20, 1.0) + np.random.default_rng(1).normal(0, 0.01, 20)
+    y[-1] = 50.0
+    t = trend(y)
+    assert not t.rising, f"one spike moved the robust slope CI to [{t.low:.4g}, {t.high:.4g}]"
+
+
+@given(st.lists(st.floats(-1e6, 1e6, allow_subnormal=False), min_size=0, max_size=2))
+def test_too_short_is_a_clear_error(y):
+    with pytest.raises(ValueError, match="at least 3 finite points"):
+        trend(y)
+
+
+def test_robust_scale_measures_step_noise_not_the_trend():
+    rng = np.random.default_rng(0)
+    y = np.linspace(10, 0, 400) + rng.normal(0, 0.5, 400)
+    assert robust_scale(y) == pytest.approx(0.5, rel=0.15)
+    assert robust_scale([1.0]) == 0.0
