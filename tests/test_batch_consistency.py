@@ -13,12 +13,13 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from models import DigitsMLP, loaders, make_trainer
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_debug.callbacks.batch_consistency import BatchConsistencyCheck
 from lightning_debug.demos.text import AttentionPoolingClassifier, MarkerDataset, pad_collate, text_loaders
+
+from models import DigitsMLP, loaders, make_trainer
 
 B = 16
 
