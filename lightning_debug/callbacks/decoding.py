@@ -1,0 +1,498 @@
+"""``DecodingConsistencyCheck``: the decoder's scores must be the model's likelihood of what it decoded.
+
+The lecture's unit test for generation: the log-probability a decoder accumulates for its output must equal
+the teacher-forced log-likelihood of that same output (an off-by-one, an uncounted EOS, counted padding,
+processed instead of raw scores or a different mask all break the equality), and a larger beam should almost
+never find a worse-scoring best hypothesis. Runs at the start of training and, optionally, every N
+validation checks; everything it touches is restored.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from lightning.pytorch.utilities import move_data_to_device
+from lightning_utilities.core.apply_func import apply_to_collection
+from scipy.stats import binomtest
+from torch.utils.data import DataLoader, IterableDataset
+
+from lightning_debug.base import DebugCallback
+from lightning_debug.isolation import isolated
+from lightning_debug.sinks import Sink
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+def default_tolerance(dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
+    """``(rtol, atol per token)`` for comparing summed log-probabilities (reference §4, measured).
+
+    KV-cached decoding and a full forward use different kernels and shapes: bit-equality is not expected.
+    """
+    if dtype in (torch.float16, torch.bfloat16):
+        return 3e-2, 1e-3
+    if dtype == torch.float64:
+        return 1e-9, 1e-12
+    if device.type == "cpu":
+        return 1e-5, 1e-6
+    if torch.get_float32_matmul_precision() != "highest" or torch.backends.cuda.matmul.allow_tf32:
+        return 5e-3, 1e-5
+    return 1e-4, 1e-6
+
+
+class DecodeTarget(Protocol):
+    """One prompt batch and a way to decode it and to teacher-force the result."""
+
+    kind: str
+    calls: dict[str, int]
+
+    def decode(self, beam_size: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """``(outputs, decoder scores [B], scored tokens [B])``."""
+
+    def score(self, outputs: Any) -> torch.Tensor:
+        """Teacher-forced summed log-likelihood of ``outputs`` [B]."""
+
+    def in_float64(self) -> DecodeTarget:
+        """The same target on a float64 CPU copy of the model."""
+
+
+def _as_scores(scores: Any, what: str) -> torch.Tensor:
+    out = torch.as_tensor(scores).detach().flatten()
+    if not out.is_floating_point():
+        raise ValueError(f"{what} must return floating-point per-example scores, got {out.dtype}")
+    return out
+
+
+def _lengths(outputs: Any, n: int) -> torch.Tensor:
+    """Scored tokens per example, an upper bound when outputs are padded (only the tolerance uses it)."""
+    if isinstance(outputs, torch.Tensor) and outputs.dim() >= 2:
+        return torch.full((n,), outputs.shape[1])
+    if isinstance(outputs, (list, tuple)) and len(outputs) == n and all(hasattr(o, "__len__") for o in outputs):
+        return torch.tensor([len(o) for o in outputs])
+    return torch.ones(n, dtype=torch.long)
+
+
+class ProtocolTarget:
+    """A hand-written decoder on the LightningModule: ``decode_with_scores`` and ``score_outputs``."""
+
+    kind = "protocol"
+
+    def __init__(self, module: pl.LightningModule, batch: Any, calls: dict[str, int] | None = None) -> None:
+        self.module = module
+        self.batch = batch
+        self.calls = calls if calls is not None else {"generate": 0, "forward": 0}
+
+    def decode(self, beam_size: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        outputs, scores = self.module.decode_with_scores(self.batch, beam_size)  # type: ignore[operator]
+        self.calls["generate"] += 1
+        scores = _as_scores(scores, "decode_with_scores")
+        return outputs, scores, _lengths(outputs, len(scores))
+
+    def score(self, outputs: Any) -> torch.Tensor:
+        scores = self.module.score_outputs(self.batch, outputs)  # type: ignore[operator]
+        self.calls["forward"] += 1
+        return _as_scores(scores, "score_outputs")
+
+    def in_float64(self) -> ProtocolTarget:
+        module = copy.deepcopy(self.module).double().cpu()  # LightningModule pickling drops the trainer
+        batch = apply_to_collection(
+            move_data_to_device(self.batch, "cpu"), torch.Tensor, lambda t: t.double() if t.is_floating_point() else t
+        )
+        return ProtocolTarget(module, batch, self.calls)
+
+
+@dataclass
+class _Run:
+    """Scores of every hypothesis, per beam size, as float64 on the CPU."""
+
+    decoder: dict[int, torch.Tensor] = field(default_factory=dict)
+    model: dict[int, torch.Tensor] = field(default_factory=dict)
+    tokens: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def _run(target: DecodeTarget, beam_sizes: Sequence[int]) -> tuple[_Run, list[int]]:
+    """Decode and teacher-force at each beam size; beam sizes the decoder refuses are returned apart."""
+    run, unsupported = _Run(), []
+    for k in beam_sizes:
+        try:
+            outputs, dec, n = target.decode(k)
+        except NotImplementedError:
+            unsupported.append(k)
+            continue
+        mod = target.score(outputs)
+        if len(mod) != len(dec):
+            raise ValueError(f"score_outputs returned {len(mod)} scores for {len(dec)} decoded examples")
+        run.decoder[k], run.model[k] = dec.double().cpu(), mod.double().cpu()
+        run.tokens[k] = n.cpu()
+    return run, unsupported
+
+
+def _difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b|, with equal infinities counting as equal and any NaN as an infinite difference."""
+    diff = torch.where(a == b, torch.zeros_like(a), (a - b).abs())
+    return torch.nan_to_num(diff, nan=float("inf"))
+
+
+def _first_loader(loaders: Any) -> DataLoader | None:
+    if isinstance(loaders, DataLoader):
+        return loaders
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        return next((dl for dl in loaders if isinstance(dl, DataLoader)), None)
+    return None
+
+
+def _slice(batch: Any, n: int) -> Any:
+    """The first ``n`` rows of every tensor whose first dimension is the batch size."""
+    sizes: list[int] = []
+    apply_to_collection(batch, torch.Tensor, lambda t: sizes.append(t.shape[0]) if t.dim() else None)
+    if not sizes:
+        return batch
+    return apply_to_collection(batch, torch.Tensor, lambda t: t[:n] if t.dim() and t.shape[0] == sizes[0] else t)
+
+
+def first_examples(trainer: pl.Trainer, n: int) -> Any | None:
+    """The first ``n`` examples of the validation (else training) data, built by the loader's ``collate_fn``.
+
+    Map-style datasets are indexed directly, so a shuffling sampler's generator is never advanced.
+    """
+    for loaders in (trainer.val_dataloaders, trainer.train_dataloader):
+        loader = _first_loader(loaders)
+        if loader is None:
+            continue
+        data = loader.dataset
+        if not isinstance(data, IterableDataset) and loader.batch_size is not None and hasattr(data, "__len__"):
+            items = [data[i] for i in range(min(n, len(data)))]
+            if items:
+                return loader.collate_fn(items)
+        else:
+            return _slice(next(iter(loader)), n)
+    return None
+
+
+class DecodingConsistencyCheck(DebugCallback):
+    """Decoder scores vs the teacher-forced likelihood of the decoded output, and beam monotonicity.
+
+    Zero config for a Hugging Face ``PreTrainedModel`` held by the LightningModule (decoder-only or
+    encoder-decoder); prompts are the first ``n_examples`` of the validation (else training) data
+    (``input_ids``, ``attention_mask``; decoder-only models get the first ``prompt_fraction`` of each row).
+    A hand-written decoder takes part by defining on the LightningModule
+
+    - ``decode_with_scores(batch, beam_size) -> (outputs, scores)``: decode ``batch`` and return the outputs and
+      the summed log-probability the decoder accumulated for each (EOS included, nothing after it); raise
+      ``NotImplementedError`` for beam sizes it does not support;
+    - ``score_outputs(batch, outputs) -> scores``: the model's teacher-forced summed log-likelihood of
+      ``outputs`` (plain NLL: no label smoothing).
+
+    The protocol wins over the Hugging Face path when both apply (it is the decoder the user ships).
+
+    Args:
+        beam_sizes: beam sizes to decode with, increasing; the first is the greedy/reference decode.
+        n_examples: prompts taken from the data.
+        max_new_tokens: generation length limit (Hugging Face path).
+        prompt_fraction: share of each row's real tokens used as the prompt (decoder-only Hugging Face path).
+        every_n_val_checks: also run after every N-th validation during fitting (``None``: at start only).
+        rtol / atol: per-hypothesis tolerance ``|Δ| <= rtol·|model| + atol·n_tokens``; ``None`` picks it from
+            the parameter dtype and device (fp32 CPU: 1e-5 and 1e-6 per token).
+        beam_violation_rate: share of examples on which a larger beam may score worse through beam search's
+            own non-monotonicity (finished hypotheses, early stopping); warn only above it.
+        confidence: of the one-sided binomial test that the observed share exceeds ``beam_violation_rate``.
+    """
+
+    def __init__(
+        self,
+        beam_sizes: Sequence[int] = (1, 2, 4, 8),
+        n_examples: int = 8,
+        max_new_tokens: int = 16,
+        prompt_fraction: float = 0.5,
+        every_n_val_checks: int | None = None,
+        rtol: float | None = None,
+        atol: float | None = None,
+        beam_violation_rate: float = 0.02,
+        confidence: float = 0.99,
+        *,
+        strict: bool = False,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(strict=strict, verbose=verbose)
+        beams = tuple(int(k) for k in beam_sizes)
+        if not beams or any(k < 1 for k in beams) or list(beams) != sorted(set(beams)):
+            raise ValueError(f"`beam_sizes` must be distinct positive integers in increasing order, got {beam_sizes}")
+        if n_examples < 1:
+            raise ValueError(f"`n_examples` must be >= 1, got {n_examples}")
+        if max_new_tokens < 1:
+            raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}")
+        if not 0.0 < prompt_fraction <= 1.0:
+            raise ValueError(f"`prompt_fraction` must be in (0, 1], got {prompt_fraction}")
+        if every_n_val_checks is not None and every_n_val_checks < 1:
+            raise ValueError(f"`every_n_val_checks` must be None or >= 1, got {every_n_val_checks}")
+        for name, value in (("rtol", rtol), ("atol", atol)):
+            if value is not None and value < 0:
+                raise ValueError(f"`{name}` must be None or >= 0, got {value}")
+        if not 0.0 <= beam_violation_rate < 1.0:
+            raise ValueError(f"`beam_violation_rate` must be in [0, 1), got {beam_violation_rate}")
+        if not 0.5 <= confidence < 1.0:
+            raise ValueError(f"`confidence` must be in [0.5, 1), got {confidence}")
+        self.beam_sizes = beams
+        self.n_examples = n_examples
+        self.max_new_tokens = max_new_tokens
+        self.prompt_fraction = prompt_fraction
+        self.every_n_val_checks = every_n_val_checks
+        self.rtol = rtol
+        self.atol = atol
+        self.beam_violation_rate = beam_violation_rate
+        self.confidence = confidence
+        self._val_checks = 0
+        self._runs = 0
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.check(trainer, pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_val_checks is None or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self._val_checks += 1
+        if self._val_checks % self.every_n_val_checks == 0:
+            self.check(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "val_checks": self._val_checks, "runs": self._runs}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._val_checks = int(state_dict.get("val_checks", 0))
+        self._runs = int(state_dict.get("runs", 0))
+
+    # ------------------------------------------------------------------ the check
+    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Run the check now. Rank zero only: it uses no collective, so the other ranks just go on."""
+        if trainer.global_rank != 0:
+            return
+        if type(trainer.strategy).__name__ in _SHARDED:
+            self._skip(trainer, f"a sharded strategy ({type(trainer.strategy).__name__}) needs every rank to decode")
+            return
+        start = time.perf_counter()
+        with isolated(pl_module), torch.no_grad():
+            pl_module.eval()
+            target, attribute = self._target(trainer, pl_module)
+            if isinstance(target, str):
+                self._skip(trainer, target)
+                return
+            run, unsupported = _run(target, self.beam_sizes)
+            if not run.decoder:
+                self._skip(trainer, f"the decoder supports none of the beam sizes {list(self.beam_sizes)}")
+                return
+            param = next((p for p in pl_module.parameters() if p.is_floating_point()), None)
+            rtol, atol = default_tolerance(
+                param.dtype if param is not None else torch.float32,
+                param.device if param is not None else torch.device("cpu"),
+            )
+            rtol = self.rtol if self.rtol is not None else rtol
+            atol = self.atol if self.atol is not None else atol
+            mismatch = self._mismatches(run, rtol, atol)
+            recheck: dict[str, Any] | str | None = None
+            if mismatch["count"]:
+                recheck = self._float64(target, list(mismatch["beams"]), rtol, atol)
+        self._runs += 1
+        cost = {
+            "seconds": round(time.perf_counter() - start, 4),
+            "generate_calls": target.calls["generate"],
+            "forward_calls": target.calls["forward"],
+        }
+        beam = self._beam_statistics(run, rtol, atol)
+        common = {
+            "path": target.kind,
+            "attribute": attribute,
+            "examples": len(next(iter(run.decoder.values()))),
+            "beam_sizes": sorted(run.decoder),
+            "unsupported_beam_sizes": unsupported,
+            "rtol": rtol,
+            "atol_per_token": atol,
+            "max_abs_diff": mismatch["max_abs"],
+            "max_rel_diff": mismatch["max_rel"],
+            "beam": beam,
+            "cost": cost,
+        }
+        if hasattr(target, "settings"):
+            common["settings"] = target.settings()
+        Sink(trainer).log_scalars(
+            {
+                "debug/decode/max_abs_diff": mismatch["max_abs"],
+                "debug/decode/seconds": cost["seconds"],
+                **({"debug/decode/beam_worse_fraction": beam["fraction"]} if beam["examples"] else {}),
+            },
+            step=trainer.global_step,
+        )
+        confirmed = isinstance(recheck, str) or (recheck is not None and bool(recheck["confirmed"]))
+        if recheck is not None and confirmed:
+            self._report_mismatch(trainer, mismatch, recheck, common)
+        beam_alarm = beam["examples"] > 0 and beam["p_value"] < 1 - self.confidence
+        if beam_alarm:
+            self.emit(
+                trainer,
+                "decode.beam_not_monotonic",
+                f"A larger beam found a worse-scoring best hypothesis on {beam['worse']}/{beam['examples']} "
+                f"examples ({beam['fraction']:.0%}; beam search alone explains about "
+                f"{self.beam_violation_rate:.0%}, p={beam['p_value']:.2g}); worst: beam {beam['worst']['beam']} "
+                f"scored {beam['worst']['drop']:.3g} below beam {beam['worst']['than']} (length_penalty=0).",
+                data=common,
+            )
+        if not confirmed and not beam_alarm:
+            noise = ""
+            if isinstance(recheck, dict):
+                noise = (
+                    f"; {mismatch['count']} float32 differences above tolerance vanished in float64 "
+                    f"(max {recheck['max_abs']:.2g}): float noise"
+                )
+                common["float64_max_abs_diff"] = recheck["max_abs"]
+            beams = (
+                f"larger beams scored worse on {beam['worse']}/{beam['examples']} examples"
+                if beam["examples"]
+                else "beam search not checked (one beam size)"
+            )
+            self.emit(
+                trainer,
+                "decode.ok",
+                f"Decoder scores match the teacher-forced log-likelihood on {mismatch['total']} hypotheses "
+                f"(max |Δ| {mismatch['max_abs']:.2g}, {mismatch['max_rel']:.2g} relative){noise}; {beams}. "
+                f"Cost {cost['seconds']:.2f} s, {cost['generate_calls']} decode + {cost['forward_calls']} "
+                "forward calls.",
+                data=common,
+            )
+
+    def _skip(self, trainer: pl.Trainer, reason: str) -> None:
+        self.emit(
+            trainer,
+            "check.skipped",
+            f"DecodingConsistencyCheck skipped: {reason}.",
+            data={"reason": reason},
+            key="DecodingConsistencyCheck",
+        )
+
+    def _target(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[DecodeTarget | str, str | None]:
+        """What to decode with, or the reason why nothing can be."""
+        protocol = callable(getattr(pl_module, "decode_with_scores", None)) and callable(
+            getattr(pl_module, "score_outputs", None)
+        )
+        generator = None
+        if not protocol and "transformers" in sys.modules:  # a module holding a PreTrainedModel imported it
+            from lightning_debug.integrations import hf
+
+            generator = hf.find_generator(pl_module)
+        if not protocol and generator is None:
+            return (
+                "the module neither defines `decode_with_scores`/`score_outputs` nor holds a Hugging Face model "
+                "that can `generate()`",
+                None,
+            )
+        batch = first_examples(trainer, self.n_examples)
+        if batch is None:
+            return "no validation or training dataloader to take prompts from", None
+        batch = move_data_to_device(batch, pl_module.device)
+        if protocol:
+            return ProtocolTarget(pl_module, batch), None
+        assert generator is not None
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
+            return "the batch is not a mapping with `input_ids` (define `decode_with_scores`/`score_outputs`)", None
+        return hf.HFTarget(generator[1], batch, self.max_new_tokens, self.prompt_fraction), generator[0]
+
+    @staticmethod
+    def _mismatches(run: _Run, rtol: float, atol: float) -> dict[str, Any]:
+        rows = []
+        for k in run.decoder:
+            diff = _difference(run.decoder[k], run.model[k])
+            tol = rtol * run.model[k].abs().nan_to_num(posinf=0.0) + atol * run.tokens[k].double()
+            for i in range(len(diff)):
+                rows.append(
+                    (
+                        float(diff[i] / tol[i]) if tol[i] > 0 else float("inf") * bool(diff[i]),
+                        k,
+                        i,
+                        float(diff[i]),
+                        float(tol[i]),
+                    )
+                )
+        diffs = torch.cat([_difference(run.decoder[k], run.model[k]) for k in run.decoder])
+        refs = torch.cat([run.model[k].abs() for k in run.decoder]).clamp(min=1e-12)
+        bad = sorted((r for r in rows if r[0] > 1.0), reverse=True)
+        return {
+            "count": len(bad),
+            "total": len(rows),
+            "beams": sorted({r[1] for r in bad}),
+            "worst": bad[:3],
+            "max_abs": float(diffs.max()),
+            "max_rel": float((diffs / refs).max()),
+        }
+
+    def _float64(self, target: DecodeTarget, beams: list[int], rtol: float, atol: float) -> dict[str, Any] | str:
+        """Re-run the failing beam sizes in float64 on the CPU (reference §4): noise vanishes, a bug stays."""
+        try:
+            run64, _ = _run(target.in_float64(), beams)
+        except Exception as err:  # a model that cannot run in float64: alarm on the float32 evidence
+            return f"float64 re-check unavailable ({type(err).__name__}: {err})"
+        mism = self._mismatches(run64, rtol, atol)
+        diffs = {k: _difference(run64.decoder[k], run64.model[k]) for k in run64.decoder}
+        return {"confirmed": mism["count"] > 0, "max_abs": mism["max_abs"], "diffs": diffs}
+
+    def _report_mismatch(
+        self, trainer: pl.Trainer, mismatch: dict[str, Any], recheck: dict[str, Any] | str, common: dict[str, Any]
+    ) -> None:
+        worst = []
+        for _, k, i, diff, tol in mismatch["worst"]:
+            diff64 = recheck["diffs"][k][i] if isinstance(recheck, dict) and k in recheck["diffs"] else None
+            worst.append(
+                {
+                    "beam": k,
+                    "example": i,
+                    "diff": diff,
+                    "tolerance": tol,
+                    "diff_float64": None if diff64 is None else float(diff64),
+                }
+            )
+        first = worst[0]
+        f64 = f"float64 re-check Δ {first['diff_float64']:.3g}" if first["diff_float64"] is not None else str(recheck)
+        self.emit(
+            trainer,
+            "decode.score_mismatch",
+            f"Decoder scores differ from the teacher-forced log-likelihood of the decoded output on "
+            f"{mismatch['count']}/{mismatch['total']} hypotheses; worst: beam {first['beam']}, example "
+            f"{first['example']}, Δ {first['diff']:.4g} > tolerance {first['tolerance']:.2g} ({f64}).",
+            data={**common, "mismatched": mismatch["count"], "worst": worst},
+        )
+
+    def _beam_statistics(self, run: _Run, rtol: float, atol: float) -> dict[str, Any]:
+        """Per example: does a beam's best hypothesis score worse than the best of all smaller beams?"""
+        beams = sorted(run.model)
+        stats: dict[str, Any] = {"examples": 0, "worse": 0, "fraction": 0.0, "p_value": 1.0, "per_beam": {}}
+        if len(beams) < 2:
+            return stats
+        scores = torch.stack([run.model[k] for k in beams], 1)  # [B, beams]
+        lengths = torch.stack([run.tokens[k].double() for k in beams], 1)
+        worse = torch.zeros(len(scores), dtype=torch.bool)
+        worst: dict[str, Any] = {"drop": 0.0, "beam": None, "than": None, "example": None}
+        for j in range(1, len(beams)):
+            best, arg = scores[:, :j].max(1)
+            ref_len = lengths.gather(1, arg[:, None]).squeeze(1)
+            drop = best - scores[:, j]
+            bad = drop > rtol * best.abs() + atol * ref_len
+            stats["per_beam"][str(beams[j])] = int(bad.sum())
+            worse |= bad
+            i = int(drop.argmax())
+            if bool(bad[i]) and float(drop[i]) > worst["drop"]:
+                worst = {"drop": float(drop[i]), "beam": beams[j], "than": beams[int(arg[i])], "example": i}
+        n, k = len(scores), int(worse.sum())
+        stats.update(examples=n, worse=k, fraction=k / n, worst=worst)
+        if k / n > self.beam_violation_rate:
+            stats["p_value"] = float(binomtest(k, n, self.beam_violation_rate, alternative="greater").pvalue)
+        stats["mean_score"] = {str(b): float(scores[:, j].mean()) for j, b in enumerate(beams)}
+        return stats
