@@ -307,10 +307,11 @@ _CHECKS: tuple[CheckInfo, ...] = (
         "batch.loss_mismatch",
         "error",
         "Batched loss differs from per-example losses",
-        "The loss of a mini-batch is not the mean/token-mean/sum of the losses of its examples computed "
-        "alone: padding or masking is broken.",
+        "The loss of a mini-batch is not the mean/token-mean/sum of the losses of its examples collated "
+        "alone, also when re-computed in float64: padding, masking or the reduction is broken.",
         (
             "a bug: padding positions are scored, the mask is ignored, or the reduction is wrong",
+            "examples leak into each other (reported alongside as `batch.cross_sample_dependence`)",
             "a loss that couples examples by design (declare `coupled_loss=True`)",
         ),
         (
@@ -324,7 +325,8 @@ _CHECKS: tuple[CheckInfo, ...] = (
         "batch.padding_dependence",
         "error",
         "An example's loss depends on how much it was padded",
-        "The mismatch between batched and single-example loss grows with the padding an example received.",
+        "Re-collated next to the longest example, only the examples that received padding change their loss "
+        "(unpadded ones match); `data` gives the padding amounts and the rank correlation of mismatch and padding.",
         ("a bug: attention/pooling over padded positions, position ids not shifted for left padding",),
         (
             "apply the attention mask in every softmax/mean over positions",
@@ -337,8 +339,9 @@ _CHECKS: tuple[CheckInfo, ...] = (
         "batch.cross_sample_dependence",
         "error",
         "Information crosses the batch dimension",
-        "An example's output depends on another example's input (off-diagonal gradient), with "
-        "batch-statistics layers in eval mode.",
+        "An example's output depends on another example's input: an off-diagonal entry of the full BxB "
+        "gradient dependency matrix, with the model (and its batch-statistics layers) in eval mode, "
+        "confirmed in float64.",
         (
             "a bug: a softmax/mean/norm over the batch dimension, a wrong `view`/`transpose`, seq-first vs "
             "batch-first mix-up",
