@@ -15,6 +15,7 @@ Needs transformers (the ``transformers`` extra).
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -37,16 +38,13 @@ def markov_language(n: int, vocab: int = VOCAB, seed: int = 0, max_words: int = 
     """
     words = vocab - 2
     chain = torch.Generator().manual_seed(0)
-    successors = torch.stack([torch.randperm(words, generator=chain)[:3] for _ in range(words)]) + 2
-    weights = torch.tensor([0.6, 0.3, 0.1])
-    g = torch.Generator().manual_seed(seed + 1)
+    successors = [(torch.randperm(words, generator=chain)[:3] + 2).tolist() for _ in range(words)]
+    rng = random.Random(seed + 1)
     out = []
     for _ in range(n):
-        w = int(torch.randint(2, vocab, (1,), generator=g))
-        sent = [BOS, w]
-        while len(sent) < max_words + 1 and (len(sent) < 4 or float(torch.rand(1, generator=g)) > 0.15):
-            w = int(successors[w - 2][torch.multinomial(weights, 1, generator=g)])
-            sent.append(w)
+        sent = [BOS, rng.randrange(2, vocab)]
+        while len(sent) < max_words + 1 and (len(sent) < 4 or rng.random() > 0.15):
+            sent.append(rng.choices(successors[sent[-1] - 2], weights=(0.6, 0.3, 0.1))[0])
         out.append(torch.tensor([*sent, EOS]))
     return out
 
