@@ -108,6 +108,25 @@ def test_tiny_encoder_decoder_passes(tmp_path: Any, seq2seq_state: dict[str, tor
     assert data["beam"]["examples"] == 8 and data["beam"]["worse"] == 0, data["beam"]
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "seq2seq"])
+def test_generation_config_processors_cause_no_false_alarm(
+    tmp_path: Any, kind: str, gpt2_state: dict[str, torch.Tensor], seq2seq_state: dict[str, torch.Tensor]
+) -> None:
+    """Checkpoint generation defaults (penalties, n-gram bans, sampling) change processed scores, not raw ones."""
+    module, state, data = (
+        (TinyGPT2LM(), gpt2_state, lm_loaders(n_train=256))
+        if kind == "gpt2"
+        else (TinySeq2Seq(), seq2seq_state, reverse_loaders(n_train=256))
+    )
+    module.load_state_dict(state)
+    module.model.generation_config.update(
+        repetition_penalty=1.5, no_repeat_ngram_size=2, min_new_tokens=3, do_sample=True, top_k=5
+    )
+    found = _only(_fit(tmp_path, module, data), "decode.ok")
+    _assert_healthy(found)
+    assert found["settings"]["generation_config"]["repetition_penalty"] == 1.5, found["settings"]
+
+
 def test_hand_written_greedy_decoder_passes(tmp_path: Any, gpt2_state: dict[str, torch.Tensor]) -> None:
     module = GreedyGPT2LM()
     module.load_state_dict(gpt2_state)

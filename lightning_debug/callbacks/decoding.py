@@ -141,6 +141,43 @@ def _difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(diff, nan=float("inf"))
 
 
+def _mismatches(run: _Run, rtol: float, atol: float) -> dict[str, Any]:
+    """Hypotheses whose |decoder - model| exceeds ``rtol·|model| + atol·n_tokens``, worst (relative) first."""
+    rows = []
+    for k in run.decoder:
+        dec, mod, n = run.decoder[k], run.model[k], run.tokens[k].double()
+        diff = _difference(dec, mod)
+        tol = rtol * mod.abs().nan_to_num(posinf=0.0) + atol * n
+        for i in range(len(diff)):
+            if diff[i] > tol[i]:
+                ratio = float(diff[i] / tol[i]) if tol[i] > 0 else float("inf")
+                rows.append(
+                    (
+                        ratio,
+                        {
+                            "beam": k,
+                            "example": i,
+                            "decoder": float(dec[i]),
+                            "model": float(mod[i]),
+                            "diff": float(diff[i]),
+                            "tolerance": float(tol[i]),
+                            "n_tokens": int(n[i]),
+                        },
+                    )
+                )
+    rows.sort(key=lambda r: r[0], reverse=True)
+    diffs = torch.cat([_difference(run.decoder[k], run.model[k]) for k in run.decoder])
+    refs = torch.cat([run.model[k].abs() for k in run.decoder]).clamp(min=1e-12)
+    return {
+        "count": len(rows),
+        "total": len(diffs),
+        "beams": sorted({r[1]["beam"] for r in rows}),
+        "worst": [r[1] for r in rows[:3]],
+        "max_abs": float(diffs.max()),
+        "max_rel": float((diffs / refs).max()),
+    }
+
+
 def _first_loader(loaders: Any) -> DataLoader | None:
     if isinstance(loaders, DataLoader):
         return loaders
@@ -169,13 +206,12 @@ def first_examples(trainer: pl.Trainer, n: int) -> Any | None:
         loader = _first_loader(loaders)
         if loader is None:
             continue
-        data = loader.dataset
-        if not isinstance(data, IterableDataset) and loader.batch_size is not None and hasattr(data, "__len__"):
-            items = [data[i] for i in range(min(n, len(data)))]
-            if items:
-                return loader.collate_fn(items)
-        else:
+        data: Any = loader.dataset
+        if isinstance(data, IterableDataset) or not hasattr(data, "__len__") or len(data) == 0:
             return _slice(next(iter(loader)), n)
+        if loader.batch_size is None and loader.batch_sampler is None:  # the dataset yields whole batches
+            return _slice(loader.collate_fn(data[0]), n)
+        return loader.collate_fn([data[i] for i in range(min(n, len(data)))])
     return None
 
 
@@ -292,25 +328,12 @@ class DecodingConsistencyCheck(DebugCallback):
             if not run.decoder:
                 self._skip(trainer, f"the decoder supports none of the beam sizes {list(self.beam_sizes)}")
                 return
-            param = next((p for p in pl_module.parameters() if p.is_floating_point()), None)
-            rtol, atol = default_tolerance(
-                param.dtype if param is not None else torch.float32,
-                param.device if param is not None else torch.device("cpu"),
-            )
-            rtol = self.rtol if self.rtol is not None else rtol
-            atol = self.atol if self.atol is not None else atol
-            mismatch = self._mismatches(run, rtol, atol)
-            recheck: dict[str, Any] | str | None = None
-            if mismatch["count"]:
-                recheck = self._float64(target, list(mismatch["beams"]), rtol, atol)
+            rtol, atol = self._tolerance(pl_module)
+            mismatch = _mismatches(run, rtol, atol)
+            recheck = self._float64(target, mismatch["beams"], rtol, atol) if mismatch["count"] else None
         self._runs += 1
-        cost = {
-            "seconds": round(time.perf_counter() - start, 4),
-            "generate_calls": target.calls["generate"],
-            "forward_calls": target.calls["forward"],
-        }
         beam = self._beam_statistics(run, rtol, atol)
-        common = {
+        data: dict[str, Any] = {
             "path": target.kind,
             "attribute": attribute,
             "examples": len(next(iter(run.decoder.values()))),
@@ -321,21 +344,27 @@ class DecodingConsistencyCheck(DebugCallback):
             "max_abs_diff": mismatch["max_abs"],
             "max_rel_diff": mismatch["max_rel"],
             "beam": beam,
-            "cost": cost,
+            "cost": {
+                "seconds": round(time.perf_counter() - start, 4),
+                "generate_calls": target.calls["generate"],
+                "forward_calls": target.calls["forward"],
+            },
         }
         if hasattr(target, "settings"):
-            common["settings"] = target.settings()
+            data["settings"] = target.settings()
+        if isinstance(recheck, dict):
+            data["float64_max_abs_diff"] = recheck["max_abs"]
         Sink(trainer).log_scalars(
             {
                 "debug/decode/max_abs_diff": mismatch["max_abs"],
-                "debug/decode/seconds": cost["seconds"],
+                "debug/decode/seconds": data["cost"]["seconds"],
                 **({"debug/decode/beam_worse_fraction": beam["fraction"]} if beam["examples"] else {}),
             },
             step=trainer.global_step,
         )
         confirmed = isinstance(recheck, str) or (recheck is not None and bool(recheck["confirmed"]))
         if recheck is not None and confirmed:
-            self._report_mismatch(trainer, mismatch, recheck, common)
+            self._report_mismatch(trainer, mismatch, recheck, data)
         beam_alarm = beam["examples"] > 0 and beam["p_value"] < 1 - self.confidence
         if beam_alarm:
             self.emit(
@@ -345,30 +374,10 @@ class DecodingConsistencyCheck(DebugCallback):
                 f"examples ({beam['fraction']:.0%}; beam search alone explains about "
                 f"{self.beam_violation_rate:.0%}, p={beam['p_value']:.2g}); worst: beam {beam['worst']['beam']} "
                 f"scored {beam['worst']['drop']:.3g} below beam {beam['worst']['than']} (length_penalty=0).",
-                data=common,
+                data=data,
             )
         if not confirmed and not beam_alarm:
-            noise = ""
-            if isinstance(recheck, dict):
-                noise = (
-                    f"; {mismatch['count']} float32 differences above tolerance vanished in float64 "
-                    f"(max {recheck['max_abs']:.2g}): float noise"
-                )
-                common["float64_max_abs_diff"] = recheck["max_abs"]
-            beams = (
-                f"larger beams scored worse on {beam['worse']}/{beam['examples']} examples"
-                if beam["examples"]
-                else "beam search not checked (one beam size)"
-            )
-            self.emit(
-                trainer,
-                "decode.ok",
-                f"Decoder scores match the teacher-forced log-likelihood on {mismatch['total']} hypotheses "
-                f"(max |Δ| {mismatch['max_abs']:.2g}, {mismatch['max_rel']:.2g} relative){noise}; {beams}. "
-                f"Cost {cost['seconds']:.2f} s, {cost['generate_calls']} decode + {cost['forward_calls']} "
-                "forward calls.",
-                data=common,
-            )
+            self._report_ok(trainer, mismatch, data)
 
     def _skip(self, trainer: pl.Trainer, reason: str) -> None:
         self.emit(
@@ -378,6 +387,14 @@ class DecodingConsistencyCheck(DebugCallback):
             data={"reason": reason},
             key="DecodingConsistencyCheck",
         )
+
+    def _tolerance(self, pl_module: pl.LightningModule) -> tuple[float, float]:
+        param = next((p for p in pl_module.parameters() if p.is_floating_point()), None)
+        rtol, atol = default_tolerance(
+            param.dtype if param is not None else torch.float32,
+            param.device if param is not None else torch.device("cpu"),
+        )
+        return (self.rtol if self.rtol is not None else rtol), (self.atol if self.atol is not None else atol)
 
     def _target(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[DecodeTarget | str, str | None]:
         """What to decode with, or the reason why nothing can be."""
@@ -406,68 +423,55 @@ class DecodingConsistencyCheck(DebugCallback):
             return "the batch is not a mapping with `input_ids` (define `decode_with_scores`/`score_outputs`)", None
         return hf.HFTarget(generator[1], batch, self.max_new_tokens, self.prompt_fraction), generator[0]
 
-    @staticmethod
-    def _mismatches(run: _Run, rtol: float, atol: float) -> dict[str, Any]:
-        rows = []
-        for k in run.decoder:
-            diff = _difference(run.decoder[k], run.model[k])
-            tol = rtol * run.model[k].abs().nan_to_num(posinf=0.0) + atol * run.tokens[k].double()
-            for i in range(len(diff)):
-                rows.append(
-                    (
-                        float(diff[i] / tol[i]) if tol[i] > 0 else float("inf") * bool(diff[i]),
-                        k,
-                        i,
-                        float(diff[i]),
-                        float(tol[i]),
-                    )
-                )
-        diffs = torch.cat([_difference(run.decoder[k], run.model[k]) for k in run.decoder])
-        refs = torch.cat([run.model[k].abs() for k in run.decoder]).clamp(min=1e-12)
-        bad = sorted((r for r in rows if r[0] > 1.0), reverse=True)
-        return {
-            "count": len(bad),
-            "total": len(rows),
-            "beams": sorted({r[1] for r in bad}),
-            "worst": bad[:3],
-            "max_abs": float(diffs.max()),
-            "max_rel": float((diffs / refs).max()),
-        }
-
     def _float64(self, target: DecodeTarget, beams: list[int], rtol: float, atol: float) -> dict[str, Any] | str:
         """Re-run the failing beam sizes in float64 on the CPU (reference §4): noise vanishes, a bug stays."""
         try:
             run64, _ = _run(target.in_float64(), beams)
         except Exception as err:  # a model that cannot run in float64: alarm on the float32 evidence
             return f"float64 re-check unavailable ({type(err).__name__}: {err})"
-        mism = self._mismatches(run64, rtol, atol)
+        mism = _mismatches(run64, rtol, atol)
         diffs = {k: _difference(run64.decoder[k], run64.model[k]) for k in run64.decoder}
         return {"confirmed": mism["count"] > 0, "max_abs": mism["max_abs"], "diffs": diffs}
 
     def _report_mismatch(
-        self, trainer: pl.Trainer, mismatch: dict[str, Any], recheck: dict[str, Any] | str, common: dict[str, Any]
+        self, trainer: pl.Trainer, mismatch: dict[str, Any], recheck: dict[str, Any] | str, data: dict[str, Any]
     ) -> None:
-        worst = []
-        for _, k, i, diff, tol in mismatch["worst"]:
-            diff64 = recheck["diffs"][k][i] if isinstance(recheck, dict) and k in recheck["diffs"] else None
-            worst.append(
-                {
-                    "beam": k,
-                    "example": i,
-                    "diff": diff,
-                    "tolerance": tol,
-                    "diff_float64": None if diff64 is None else float(diff64),
-                }
-            )
-        first = worst[0]
-        f64 = f"float64 re-check Δ {first['diff_float64']:.3g}" if first["diff_float64"] is not None else str(recheck)
+        worst = [dict(row) for row in mismatch["worst"]]
+        for row in worst:
+            diffs = recheck["diffs"].get(row["beam"]) if isinstance(recheck, dict) else None
+            row["diff_float64"] = None if diffs is None else float(diffs[row["example"]])
+        w = worst[0]
+        f64 = f"float64 re-check Δ {w['diff_float64']:.4g}" if w["diff_float64"] is not None else str(recheck)
         self.emit(
             trainer,
             "decode.score_mismatch",
             f"Decoder scores differ from the teacher-forced log-likelihood of the decoded output on "
-            f"{mismatch['count']}/{mismatch['total']} hypotheses; worst: beam {first['beam']}, example "
-            f"{first['example']}, Δ {first['diff']:.4g} > tolerance {first['tolerance']:.2g} ({f64}).",
-            data={**common, "mismatched": mismatch["count"], "worst": worst},
+            f"{mismatch['count']}/{mismatch['total']} hypotheses; worst: beam {w['beam']}, example {w['example']}: "
+            f"decoder {w['decoder']:.4f} vs model {w['model']:.4f}, Δ {w['diff']:.4g} > tolerance "
+            f"{w['tolerance']:.2g} ({f64}).",
+            data={**data, "mismatched": mismatch["count"], "worst": worst},
+        )
+
+    def _report_ok(self, trainer: pl.Trainer, mismatch: dict[str, Any], data: dict[str, Any]) -> None:
+        beam, cost = data["beam"], data["cost"]
+        noise = ""
+        if "float64_max_abs_diff" in data:
+            noise = (
+                f"; {mismatch['count']} float32 differences above tolerance shrank to "
+                f"{data['float64_max_abs_diff']:.2g} in float64 (float noise)"
+            )
+        beams = (
+            f"larger beams scored worse on {beam['worse']}/{beam['examples']} examples"
+            if beam["examples"]
+            else "beam search not checked (one beam size)"
+        )
+        self.emit(
+            trainer,
+            "decode.ok",
+            f"Decoder scores match the teacher-forced log-likelihood on {mismatch['total']} hypotheses "
+            f"(max |Δ| {mismatch['max_abs']:.2g}, {mismatch['max_rel']:.2g} relative){noise}; {beams}. "
+            f"Cost {cost['seconds']:.2f} s, {cost['generate_calls']} decode + {cost['forward_calls']} forward calls.",
+            data=data,
         )
 
     def _beam_statistics(self, run: _Run, rtol: float, atol: float) -> dict[str, Any]:

@@ -25,6 +25,17 @@ import transformers
 from torch import nn
 from transformers import PreTrainedModel
 
+# Score-changing logits processors a generation config may switch on, set to their no-op values for the check:
+# beam search ranks hypotheses by processed scores, so only without them is the search objective the model's
+# likelihood (forced tokens and bad-word lists stay: they constrain every hypothesis alike).
+NEUTRAL_PROCESSORS: dict[str, Any] = {
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "min_new_tokens": 0,
+}
+
 
 def find_generator(module: nn.Module) -> tuple[str, PreTrainedModel] | None:
     """The first submodule (by attribute path) that is a ``PreTrainedModel`` able to ``generate()``."""
@@ -129,6 +140,7 @@ class HFTarget:
             "max_new_tokens": self.max_new_tokens,
             "prompt_tokens": self.prompt_mask.sum(1).tolist(),
             "generation_config": {k: v for k, v in diff.items() if k != "transformers_version"},
+            "overridden_for_the_check": {"do_sample": False, "length_penalty": 0.0, **NEUTRAL_PROCESSORS},
         }
 
     def decode(self, beam_size: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
@@ -141,6 +153,7 @@ class HFTarget:
             return_dict_in_generate=True,
             output_logits=True,
         )
+        kwargs.update(NEUTRAL_PROCESSORS)
         if beam_size > 1:
             kwargs["length_penalty"] = 0.0  # the search objective is then the plain summed log-probability
         verbosity = transformers.logging.get_verbosity()
