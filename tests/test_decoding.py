@@ -282,3 +282,50 @@ def test_cost_is_a_small_fraction_of_an_epoch(tmp_path: Any) -> None:
     ratio = cost / (epoch - cost)
     print(f"decode check {cost:.3f} s vs epoch {epoch - cost:.2f} s: {ratio:.1%}")
     assert ratio < 0.10, f"decode check {cost:.3f} s is {ratio:.1%} of a {epoch - cost:.2f} s epoch"
+
+
+DDP_SCRIPT = """
+import json, sys
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from lightning_debug.callbacks.decoding import DecodingConsistencyCheck
+from lightning_debug.demos.lm import GreedyGPT2LM, lm_loaders
+
+out = sys.argv[1]
+torch.set_num_threads(1)
+pl.seed_everything(0, verbose=False)
+check = DecodingConsistencyCheck(every_n_val_checks=1)
+trainer = pl.Trainer(
+    callbacks=[check], accelerator="cpu", devices=2, strategy="ddp", max_steps=4, val_check_interval=2,
+    limit_val_batches=1, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+    logger=CSVLogger(out), default_root_dir=out, num_sanity_val_steps=0,
+)
+trainer.fit(GreedyGPT2LM(off_by_one=True), *lm_loaders(n_train=256))
+with open(f"{out}/rank{trainer.global_rank}.json", "w") as f:
+    json.dump({"step": trainer.global_step, "runs": check._runs, "checks": [x.check for x in check.findings]}, f)
+"""
+
+
+@pytest.mark.ddp
+def test_ddp_checks_on_rank_zero_and_does_not_hang(tmp_path: Any) -> None:
+    """Two gloo ranks: rank 0 decodes at start and after each validation, rank 1 goes on; no deadlock."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_decoding.py"
+    script.write_text(DDP_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["step"] == r1["step"] == 4
+    assert r0["runs"] == 3 and r1["runs"] == 0, (r0, r1)
+    assert "decode.score_mismatch" in r0["checks"] and r1["checks"] == [], (r0, r1)
