@@ -373,11 +373,14 @@ _CHECKS: tuple[CheckInfo, ...] = (
             "a bug in score accumulation (off-by-one, EOS not counted, padding after EOS counted)",
             "processed scores (temperature, top-k, penalties) compared with raw likelihoods",
             "decode and loss use different masks or position ids",
+            "the cached (incremental) decoding path disagrees with the full forward: a KV-cache, position or "
+            "causal-mask bug in the model",
         ),
         (
             "accumulate log_softmax of raw logits at the chosen token, including EOS",
             "mask everything after the first EOS",
             "use the same attention mask/position ids in both paths",
+            "compare one cached decoding step with a full forward on the same prefix",
         ),
         "DecodingConsistencyCheck",
     ),
@@ -385,10 +388,11 @@ _CHECKS: tuple[CheckInfo, ...] = (
         "decode.beam_not_monotonic",
         "warning",
         "Bigger beams often score worse",
-        "Across examples, the best hypothesis of a larger beam has a worse model score than a smaller beam "
-        "more often than search noise explains.",
+        "Across examples, the best hypothesis of a larger beam has a worse model score (summed log-probability, "
+        "length_penalty=0) than a smaller beam's, more often than beam search's own non-monotonicity explains.",
         (
             "a search bug: hypotheses dropped, finished beams mishandled, scores normalised inconsistently",
+            "hypotheses ranked by another score than the model's (length normalisation, penalties)",
             "early stopping of the beam search",
         ),
         (
@@ -403,7 +407,7 @@ _CHECKS: tuple[CheckInfo, ...] = (
         "info",
         "Decoder scores match the loss",
         "The decoder's scores equal the teacher-forced likelihood of its outputs and larger beams score "
-        "at least as well.",
+        "at least as well (up to beam search's own rare exceptions).",
         ("healthy decoding",),
         ("nothing to do",),
         "DecodingConsistencyCheck",
