@@ -148,6 +148,12 @@ def test_off_by_one_score_accumulation_is_a_mismatch(tmp_path: Any, gpt2_state: 
     )
 
 
+def test_off_by_one_is_caught_at_initialisation(tmp_path: Any) -> None:
+    """At fit start the model is random (greedy repeats one token); the misalignment must still show."""
+    data = _only(_fit(tmp_path, GreedyGPT2LM(off_by_one=True), lm_loaders(n_train=256)), "decode.score_mismatch")
+    assert data["mismatched"] == 8 and data["worst"][0]["diff"] > 0.1, data["worst"]
+
+
 def test_float_noise_is_not_reported(tmp_path: Any, gpt2_state: dict[str, torch.Tensor]) -> None:
     """With rtol=1e-12 the fp32 noise (~1e-7 relative) fails; float64 shrinks it below and nothing alarms.
 

@@ -5,8 +5,8 @@
 - :class:`TinyGPT2LM`: a 2-layer GPT-2 built from ``GPT2Config`` (random init, no download), ``pad = eos``.
   It learns the chain on a CPU in a few seconds; ``generate()`` works out of the box.
 - :class:`GreedyGPT2LM`: the same model decoded by a hand-written Python loop that implements the
-  decode-check protocol (``decode_with_scores`` / ``score_outputs``); ``off_by_one=True`` scores each step
-  with the previous token, the classic misalignment.
+  decode-check protocol (``decode_with_scores`` / ``score_outputs``); ``off_by_one=True`` scores each
+  chosen token with the previous step's distribution, the classic misalignment.
 - :func:`reverse_loaders` / :class:`TinySeq2Seq`: a tiny BART (from ``BartConfig``) that learns to reverse
   a token sequence, the encoder-decoder case.
 
@@ -128,8 +128,9 @@ class GreedyGPT2LM(TinyGPT2LM):
     ``decode_with_scores(batch, beam_size)`` decodes the first half of each validation sentence greedily with
     a Python loop (a full forward per step, no KV cache) and sums the log-probability of each chosen token,
     EOS included. ``score_outputs(batch, outputs)`` teacher-forces the outputs in one forward.
-    ``off_by_one=True`` adds, at each step, the log-probability of the *previous* token instead of the chosen
-    one: the misalignment the check exists to catch.
+    ``off_by_one=True`` scores the token chosen at step t with the log-probabilities of step t-1 (a stale
+    cached distribution): the misalignment the check exists to catch, visible on a random-init GPT-2 (which
+    greedily repeats one token) as well as on a trained one.
     """
 
     def __init__(self, off_by_one: bool = False, max_new_tokens: int = 16, **kwargs: Any) -> None:
@@ -146,18 +147,18 @@ class GreedyGPT2LM(TinyGPT2LM):
         seq, mask = self._prompts(batch)
         scores = torch.zeros(len(seq), device=seq.device)
         done = torch.zeros(len(seq), dtype=torch.bool, device=seq.device)
-        prev = seq[:, -1]
+        stale = None  # off_by_one: the previous step's log-probabilities
         out = []
         for _ in range(self.max_new_tokens):
             logits = self.model(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits[:, -1]
             logp = torch.log_softmax(logits, -1)
             token = logp.argmax(-1)
-            scored = prev if self.off_by_one else token
-            scores = scores + torch.where(done, 0.0, logp.gather(1, scored[:, None]).squeeze(1))
+            scored = stale if self.off_by_one and stale is not None else logp
+            scores = scores + torch.where(done, 0.0, scored.gather(1, token[:, None]).squeeze(1))
+            stale = logp
             token = torch.where(done, torch.full_like(token, EOS), token)
             out.append(token)
             done = done | (token == EOS)
-            prev = token
             seq = torch.cat([seq, token[:, None]], 1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             if bool(done.all()):
