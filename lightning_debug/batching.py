@@ -94,7 +94,8 @@ def _forward_target(module: nn.Module) -> nn.Module | None:
 def default_forward(module: nn.Module, batch: Any) -> Any:
     """Call the module the way its ``forward`` signature allows.
 
-    Dicts / ``BatchEncoding``: the keys ``forward`` accepts (all of them if it takes ``**kwargs``).
+    Dicts / ``BatchEncoding``: the keys ``forward`` accepts (all of them if it takes ``**kwargs``; the whole
+    dict if it accepts none of them).
     Tuples / lists: as many leading elements as ``forward`` has required positional parameters (all but the
     last, the target, if it takes ``*args``). A bare tensor is passed as is.
     """
@@ -106,7 +107,8 @@ def default_forward(module: nn.Module, batch: Any) -> Any:
         if any(p.kind is p.VAR_KEYWORD for p in params):
             return target(**batch)
         names = {p.name for p in params}
-        return target(**{k: v for k, v in batch.items() if k in names})
+        accepted = {k: v for k, v in batch.items() if k in names}
+        return target(**accepted) if accepted else target(batch)  # `forward(self, batch)`
     if isinstance(batch, (tuple, list)):
         if any(p.kind is p.VAR_POSITIONAL for p in params):
             return target(*batch[: max(len(batch) - 1, 1)])
@@ -172,23 +174,27 @@ def dependency_matrix(
 
 @contextlib.contextmanager
 def float64_on_cpu(module: nn.Module) -> Iterator[Callable[[Any], Any]]:
-    """Run ``module`` in float64 on the CPU, then put back the very same parameter and buffer tensors.
+    """Run ``module`` in float64 on the CPU; its own parameters and buffers are not touched.
 
-    Swapping ``.data`` keeps the parameter objects (the optimizer's references) and restores bit-for-bit.
-    Yields a function that converts a batch the same way. The default dtype is float64 inside, so tensors the
-    user's code creates match.
+    The float64 copies are swapped in as module attributes for the duration (``torch.func``'s
+    reparametrisation), never through ``param.data``: a dtype change there resets the parameter's gradient
+    accumulator and silently drops the hooks DDP registered on it (rank 0 would then skip the gradient
+    all-reduce and hang the other ranks). Yields a function that converts a batch the same way. The default
+    dtype is float64 inside, so tensors the user's code creates match.
     """
-    saved = [(t, t.data) for t in (*module.parameters(), *module.buffers())]
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    def as64(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu", torch.float64 if t.is_floating_point() else t.dtype)
+
+    tensors = {name: as64(t) for name, t in (*module.named_parameters(), *module.named_buffers())}
     default = torch.get_default_dtype()
     try:
-        for t, data in saved:
-            t.data = data.detach().to("cpu", torch.float64 if data.is_floating_point() else data.dtype)
         torch.set_default_dtype(torch.float64)
-        yield to_float64_cpu
+        with _reparametrize_module(module, tensors, tie_weights=True):
+            yield to_float64_cpu
     finally:
         torch.set_default_dtype(default)
-        for t, data in saved:
-            t.data = data
 
 
 def to_float64_cpu(batch: Any) -> Any:

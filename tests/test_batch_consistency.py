@@ -214,6 +214,18 @@ def test_model_optimizer_rng_and_metrics_are_bitwise_unchanged(tmp_path):
     assert next(csv_a).read_text() == next(csv_b).read_text()
 
 
+def test_float64_rerun_leaves_parameters_and_their_grad_accumulators_alone(tmp_path):
+    # DDP hooks the parameters' gradient accumulators; a dtype swap through `param.data` would reset them
+    # (rank 0 then skips the all-reduce and the other ranks hang), so the float64 re-run must not do that.
+    model = AttentionPoolingClassifier(bug="mask_ignored")
+    params = {name: (p, p.data, p.view_as(p).grad_fn.next_functions[0][0]) for name, p in model.named_parameters()}
+    check = run_check(model, text_loaders()[0], tmp_path)
+    assert only(check, "batch.padding_dependence")["cost"]["float64_forward_passes"] > 0
+    for name, (p, data, accumulator) in params.items():
+        assert p.dtype == torch.float32 and p.data.data_ptr() == data.data_ptr(), name
+        assert p.view_as(p).grad_fn.next_functions[0][0] is accumulator, name
+
+
 def test_bf16_mixed_precision_gives_no_false_finding(tmp_path):
     check = BatchConsistencyCheck(strict=True)
     trainer = make_trainer(
@@ -319,3 +331,48 @@ def test_state_survives_a_checkpoint_and_the_check_runs_once(tmp_path):
     restored = BatchConsistencyCheck()
     restored.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
     assert restored.done and [f.check for f in restored.findings] == ["batch.ok"]
+
+
+DDP_SCRIPT = """
+import json, sys
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from lightning_debug.callbacks.batch_consistency import BatchConsistencyCheck
+from lightning_debug.demos.text import AttentionPoolingClassifier, text_loaders
+
+out = sys.argv[1]
+torch.set_num_threads(1)
+pl.seed_everything(0, verbose=False)
+check = BatchConsistencyCheck()
+trainer = pl.Trainer(
+    callbacks=[check], accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=4,
+    limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+    logger=CSVLogger(out), default_root_dir=out,
+)
+trainer.fit(AttentionPoolingClassifier(bug="batch_softmax"), text_loaders(n_train=256)[0])
+with open(f"{out}/rank{trainer.global_rank}.json", "w") as f:
+    json.dump({"step": trainer.global_step, "checks": [x.check for x in check.findings]}, f)
+"""
+
+
+@pytest.mark.ddp
+def test_ddp_runs_on_local_rank_zero_only_and_does_not_hang(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_batch_consistency.py"
+    script.write_text(DDP_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["step"] == r1["step"] == 4
+    assert "batch.cross_sample_dependence" in r0["checks"] and r1["checks"] == []

@@ -303,7 +303,7 @@ class BatchConsistencyCheck(DebugCallback):
             fits64.sort(key=lambda f: f.ratio)
             result.update(fits64=fits64, total64=total64, losses64=losses64)
             if fits64[0].ratio > 1 and ex.items is not None and ex.collate is not None:
-                result["per_example"] = self._attribute(module, ex, convert, losses64, fits64[0], counts, rtol, cost)
+                result["attribution"] = self._attribute(module, ex, convert, losses64, fits64, counts, rtol, cost)
         return result
 
     def _attribute(
@@ -312,41 +312,41 @@ class BatchConsistencyCheck(DebugCallback):
         ex: _Examples,
         convert: Callable[[Any], Any],
         losses: torch.Tensor,
-        fit: _Fit,
+        fits: list[_Fit],
         counts: list[dict[str, int]],
         rtol: float,
         cost: _Cost,
-    ) -> list[dict[str, Any]]:
+    ) -> tuple[str, list[dict[str, Any]]]:
         """Per-example mismatch: each example re-collated next to the longest one (so it gets the padding it
-        had in the batch), and the longest next to itself (no padding: the control)."""
+        had in the batch), and the longest next to itself (no padding: the control). The aggregation used is
+        the one that explains the most pairs: a bug spoils some examples, a wrong aggregation all of them."""
         assert ex.items is not None and ex.collate is not None
         pads = [padding_of(s, ex.batch) for s in ex.singles]
         ref = max((i for i in range(len(pads)) if pads[i] == 0), key=lambda i: tensors_of(ex.singles[i])[0].numel())
-        weights = fit.coef / fit.coef.max()
-        rows = []
         with torch.no_grad():
-            for i in range(len(ex.singles)):
-                pair = convert(module._apply_batch_transfer_handler(ex.collate([ex.items[i], ex.items[ref]])))
-                pair_total = self._step(module, pair)
-                w = weights[[i, ref]]
-                coef = w / w.sum() if fit.name != "sum" else w
+            totals = [
+                self._step(module, convert(module._apply_batch_transfer_handler(ex.collate([item, ex.items[ref]]))))
+                for item in ex.items
+            ]
+        cost.float64_forwards += len(ex.items)
+        tokens = [max(c.values(), default=1) for c in counts]
+        best: tuple[tuple[int, float], str, list[dict[str, Any]]] | None = None
+        for fit in fits:
+            rows = []
+            for i, pair_total in enumerate(totals):
+                w = (fit.coef / fit.coef.max())[[i, ref]]
+                coef = w if fit.name == "sum" else w / w.sum()
                 predicted = float(coef[0] * losses[i] + coef[1] * losses[ref])
-                share = float(coef.sum()) if i == ref else float(coef[0])
-                delta = (pair_total - predicted) / share
-                n_i = max(counts[i].values(), default=1)
-                tol = rtol * abs(float(losses[i])) + self.atol * n_i
-                rows.append(
-                    {
-                        "index": i,
-                        "padding": pads[i],
-                        "loss_alone": float(losses[i]),
-                        "delta": delta,
-                        "tol": tol,
-                        "ratio": abs(delta) / tol if tol > 0 else float("inf"),
-                    }
-                )
-        cost.float64_forwards += len(ex.singles)
-        return rows
+                delta = (pair_total - predicted) / float(coef.sum() if i == ref else coef[0])
+                tol = rtol * abs(float(losses[i])) + self.atol * tokens[i]
+                ratio = abs(delta) / tol if tol > 0 else float("inf")
+                row = {"index": i, "padding": pads[i], "loss_alone": float(losses[i]), "delta": delta, "tol": tol}
+                rows.append({**row, "ratio": ratio})
+            score = (sum(r["ratio"] <= 1 for r in rows), -float(torch.tensor([r["ratio"] for r in rows]).median()))
+            if best is None or score > best[0]:
+                best = (score, fit.name, rows)
+        assert best is not None
+        return best[1], best[2]
 
     # ------------------------------------------------------------------ cross-sample dependence
     def _matrix(self, module: pl.LightningModule, batch: Any, b: int) -> tuple[torch.Tensor, str]:
@@ -540,9 +540,9 @@ class BatchConsistencyCheck(DebugCallback):
             data["loss"]["aggregation"] = best64.name
             data["loss"]["note"] = "the working-precision difference vanished in float64: float noise"
             return
-        rows = loss.get("per_example")
         check, detail = "batch.loss_mismatch", ""
-        if rows:
+        if "attribution" in loss:
+            data["loss"]["attribution_aggregation"], rows = loss["attribution"]
             rows.sort(key=lambda r: -r["ratio"])
             data["loss"]["worst_examples"] = rows[:_WORST]
             bad = [r for r in rows if r["ratio"] > 1]
