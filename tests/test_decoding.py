@@ -108,6 +108,16 @@ def test_tiny_encoder_decoder_passes(tmp_path: Any, seq2seq_state: dict[str, tor
     assert data["beam"]["examples"] == 8 and data["beam"]["worse"] == 0, data["beam"]
 
 
+def test_float64_training_passes(tmp_path: Any, gpt2_state: dict[str, torch.Tensor]) -> None:
+    """precision="64-true": HF generate() still computes step logits in fp32; that must not be a mismatch."""
+    module = TinyGPT2LM()
+    module.load_state_dict(gpt2_state)
+    cb = DecodingConsistencyCheck(strict=True)
+    trainer = make_trainer(tmp_path, [cb], max_steps=1, limit_val_batches=1, precision="64-true")
+    trainer.fit(module, *lm_loaders(n_train=256))
+    _assert_healthy(_only(cb, "decode.ok"))
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "seq2seq"])
 def test_generation_config_processors_cause_no_false_alarm(
     tmp_path: Any, kind: str, gpt2_state: dict[str, torch.Tensor], seq2seq_state: dict[str, torch.Tensor]
