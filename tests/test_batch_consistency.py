@@ -376,3 +376,19 @@ def test_ddp_runs_on_local_rank_zero_only_and_does_not_hang(tmp_path):
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["step"] == r1["step"] == 4
     assert "batch.cross_sample_dependence" in r0["checks"] and r1["checks"] == []
+
+
+def masking_collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Random token masking at collate time (MLM style): two collations of the same items differ."""
+    batch = pad_collate(items)
+    noise = (torch.rand(batch["input_ids"].shape) < 0.15) & batch["attention_mask"].bool()
+    batch["input_ids"] = batch["input_ids"].masked_fill(noise, 2)
+    return batch
+
+
+def test_random_collate_is_skipped_unless_split_fn_cuts_the_batch(tmp_path):
+    train = DataLoader(MarkerDataset(64), batch_size=8, collate_fn=masking_collate)
+    skipped = run_check(AttentionPoolingClassifier(), train, tmp_path / "a")
+    assert checks(skipped) == {"check.skipped"} and "random" in skipped.findings[0].message
+    split = run_check(AttentionPoolingClassifier(), train, tmp_path / "b", split_fn=unpad_split)
+    assert checks(split) == {"batch.ok"}, [f.message for f in split.findings]

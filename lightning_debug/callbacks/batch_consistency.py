@@ -40,7 +40,7 @@ from lightning_debug.batching import (
     tensors_of,
     token_counts,
 )
-from lightning_debug.isolation import batch_stat_modules, isolated
+from lightning_debug.isolation import batch_stat_modules, isolated, preserved_rng
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -50,6 +50,11 @@ SplitFn = Callable[[Any], Sequence[Any]]
 _TOKEN_RULES = ("labels_shifted", "labels", "attention_mask_shifted", "attention_mask")
 _WORST = 5  # examples / pairs named in a finding
 _F64_RTOL = 1e-9
+
+
+def _same(a: Any, b: Any) -> bool:
+    ta, tb = tensors_of(a), tensors_of(b)
+    return len(ta) == len(tb) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(ta, tb, strict=True))
 
 
 class _Skip(Exception):
@@ -157,7 +162,8 @@ class BatchConsistencyCheck(DebugCallback):
             return
         start = time.perf_counter()
         try:
-            ex = self._examples(trainer, pl_module)
+            with preserved_rng():  # datasets and collate functions may draw random numbers
+                ex = self._examples(trainer, pl_module)
         except _Skip as reason:
             self.emit(trainer, "check.skipped", f"BatchConsistencyCheck skipped: {reason}", key="batch")
             return
@@ -203,7 +209,18 @@ class BatchConsistencyCheck(DebugCallback):
         if items is not None:
             if len(items) < 2:
                 raise _Skip(f"the train dataset has {len(items)} example(s); a batch of 1 has nothing to compare")
-            batch, singles = collate(items), [collate([it]) for it in items]
+            batch = collate(items)
+            if not _same(batch, collate(items)):  # e.g. MLM masking: a batch and its singles get different masks
+                if self.split_fn is None:
+                    raise _Skip(
+                        "the collate_fn is random (two collations of the same examples differ, e.g. MLM masking), "
+                        "so examples collated alone would not match the batch; pass `split_fn` to cut the batch "
+                        "into unpadded single examples instead"
+                    )
+                items = None
+                singles = list(self.split_fn(batch))
+            else:
+                singles = [collate([it]) for it in items]
         elif self.split_fn is not None:
             batch = next(iter(loader))
             singles = list(self.split_fn(batch))
