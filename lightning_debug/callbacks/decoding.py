@@ -401,9 +401,11 @@ class DecodingConsistencyCheck(DebugCallback):
         )
         generator = None
         if not protocol and "transformers" in sys.modules:  # a module holding a PreTrainedModel imported it
-            from lightning_debug.integrations import hf
-
-            generator = hf.find_generator(pl_module)
+            try:
+                from lightning_debug.integrations import hf
+            except ImportError:  # a transformers too old or broken to use: no zero-config path
+                hf = None  # type: ignore[assignment]
+            generator = hf.find_generator(pl_module) if hf is not None else None
         if not protocol and generator is None:
             return (
                 "the module neither defines `decode_with_scores`/`score_outputs` nor holds a Hugging Face model "
