@@ -1,0 +1,341 @@
+"""``CalibrationMonitor``: is the model as sure as it is right? (Guo et al. 2017, "On Calibration of ...").
+
+A model stopped at its best accuracy can be very confident whether right or wrong. Every validation epoch
+this callback bins the top-label confidence of every validation prediction (streaming, O(bins) memory, on the
+device: :class:`~lightning_debug.metrics.StreamingCalibration`), logs ECE / MCE / RMS CE / adaptive ECE /
+Brier / NLL / the signed gap and a temperature fitted on a bounded sample of logits, draws the reliability
+diagram and the confidence histogram, and warns when the model is clearly over- or underconfident.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from lightning_debug.base import DebugCallback
+from lightning_debug.metrics import StreamingCalibration, find_predictions, fit_temperature
+from lightning_debug.sinks import Sink
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+PREFIX = "debug/calibration/"
+SCALARS = ("ece", "mce", "rms_ce", "adaptive_ece", "brier", "nll", "gap", "accuracy", "confidence", "count")
+_CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+_SAMPLE_ELEMENTS = 1 << 22  # the temperature sample never holds more than 4M floats (16 MiB), whatever the vocab
+
+
+def is_causal_lm(module: torch.nn.Module) -> bool:
+    """A Hugging Face causal LM inside ``module``: its logits at position t predict the label at t + 1."""
+    return any(type(m).__name__.endswith(_CAUSAL_LM_SUFFIXES) for m in module.modules())
+
+
+class CalibrationMonitor(DebugCallback):
+    """Calibration of the validation predictions, every validation epoch.
+
+    Reads ``logits`` (or ``probs``) and ``target`` from what ``validation_step`` returns; a Hugging Face output
+    with ``.logits`` and ``batch["labels"]`` works too (``ignore_index`` positions are skipped), so a language
+    model gets token-level calibration. Binary (one score per target), multiclass and sequence outputs.
+
+    Args:
+        logits_key / probs_key / target_key: where the scores and targets are in the step output.
+        ignore_index: target value to skip (Hugging Face's padding label, -100, by default).
+        shift_labels: compare logits at t with the label at t + 1 (causal LMs, whose ``labels`` equal the
+            inputs). ``None``: on when the module contains a Hugging Face ``*ForCausalLM`` / ``*LMHeadModel``.
+        n_bins: equal-width bins for ECE / MCE / RMS CE and the reliability diagram (15, as Guo et al.).
+        fine_bins: resolution of the confidence histogram the adaptive (equal-mass) ECE is derived from.
+        ece_threshold: ECE at or above which the model is called miscalibrated. 0.1 is well above the
+            finite-sample bias of a calibrated model's ECE at ``min_samples`` predictions and below the
+            0.15-0.3 of a model that memorised noisy labels.
+        min_samples: fewer validation predictions than this are not judged.
+        z: the signed gap (mean confidence - accuracy) must be at least ``z`` standard errors from zero, so
+            the direction is not noise.
+        patience: consecutive miscalibrated evaluations before warning. Overconfidence is reported as soon
+            as it persists; underconfidence only at the end of fit (every run starts underconfident: accuracy
+            rises before confidence does), or at once from ``trainer.validate``.
+        temperature_samples: rows (predictions) of logits kept each epoch to fit a temperature (0: off).
+        plot_every_n_epochs: reliability diagram and histogram every N validation epochs (0: never).
+        dataloader_idx: the validation dataloader to watch.
+    """
+
+    def __init__(
+        self,
+        *,
+        logits_key: str = "logits",
+        probs_key: str = "probs",
+        target_key: str = "target",
+        ignore_index: int | None = -100,
+        shift_labels: bool | None = None,
+        n_bins: int = 15,
+        fine_bins: int = 1000,
+        ece_threshold: float = 0.1,
+        min_samples: int = 200,
+        z: float = 3.0,
+        patience: int = 2,
+        temperature_samples: int = 4096,
+        plot_every_n_epochs: int = 1,
+        dataloader_idx: int = 0,
+        strict: bool = False,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(strict=strict, verbose=verbose)
+        if not 0 < ece_threshold < 1:
+            raise ValueError(f"ece_threshold must be in (0, 1), got {ece_threshold!r}")
+        if min_samples < 1:
+            raise ValueError(f"min_samples must be >= 1, got {min_samples!r}")
+        if z < 0:
+            raise ValueError(f"z must be >= 0, got {z!r}")
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1, got {patience!r}")
+        if temperature_samples < 0:
+            raise ValueError(f"temperature_samples must be >= 0, got {temperature_samples!r}")
+        if plot_every_n_epochs < 0:
+            raise ValueError(f"plot_every_n_epochs must be >= 0, got {plot_every_n_epochs!r}")
+        if dataloader_idx < 0:
+            raise ValueError(f"dataloader_idx must be >= 0, got {dataloader_idx!r}")
+        self.keys = {"logits_key": logits_key, "probs_key": probs_key, "target_key": target_key}
+        self.ignore_index = ignore_index
+        self.shift_labels = shift_labels
+        self.ece_threshold = ece_threshold
+        self.min_samples = min_samples
+        self.z = z
+        self.patience = patience
+        self.temperature_samples = temperature_samples
+        self.plot_every_n_epochs = plot_every_n_epochs
+        self.dataloader_idx = dataloader_idx
+        self.metrics = {
+            fmt: StreamingCalibration(n_bins, fine_bins=fine_bins, ignore_index=ignore_index, input_format=fmt)
+            for fmt in ("logits", "probs")
+        }
+        self.history: list[dict[str, float]] = []  # one row of scalars per judged validation epoch
+        self._over = 0  # consecutive overconfident evaluations
+        self._under = 0
+        self._sample: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._sample_rows = 0
+        self._missing: str | None = None
+        self._shift = False
+
+    # -- collecting (device only) -------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._shift = is_causal_lm(pl_module) if self.shift_labels is None else self.shift_labels
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        sink = Sink(trainer)
+        for name in ("ece", "adaptive_ece", "mce", "gap", "temperature", "nll", "brier"):
+            sink.define_metric(PREFIX + name, summary="min,max", step_metric="trainer/global_step")
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for metric in self.metrics.values():
+            metric.to(pl_module.device)
+            metric.reset()
+        self._sample, self._sample_rows, self._missing = [], 0, None
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if trainer.sanity_checking or dataloader_idx != self.dataloader_idx:
+            return
+        found = find_predictions(outputs, batch, **self.keys)
+        if isinstance(found, str):
+            self._missing = found
+            return
+        scores, target, fmt = found
+        scores, target = scores.detach(), target.detach()
+        if self._shift:
+            scores, target = scores[..., :-1, :], target[..., 1:]
+        self.metrics[fmt].update(scores, target)
+        self._keep_sample(scores if fmt == "logits" else scores.clamp_min(1e-12).log(), target)
+
+    def _keep_sample(self, logits: Tensor, target: Tensor) -> None:
+        """The first rows of each epoch, up to the budget: a fixed sample, so temperatures compare over epochs."""
+        binary = logits.shape == target.shape or (logits.shape[-1] == 1 and logits.shape[:-1] == target.shape)
+        width = 1 if binary else logits.shape[-1]
+        budget = min(self.temperature_samples, _SAMPLE_ELEMENTS // width) - self._sample_rows
+        if budget <= 0:
+            return
+        x = logits.reshape(-1) if binary else logits.reshape(-1, width)
+        t = target.reshape(-1)[:budget]
+        x = x[:budget].float()
+        finite = torch.isfinite(x) if binary else torch.isfinite(x).all(-1)
+        valid = finite & (t >= 0) & (t < max(width, 2))
+        if self.ignore_index is not None:
+            valid &= t != self.ignore_index
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        x = torch.where(finite if binary else finite.unsqueeze(-1), x, zero)
+        self._sample.append((x, torch.where(valid, t, torch.zeros_like(t)), valid.float()))
+        self._sample_rows += len(t)
+
+    # -- judging (once per epoch) ---------------------------------------------------------------------------
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        used = [m for m in self.metrics.values() if m.update_count > 0]
+        if not used:
+            self.emit(
+                trainer,
+                "check.skipped",
+                f"CalibrationMonitor found nothing to measure: {self._missing or 'no validation batches'}.",
+                key="calibration:no-predictions",
+                data={"reason": self._missing},
+            )
+            return
+        result = used[0].compute()
+        scalars = dict(zip(SCALARS, torch.stack([result[k] for k in SCALARS]).tolist(), strict=True))
+        scalars["gap_se"], nonfinite = float(result["gap_se"]), float(result["nonfinite"])
+        if self._sample:
+            x, t, w = (torch.cat(parts) for parts in zip(*self._sample, strict=True))
+            scalars["temperature"] = fit_temperature(x, t, w)
+        if nonfinite:
+            self.emit(
+                trainer,
+                "check.skipped",
+                f"{nonfinite:.0f} validation predictions had NaN/Inf scores; calibration leaves them out.",
+                key="calibration:nonfinite",
+                data={"nonfinite": nonfinite, "epoch": trainer.current_epoch},
+            )
+        if scalars["count"] == 0:
+            return
+        Sink(trainer).log_scalars({PREFIX + k: v for k, v in scalars.items() if math.isfinite(v)})
+        self.history.append({"step": float(trainer.global_step), "epoch": float(trainer.current_epoch), **scalars})
+        n = len(self.history)
+        if self.plot_every_n_epochs and (n - 1) % self.plot_every_n_epochs == 0:
+            self._plot(trainer, result, scalars)
+        self._judge(trainer, scalars)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._under >= self.patience:
+            self._warn(trainer, "underconfident", self.history[-1])
+
+    def _judge(self, trainer: pl.Trainer, s: dict[str, float]) -> None:
+        """Miscalibrated = enough predictions, ECE over the threshold, a gap ``z`` standard errors from 0, and a
+        fitted temperature on the same side of 1 (mixed miscalibration, which one temperature cannot fix, is
+        not called over- or underconfident)."""
+        bad = s["count"] >= self.min_samples and s["ece"] >= self.ece_threshold
+        temp = s.get("temperature", float("nan"))  # when fitted, it must agree: T > 1 softens an overconfident model
+        over = bad and s["gap"] > self.z * s["gap_se"] and not temp <= 1
+        under = bad and -s["gap"] > self.z * s["gap_se"] and not temp >= 1
+        self._over = self._over + 1 if over else 0
+        self._under = self._under + 1 if under else 0
+        standalone = trainer.state.fn != "fit"
+        if over and (self._over >= self.patience or standalone):
+            self._warn(trainer, "overconfident", s)
+        if under and standalone:
+            self._warn(trainer, "underconfident", s)
+
+    def _warn(self, trainer: pl.Trainer, kind: str, s: dict[str, float]) -> None:
+        temp = s.get("temperature", float("nan"))
+        message = (
+            f"{kind.capitalize()}: ECE {s['ece']:.3f} (threshold {self.ece_threshold}) over {s['count']:.0f} "
+            f"validation predictions; mean confidence {s['confidence']:.3f} vs accuracy {s['accuracy']:.3f} "
+            f"(gap {s['gap']:+.3f} ± {s['gap_se']:.3f})"
+            + (f"; fitted temperature {temp:.2f}" if math.isfinite(temp) else "")
+            + "."
+        )
+        keys = ("ece", "mce", "adaptive_ece", "gap", "gap_se", "accuracy", "confidence", "count", "temperature")
+        data = {"threshold": self.ece_threshold, **{k: s[k] for k in keys if k in s}}
+        self.emit(trainer, f"calibration.{kind}", message, data=data)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "history": [dict(h) for h in self.history],
+            "over": self._over,
+            "under": self._under,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.history = [dict(h) for h in state_dict.get("history", [])]
+        self._over = int(state_dict.get("over", 0))
+        self._under = int(state_dict.get("under", 0))
+
+    # -- media ----------------------------------------------------------------------------------------------
+    def _plot(self, trainer: pl.Trainer, result: dict[str, Tensor], s: dict[str, float]) -> None:
+        edges = result["bin_edges"].tolist()
+        counts = result["bin_count"].tolist()
+        accs = result["bin_accuracy"].tolist()
+        confs = result["bin_confidence"].tolist()
+        rows = [
+            [lo, hi, conf, acc, conf - acc, int(c)]
+            for lo, hi, c, acc, conf in zip(edges[:-1], edges[1:], counts, accs, confs, strict=True)
+            if c > 0
+        ]
+        sink = Sink(trainer)
+        sink.log_table(PREFIX + "reliability", ["bin_low", "bin_high", "confidence", "accuracy", "gap", "count"], rows)
+        epoch = trainer.current_epoch
+        if sink.wandb_run is not None:
+            import wandb
+
+            centers = [(r[0] + r[1]) / 2 for r in rows]
+            sink.log_chart(
+                PREFIX + "reliability_diagram",
+                wandb.plot.line_series(
+                    xs=[centers, centers, [0.0, 1.0]],
+                    ys=[[r[3] for r in rows], [r[2] for r in rows], [0.0, 1.0]],
+                    keys=["accuracy", "mean confidence", "perfect calibration"],
+                    title=f"Reliability diagram, epoch {epoch} (ECE {s['ece']:.3f})",
+                    xname="confidence bin",
+                ),
+            )
+            total = max(sum(counts), 1.0)
+            hist = wandb.Table(
+                columns=["confidence", "fraction"],
+                data=[
+                    [f"{lo:.2f}-{hi:.2f}", c / total] for lo, hi, c in zip(edges[:-1], edges[1:], counts, strict=True)
+                ],
+            )
+            sink.log_chart(
+                PREFIX + "confidence_histogram",
+                wandb.plot.bar(hist, "confidence", "fraction", title=f"Confidence histogram, epoch {epoch}"),
+            )
+        try:
+            import matplotlib  # noqa: F401  (the `plots` extra)
+        except ImportError:
+            return
+        sink.log_figure(PREFIX + "reliability_figure", reliability_figure(edges, counts, accs, confs, s, epoch))
+
+
+def reliability_figure(
+    edges: list[float], counts: list[float], accs: list[float], confs: list[float], s: dict[str, float], epoch: int
+) -> Any:
+    """Guo et al.'s Fig. 1 for one epoch: confidence histogram above, reliability diagram below."""
+    import matplotlib.pyplot as plt
+
+    width = edges[1] - edges[0]
+    lefts = edges[:-1]
+    total = max(sum(counts), 1.0)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5, 7), sharex=True, gridspec_kw={"height_ratios": [1, 2]})
+    top.bar(lefts, [c / total for c in counts], width=width, align="edge", edgecolor="black", color="tab:blue")
+    top.axvline(s["accuracy"], color="black", linestyle="--", label=f"accuracy {s['accuracy']:.3f}")
+    top.axvline(s["confidence"], color="tab:red", linestyle="--", label=f"avg confidence {s['confidence']:.3f}")
+    top.set_ylabel("fraction of predictions")
+    top.legend(loc="upper left", fontsize=8)
+    top.set_title(f"Calibration, epoch {epoch}")
+    filled = [c > 0 for c in counts]
+    bar_acc = [a if f else 0.0 for a, f in zip(accs, filled, strict=True)]
+    bottom.bar(lefts, bar_acc, width=width, align="edge", edgecolor="black", color="tab:blue", label="accuracy")
+    gap_base = [min(a, c) if f else 0.0 for a, c, f in zip(accs, confs, filled, strict=True)]
+    gap_h = [abs(c - a) if f else 0.0 for a, c, f in zip(accs, confs, filled, strict=True)]
+    bottom.bar(
+        lefts, gap_h, bottom=gap_base, width=width, align="edge", color="tab:red", alpha=0.3, hatch="//", label="gap"
+    )
+    bottom.plot([0, 1], [0, 1], color="gray", linestyle="--", label="perfect calibration")
+    for left, acc, c in zip(lefts, accs, counts, strict=True):
+        if c > 0:
+            bottom.text(left + width / 2, min(acc, 0.97) + 0.01, f"{int(c)}", ha="center", fontsize=6)
+    bottom.set_xlim(0, 1)
+    bottom.set_ylim(0, 1.05)
+    bottom.set_xlabel("confidence")
+    bottom.set_ylabel("accuracy")
+    bottom.legend(loc="upper left", fontsize=8, title=f"ECE {s['ece']:.3f}  MCE {s['mce']:.3f}")
+    fig.tight_layout()
+    return fig
