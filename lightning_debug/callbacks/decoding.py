@@ -23,6 +23,7 @@ from scipy.stats import binomtest
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_debug.base import DebugCallback
+from lightning_debug.batching import to_float64_cpu
 from lightning_debug.isolation import isolated
 from lightning_debug.sinks import Sink
 
@@ -101,10 +102,7 @@ class ProtocolTarget:
 
     def in_float64(self) -> ProtocolTarget:
         module = copy.deepcopy(self.module).double().cpu()  # LightningModule pickling drops the trainer
-        batch = apply_to_collection(
-            move_data_to_device(self.batch, "cpu"), torch.Tensor, lambda t: t.double() if t.is_floating_point() else t
-        )
-        return ProtocolTarget(module, batch, self.calls)
+        return ProtocolTarget(module, to_float64_cpu(self.batch), self.calls)
 
 
 @dataclass
