@@ -49,7 +49,9 @@ def test_healthy_attention_pooling_over_padded_batches_passes(tmp_path):
     assert data["loss"]["difference"] <= data["loss"]["tolerance"], data["loss"]
     assert data["max_padding"] >= 10, "the sampled batch must exercise padding"
     assert data["dependence"]["max_off_diagonal"] == 0.0  # structural zeros, not rounding
+    # batch + B singles + the padding probe (shortest next to longest), and one batched VJP
     assert data["cost"]["forward_passes"] == B + 2 and data["cost"]["batched_vjps"] == 1
+    assert data["loss"]["padding_probe"]["padding"] == data["max_padding"]
     assert data["cost"]["float64_forward_passes"] == 0
     assert data["dependence"]["method"] == "batched_vjp"
 
@@ -181,6 +183,22 @@ def test_tiny_gpt2_passes_with_token_weighted_mean(tmp_path):
     assert result["dependence"]["max_off_diagonal"] == 0.0
 
 
+def left_pad_collate(items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The classic bug: left padding without position ids, so a sequence's positions shift with its padding."""
+    batch = lm_collate([x.flip(0) for x in items])
+    return {k: v.flip(1) for k, v in batch.items()}
+
+
+def test_tiny_gpt2_left_padding_without_position_ids_is_a_padding_bug(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randint(1, 64, (int(n),), generator=g) for n in torch.randint(3, 40, (64,), generator=g)]
+    check = run_check(TinyGPT2(), DataLoader(data, batch_size=8, collate_fn=left_pad_collate), tmp_path)
+    loss = only(check, "batch.padding_dependence")["loss"]
+    worst = loss["worst_examples"][0]
+    assert worst["padding"] > 0 and abs(worst["delta"]) > 1e-2, worst  # a bug stays O(0.01-0.1) in float64
+    assert "batch.cross_sample_dependence" not in checks(check)
+
+
 def _state(model: pl.LightningModule, trainer: pl.Trainer) -> dict[str, Any]:
     opt = trainer.optimizers[0].state_dict()
     return {
@@ -244,7 +262,8 @@ def test_float_noise_beyond_a_too_tight_tolerance_is_cleared_in_float64(tmp_path
     loss = only(check, "batch.ok")["loss"]
     assert loss["difference"] > loss["tolerance"] > loss["difference_float64"], loss
     assert "float noise" in loss["note"]
-    assert only(check, "batch.ok")["cost"]["float64_forward_passes"] == B + 1
+    # float64: batch + B singles, then every example next to the longest
+    assert only(check, "batch.ok")["cost"]["float64_forward_passes"] == 2 * B + 1
 
 
 def test_coupled_loss_skips_the_decomposition_but_checks_outputs(tmp_path):
