@@ -368,3 +368,22 @@ def test_ddp_checks_on_rank_zero_and_does_not_hang(tmp_path: Any) -> None:
     assert r0["step"] == r1["step"] == 4
     assert r0["runs"] == 3 and r1["runs"] == 0, (r0, r1)
     assert "decode.score_mismatch" in r0["checks"] and r1["checks"] == [], (r0, r1)
+
+
+def test_first_eos_rule_and_left_padded_prompts() -> None:
+    """EOS counts, everything after the first EOS does not (pad == eos included); prompts are left-padded."""
+    from lightning_debug.integrations.hf import first_eos_mask, position_ids, prompt_prefixes
+
+    tokens = torch.tensor([[5, 1, 1, 3], [5, 6, 7, 8], [1, 4, 1, 1]])
+    assert first_eos_mask(tokens, [1]).tolist() == [
+        [True, True, False, False],
+        [True, True, True, True],
+        [True, False, False, False],
+    ]
+    ids = torch.tensor([[0, 4, 5, 6, 7, 1], [0, 8, 1, 1, 1, 1]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    prompt, pmask = prompt_prefixes(ids, mask, pad_token_id=1, fraction=0.5)
+    assert prompt.tolist() == [[0, 4, 5], [1, 1, 0]] and pmask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert position_ids(pmask).tolist() == [[0, 1, 2], [0, 0, 0]]
+    capped, _ = prompt_prefixes(ids, mask, pad_token_id=1, fraction=1.0, max_tokens=2)
+    assert capped.tolist() == [[0, 4], [0, 8]]

@@ -37,6 +37,9 @@ NEUTRAL_PROCESSORS: dict[str, Any] = {
 }
 
 
+MAX_PROMPT_TOKENS = 64  # long documents add cost, not evidence
+
+
 def find_generator(module: nn.Module) -> tuple[str, PreTrainedModel] | None:
     """The first submodule (by attribute path) that is a ``PreTrainedModel`` able to ``generate()``."""
     for name, sub in module.named_modules():
@@ -59,14 +62,18 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def prompt_prefixes(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int, fraction: float = 0.5
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pad_token_id: int,
+    fraction: float = 0.5,
+    max_tokens: int = MAX_PROMPT_TOKENS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``fraction`` of each row's real tokens (at least one), left-padded to a common length.
+    """The first ``fraction`` of each row's real tokens (at least one, at most ``max_tokens``), left-padded.
 
     Rows keep different prompt lengths on purpose: left padding and position ids are part of what is checked.
     """
     rows = [ids[mask.bool()] for ids, mask in zip(input_ids, attention_mask, strict=True)]
-    keep = [max(1, int(len(r) * fraction)) for r in rows]
+    keep = [max(1, min(max_tokens, int(len(r) * fraction))) for r in rows]
     width = max(keep)
     out = torch.full((len(rows), width), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
     mask = torch.zeros((len(rows), width), dtype=attention_mask.dtype, device=input_ids.device)
@@ -123,7 +130,9 @@ class HFTarget:
         if self.encoder_decoder:
             self.prompt_ids, self.prompt_mask = ids, mask
         else:
-            self.prompt_ids, self.prompt_mask = prompt_prefixes(ids, mask, self.pad_token_id, prompt_fraction)
+            limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+            room = MAX_PROMPT_TOKENS if limit is None else max(1, min(MAX_PROMPT_TOKENS, int(limit) - max_new_tokens))
+            self.prompt_ids, self.prompt_mask = prompt_prefixes(ids, mask, self.pad_token_id, prompt_fraction, room)
 
     @property
     def n_examples(self) -> int:
