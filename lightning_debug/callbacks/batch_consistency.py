@@ -52,6 +52,10 @@ _WORST = 5  # examples / pairs named in a finding
 _F64_RTOL = 1e-9
 
 
+def _median(values: list[float]) -> float:
+    return float(torch.tensor(values).median())
+
+
 def _identity(batch: Any) -> Any:
     return batch
 
@@ -339,7 +343,7 @@ class BatchConsistencyCheck(DebugCallback):
                 cost.float64_forwards += len(totals)
                 name, rows = max(
                     ((f.name, self._pair_rows(totals, losses64, f, ref, pads, counts, rtol)) for f in fits64),
-                    key=lambda nr: (sum(r["ratio"] <= 1 for r in nr[1]), -sorted(r["ratio"] for r in nr[1])[0]),
+                    key=lambda nr: (sum(r["ratio"] <= 1 for r in nr[1]), -_median([r["ratio"] for r in nr[1]])),
                 )
                 result.update(attribution=(name, rows), failed=result["failed"] or any(r["ratio"] > 1 for r in rows))
         return result
