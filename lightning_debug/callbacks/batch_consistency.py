@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -97,7 +97,6 @@ class _Cost:
     forwards: int = 0
     vjps: int = 0
     float64_forwards: int = 0
-    notes: list[str] = field(default_factory=list)
 
 
 class BatchConsistencyCheck(DebugCallback):
