@@ -1,0 +1,430 @@
+"""``LossConvergenceMonitor``: is the training loss going down, and towards a good value?
+
+The debugging lecture's first rule: before looking at dev accuracy, look at the training loss. This callback
+reads the loss every step into a buffer on the loss's own device (no host-device sync), pulls it to the host
+once every ``check_every_n_steps`` and summarises it into bins (the median of each ``check_every_n_steps / 10``
+steps: robust to spikes and to small-batch noise). Decisions use those bins only:
+
+- ``loss.nonfinite``: a NaN/Inf value in any tracked series (the exact step is in the buffer).
+- ``loss.diverging``: a bin sits ``diverge_factor`` times further from the floor than the best level so far
+  (and by a margin that matters), or the smoothed loss rises with a significant trend (Theil-Sen CI above 0,
+  Mann-Kendall p-value below ``1 - confidence``).
+- ``loss.not_decreasing`` / ``loss.plateau`` / ``loss.converged``: after warm-up, the trend over the window is
+  *flat* when even the fastest descent its confidence interval allows would close less than ``min_progress``
+  of the remaining gap to ``floor`` if training ran as long again. Flat near the start level is
+  not-decreasing; flat far above the floor, and falling at most half as fast as on average since the start,
+  is a plateau (a steady slow descent is not); a level near the floor is converged.
+
+Thresholds are fractions of the starting gap (first loss minus ``floor``), so they do not depend on the
+loss's scale, and the flatness horizon grows with the run, so slow-but-steady training is not a plateau.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from lightning_debug.base import DebugCallback
+from lightning_debug.sinks import Sink
+from lightning_debug.stats import MIN_TREND_POINTS, Trend, trend
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+BINS_PER_CHECK = 10
+MAX_BINS = 1024  # older bins are merged pairwise beyond this, so memory and state stay bounded
+MAX_TREND_POINTS = 64  # Theil-Sen is O(n^2): the window is re-binned to at most this many points
+LEVELLED_OFF = 0.5  # a plateau falls at most this fraction of its average rate since the start (else: just slow)
+_RESERVED = ("smoothed", "slope")
+
+
+@dataclass
+class _Series:
+    """One tracked loss series (the total or a component): its bins and reference levels, all host floats."""
+
+    name: str
+    floor: float
+    start: float | None = None
+    best: float | None = None
+    values: list[float] = field(default_factory=list)  # bin medians (NaN when a bin had no finite value)
+    xs: list[float] = field(default_factory=list)  # bin centres, in training batches seen
+
+    def add(self, value: float, x: float) -> None:
+        self.values.append(value)
+        self.xs.append(x)
+        if math.isfinite(value):
+            self.best = value if self.best is None else min(self.best, value)
+        if len(self.values) > MAX_BINS:
+            v, xs = np.asarray(self.values), np.asarray(self.xs)
+            even = len(v) // 2 * 2
+            self.values = np.nanmean(v[:even].reshape(-1, 2), axis=1).tolist() + v[even:].tolist()
+            self.xs = xs[:even].reshape(-1, 2).mean(axis=1).tolist() + xs[even:].tolist()
+
+    def window(self, since: float) -> tuple[np.ndarray, np.ndarray]:
+        """Finite bins with centre >= ``since``, re-binned to at most MAX_TREND_POINTS points."""
+        v, x = np.asarray(self.values), np.asarray(self.xs)
+        keep = (x >= since) & np.isfinite(v)
+        v, x = v[keep], x[keep]
+        if len(v) > MAX_TREND_POINTS:
+            groups = np.array_split(np.arange(len(v)), MAX_TREND_POINTS)
+            v = np.array([np.median(v[g]) for g in groups])
+            x = np.array([x[g].mean() for g in groups])
+        return v, x
+
+    @property
+    def level(self) -> float:
+        """The latest smoothed value (last finite bin median)."""
+        finite = [v for v in self.values if math.isfinite(v)]
+        return finite[-1] if finite else math.nan
+
+
+class LossConvergenceMonitor(DebugCallback):
+    """Watches the training loss for NaN/Inf, divergence, no progress, plateaus and convergence.
+
+    Zero-config: it reads the loss ``training_step`` returns. Defaults are set to catch a far-too-high or
+    far-too-low learning rate and a capacity bottleneck while staying silent on healthy runs with batch sizes
+    from 8 to 1024, BatchNorm and dropout.
+
+    Args:
+        key: read this logged metric (from ``trainer.callback_metrics``) instead of the returned loss.
+        components: ``{name: logged_key}`` of loss parts to track too (e.g. ``{"nll": "train_nll",
+            "reg": "train_reg"}``). Each is checked for NaN/Inf and logged; a total that is flat while a
+            component still falls significantly is not called a plateau (regularisation keeps the total up).
+        floor: the best achievable loss (0 for a likelihood; higher for e.g. language-model pre-training).
+        check_every_n_steps: training batches between pulls to the host (the only transfers it makes).
+        window: training batches the trend is fitted over; ``None`` uses the last half of the batches seen
+            so far, so the test adapts to the run's length.
+        warmup_steps: no not-decreasing / plateau / converged verdict before this many batches.
+        min_drop: the loss has "moved" once it fell by this fraction of the starting gap (start - floor).
+        min_progress: flat = at the fastest rate the slope's confidence interval allows, training as long
+            again would close less than this fraction of the remaining gap.
+        plateau_level: a flat loss is a plateau while its gap to ``floor`` exceeds this fraction of the
+            starting gap.
+        converged_level: converged once the gap to ``floor`` is within this fraction of the starting gap.
+        diverge_factor: a bin this many times further from ``floor`` than the best level so far diverges...
+        diverge_margin: ...if it also rose by more than this fraction of the starting gap (the same margin
+            applies to a significant upward trend over the window).
+        confidence: confidence level of the slope intervals; trend tests use ``p < 1 - confidence``.
+    """
+
+    def __init__(
+        self,
+        *,
+        key: str | None = None,
+        components: Mapping[str, str] | None = None,
+        floor: float = 0.0,
+        check_every_n_steps: int = 100,
+        window: int | None = None,
+        warmup_steps: int = 200,
+        min_drop: float = 0.1,
+        min_progress: float = 0.2,
+        plateau_level: float = 0.2,
+        converged_level: float = 0.05,
+        diverge_factor: float = 3.0,
+        diverge_margin: float = 0.25,
+        confidence: float = 0.95,
+        strict: bool = False,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(strict=strict, verbose=verbose)
+        if not math.isfinite(floor):
+            raise ValueError(f"`floor` must be finite, got {floor}")
+        if check_every_n_steps < BINS_PER_CHECK:
+            raise ValueError(f"`check_every_n_steps` must be >= {BINS_PER_CHECK}, got {check_every_n_steps}")
+        if window is not None and window < 2 * check_every_n_steps:
+            raise ValueError(f"`window` must be None or >= 2 * check_every_n_steps, got {window}")
+        if warmup_steps < 0:
+            raise ValueError(f"`warmup_steps` must be >= 0, got {warmup_steps}")
+        for name, value in (
+            ("min_drop", min_drop),
+            ("min_progress", min_progress),
+            ("plateau_level", plateau_level),
+            ("converged_level", converged_level),
+            ("diverge_margin", diverge_margin),
+            ("confidence", confidence),
+        ):
+            if not 0 < value < 1:
+                raise ValueError(f"`{name}` must be in (0, 1), got {value}")
+        if converged_level >= plateau_level:
+            raise ValueError(f"`converged_level` ({converged_level}) must be below `plateau_level` ({plateau_level})")
+        if diverge_factor <= 1:
+            raise ValueError(f"`diverge_factor` must be > 1, got {diverge_factor}")
+        components = dict(components or {})
+        for name in components:
+            if name in _RESERVED:
+                raise ValueError(f"`components` name {name!r} is reserved; pick another name")
+        self.key = key
+        self.components = components
+        self.floor = float(floor)
+        self.check_every_n_steps = check_every_n_steps
+        self.window = window
+        self.warmup_steps = warmup_steps
+        self.min_drop = min_drop
+        self.min_progress = min_progress
+        self.plateau_level = plateau_level
+        self.converged_level = converged_level
+        self.diverge_factor = diverge_factor
+        self.diverge_margin = diverge_margin
+        self.confidence = confidence
+        self._bin_size = check_every_n_steps // BINS_PER_CHECK
+        self.series = [_Series(key or "loss", self.floor)] + [_Series(name, 0.0) for name in components]
+        self.batches = 0  # training batches recorded
+        self._tail: list[tuple[int, list[float]]] = []  # (global step, values) pulled but not yet binned
+        self._buf: torch.Tensor | None = None  # (check_every_n_steps, n_series) on the loss's device
+        self._fill = 0
+        self._steps: list[int] = []  # global step of each buffered row (host ints, no sync)
+        self._step = 0
+        self.last_trend: Trend | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(key=self.key, components=sorted(self.components.items()))
+
+    # ------------------------------------------------------------------ per step: device only
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        Sink(trainer).define_metric("debug/loss/smoothed", summary="min,last")
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._step = trainer.global_step  # the step training_step sees (on_train_batch_end sees it advanced)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        values = self._read(trainer, pl_module, outputs)
+        if values is None:
+            return
+        if self._buf is None or self._buf.device != values.device:
+            self._pull(trainer)  # rows already written on the previous device (a no-op when empty)
+            self._buf = torch.empty(self.check_every_n_steps, len(self.series), device=values.device)
+        self._buf[self._fill].copy_(values)
+        self._steps.append(self._step)
+        self._fill += 1
+        self.batches += 1
+        if self._fill == self.check_every_n_steps:
+            self._check(trainer)
+
+    def _read(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) -> torch.Tensor | None:
+        """This step's values as one device tensor, without reading them."""
+        parts: list[Any] = []
+        if self.key is None:
+            loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+            if not isinstance(loss, torch.Tensor):
+                self._skip(trainer, "training_step returned no loss tensor; pass `key=` naming a logged loss")
+                return None
+            if pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
+                loss = loss * trainer.accumulate_grad_batches  # Lightning divides it for accumulation
+            parts.append(loss)
+        wanted = ([self.key] if self.key is not None else []) + list(self.components.values())
+        if wanted:
+            metrics = trainer.callback_metrics
+            missing = [k for k in wanted if not isinstance(metrics.get(k), torch.Tensor)]
+            if missing:
+                self._skip(trainer, f"logged metric(s) {missing} not found in trainer.callback_metrics")
+                return None
+            parts.extend(metrics[k] for k in wanted)
+        if len(parts) == 1:
+            value = parts[0].detach()
+            return value if value.dim() == 0 else value.float().mean()
+        return torch.stack([p.detach().float().mean() for p in parts])
+
+    def _skip(self, trainer: pl.Trainer, why: str) -> None:
+        self.emit(trainer, "check.skipped", f"LossConvergenceMonitor: {why}", data={"reason": why}, key=why)
+
+    # ------------------------------------------------------------------ every N steps: host
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check(trainer, final=True)
+
+    def _pull(self, trainer: pl.Trainer) -> None:
+        """Move the buffered rows to the host tail (the one transfer per check)."""
+        if self._fill and self._buf is not None:
+            rows = self._buf[: self._fill].tolist()
+            self._tail.extend(zip(self._steps, rows, strict=True))
+        self._fill = 0
+        self._steps = []
+
+    def _check(self, trainer: pl.Trainer, final: bool = False) -> None:
+        self._pull(trainer)
+        first_batch = self.batches - len(self._tail)  # batches seen before the tail's first row
+        while len(self._tail) >= self._bin_size or (final and self._tail):
+            chunk, self._tail = self._tail[: self._bin_size], self._tail[self._bin_size :]
+            self._add_bin(trainer, chunk, first_batch)
+            first_batch += len(chunk)
+        if self.series[0].values:
+            self._evaluate(trainer)
+
+    def _add_bin(self, trainer: pl.Trainer, chunk: list[tuple[int, list[float]]], first_batch: int) -> None:
+        values = np.asarray([row for _, row in chunk], dtype=float)
+        x = first_batch + (len(chunk) + 1) / 2
+        for j, series in enumerate(self.series):
+            col = values[:, j]
+            finite = np.isfinite(col)
+            if not finite.all():
+                i = int(np.argmin(finite))
+                self.emit(
+                    trainer,
+                    "loss.nonfinite",
+                    f"The training {'loss' if j == 0 else f'loss component {series.name!r}'} is {col[i]} at "
+                    f"step {chunk[i][0]} (first non-finite value).",
+                    data={"series": series.name, "step": chunk[i][0], "batch": first_batch + i + 1, "value": col[i]},
+                    key=series.name,
+                )
+            if series.start is None and finite.any():
+                series.start = float(col[finite][0])  # the first loss, before any update has acted
+                series.best = series.start
+            median = float(np.median(col[finite])) if finite.any() else math.nan
+            if j == 0:
+                self._check_jump(trainer, series, median, chunk[-1][0])
+            series.add(median, x)
+
+    def _check_jump(self, trainer: pl.Trainer, series: _Series, median: float, step: int) -> None:
+        """A bin far above the best level so far (before it is added)."""
+        if series.best is None or series.start is None or not math.isfinite(median):
+            return
+        floor, best = series.floor, series.best
+        gap0 = series.start - floor
+        if gap0 <= 0:
+            return
+        if median - floor > self.diverge_factor * (best - floor) and median - best > self.diverge_margin * gap0:
+            self.emit(
+                trainer,
+                "loss.diverging",
+                f"The smoothed training loss jumped to {median:.4g} at step {step}, "
+                f"{(median - floor) / max(best - floor, 1e-12):.3g}x further from the floor ({floor:g}) than its best "
+                f"so far ({best:.4g}; it started at {series.start:.4g}).",
+                data={
+                    "rule": "above_best",
+                    "level": median,
+                    "best": best,
+                    "start": series.start,
+                    "floor": floor,
+                    "step": step,
+                },
+                key=series.name,
+            )
+
+    def _evaluate(self, trainer: pl.Trainer) -> None:
+        total = self.series[0]
+        metrics = {"debug/loss/smoothed": total.level}
+        metrics.update({f"debug/loss/{s.name}": s.level for s in self.series[1:]})
+        self.last_trend = None
+        if total.start is not None and total.start - total.floor <= 0:
+            self._skip(
+                trainer, f"the first loss ({total.start:.4g}) is not above `floor` ({total.floor:g}); set `floor`"
+            )
+        elif total.start is not None:
+            span = self.window if self.window is not None else self.batches / 2
+            values, xs = total.window(self.batches - span)
+            if len(values) >= MIN_TREND_POINTS:
+                self.last_trend = trend(values, xs, confidence=self.confidence)
+                metrics["debug/loss/slope"] = self.last_trend.slope
+                self._judge(trainer, total, self.last_trend, span)
+        Sink(trainer).log_scalars({k: v for k, v in metrics.items() if math.isfinite(v)})
+
+    def _judge(self, trainer: pl.Trainer, series: _Series, tr: Trend, span: float) -> None:
+        assert series.start is not None and series.best is not None
+        floor, start, level, t = series.floor, series.start, series.level, self.batches
+        gap0, gap = start - floor, level - floor
+        evidence: dict[str, Any] = {
+            "level": level,
+            "floor": floor,
+            "start": start,
+            "best": series.best,
+            "window": int(span),
+            "slope": tr.slope,
+            "slope_low": tr.low,
+            "slope_high": tr.high,
+            "p_value": tr.p_value,
+            "confidence": self.confidence,
+            "batches": t,
+        }
+        if tr.rising and tr.p_value < 1 - self.confidence and tr.slope * span > self.diverge_margin * gap0:
+            self.emit(
+                trainer,
+                "loss.diverging",
+                f"The smoothed training loss is rising: {tr.slope * span:+.3g} over the last {int(span)} batches "
+                f"(slope {tr.slope:.3g}/batch, {self.confidence:.0%} CI [{tr.low:.3g}, {tr.high:.3g}], "
+                f"trend p={tr.p_value:.2g}); now {level:.4g}, best {series.best:.4g}.",
+                data={"rule": "rising", **evidence},
+                key=series.name,
+            )
+        if not math.isfinite(level):
+            return
+        # Flat: even the fastest plausible descent would close < min_progress of the gap in another t batches.
+        reachable = max(0.0, -tr.low) * t
+        flat = gap > 0 and reachable < self.min_progress * gap
+        evidence["reachable_drop"] = reachable
+        if t >= self.warmup_steps and flat:
+            drop = start - level
+            if drop < self.min_drop * gap0:
+                self.emit(
+                    trainer,
+                    "loss.not_decreasing",
+                    f"After {t} batches the training loss is still {level:.4g} (started at {start:.4g}, floor "
+                    f"{floor:g}): it fell by {drop / gap0:.1%} of the way to the floor and its trend over the last "
+                    f"{int(span)} batches is flat (slope {tr.slope:.2g}/batch, CI [{tr.low:.2g}, {tr.high:.2g}]).",
+                    data={"drop": drop, "min_drop": self.min_drop, **evidence},
+                    key=series.name,
+                )
+                return
+            levelled = max(0.0, -tr.low) < LEVELLED_OFF * drop / t
+            falling = self._falling_components(span, t)
+            if gap > self.plateau_level * gap0 and levelled and not falling:
+                self.emit(
+                    trainer,
+                    "loss.plateau",
+                    f"The training loss has plateaued at {level:.4g}, far above its floor {floor:g} (started at "
+                    f"{start:.4g}): over the last {int(span)} batches its slope is {tr.slope:.2g}/batch "
+                    f"({self.confidence:.0%} CI [{tr.low:.2g}, {tr.high:.2g}]); at the fastest plausible rate another "
+                    f"{t} batches would lower it by at most {reachable:.3g} ({reachable / gap:.1%} of the gap).",
+                    data={"components_falling": falling, **evidence},
+                    key=series.name,
+                )
+                return
+        if t >= self.warmup_steps and gap <= self.converged_level * gap0:
+            self.emit(
+                trainer,
+                "loss.converged",
+                f"The training loss reached {level:.4g}, within {self.converged_level:.0%} of the way from its start "
+                f"({start:.4g}) to its floor ({floor:g}).",
+                data=evidence,
+                key=series.name,
+            )
+
+    def _falling_components(self, span: float, t: int) -> list[str]:
+        """Components whose trend still falls significantly and meaningfully (they carry the progress)."""
+        falling = []
+        for series in self.series[1:]:
+            values, xs = series.window(self.batches - span)
+            if len(values) < MIN_TREND_POINTS:
+                continue
+            tr = trend(values, xs, confidence=self.confidence)
+            gap = series.level - series.floor
+            if tr.falling and gap > 0 and -tr.high * t >= self.min_progress * gap:
+                falling.append(series.name)
+        return falling
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        pending = self._buf[: self._fill].tolist() if self._buf is not None and self._fill else []
+        tail = self._tail + list(zip(self._steps, pending, strict=True))
+        return {
+            **super().state_dict(),
+            "batches": self.batches,
+            "series": [asdict(s) for s in self.series],
+            "tail": [[step, row] for step, row in tail],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.batches = int(state_dict.get("batches", 0))
+        saved = {d["name"]: d for d in state_dict.get("series", [])}
+        self.series = [_Series(**saved[s.name]) if s.name in saved else s for s in self.series]
+        self._tail = [(int(step), list(row)) for step, row in state_dict.get("tail", [])]
+        self._fill, self._steps = 0, []

@@ -1,0 +1,205 @@
+"""``OverfitBatchCheck``: can the model memorise one batch? (a startup check)
+
+The lecture's bug test: a correct model of reasonable size drives the loss of a tiny training set to ~0. Before
+the first training step, on a deep copy of the module and a fresh optimizer from the copy's
+``configure_optimizers``, this trains on the first batch of the train dataloader for up to ``max_steps`` and
+checks the loss fell near ``floor``. The real run is untouched: parameters, optimizer state, RNG streams
+(global and the dataloader's own generators), train/eval modes and ``self.log`` results are as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
+from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch.utils.data import DataLoader
+
+from lightning_debug.base import DebugCallback
+from lightning_debug.isolation import isolated, silenced_logging
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+SLOW_BUT_LEARNING = 0.25  # a failed check that closed at least this much of the gap is a warning, not an error
+
+
+@contextlib.contextmanager
+def _preserved_loader_rng(loader: DataLoader) -> Iterator[None]:
+    """Drawing a batch advances the loader's own generators (shuffling); put them back."""
+    candidates = [loader.generator, getattr(loader.sampler, "generator", None)]
+    batch_sampler = loader.batch_sampler
+    if batch_sampler is not None:
+        candidates.append(getattr(getattr(batch_sampler, "sampler", None), "generator", None))
+    generators = {id(g): g for g in candidates if isinstance(g, torch.Generator)}
+    states = {k: g.get_state() for k, g in generators.items()}
+    try:
+        yield
+    finally:
+        for k, g in generators.items():
+            g.set_state(states[k])
+
+
+def _first_batch(loader: DataLoader) -> Any:
+    with _preserved_loader_rng(loader):
+        return next(iter(loader))
+
+
+class OverfitBatchCheck(DebugCallback):
+    """Trains a copy of the model on one fixed batch at the start of fit; the loss should fall near ``floor``.
+
+    Passes when, within ``max_steps``, the loss closes at least ``1 - rel_tol`` of its gap to ``floor`` (95% by
+    default: the scale-free test) or gets within ``abs_tol`` of ``floor`` (for losses that start close to it).
+    A failure is an error when the loss closed less than a quarter of its gap (a bug or no capacity), a warning
+    when it got further (it learns, but too slowly for ``max_steps``: learning rate or optimizer).
+    Runs once, on global rank zero only, at ``on_train_start``; the copy makes no collective calls
+    (``SyncBatchNorm`` is reverted to ``BatchNorm`` in the copy), so other ranks simply wait in their first
+    training step. Dropout modules are switched off in the copy (memorising needs a deterministic model), the
+    base learning rate is used (schedulers are created but not stepped) and ``gradient_clip_val`` is applied.
+
+    Args:
+        max_steps: optimizer steps on the batch at most; the check stops as soon as it passes.
+        floor: the best achievable loss (0 for a likelihood).
+        rel_tol: pass when ``loss - floor <= rel_tol * (first loss - floor)``.
+        abs_tol: or when ``loss - floor <= abs_tol``.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_steps: int = 100,
+        floor: float = 0.0,
+        rel_tol: float = 0.05,
+        abs_tol: float = 0.02,
+        strict: bool = False,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(strict=strict, verbose=verbose)
+        if max_steps < 1:
+            raise ValueError(f"`max_steps` must be >= 1, got {max_steps}")
+        if not math.isfinite(floor):
+            raise ValueError(f"`floor` must be finite, got {floor}")
+        if not 0 < rel_tol < 1:
+            raise ValueError(f"`rel_tol` must be in (0, 1), got {rel_tol}")
+        if abs_tol < 0:
+            raise ValueError(f"`abs_tol` must be >= 0, got {abs_tol}")
+        self.max_steps = max_steps
+        self.floor = float(floor)
+        self.rel_tol = rel_tol
+        self.abs_tol = abs_tol
+        self.done = False
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.done:
+            return
+        self.done = True
+        if trainer.global_rank != 0:
+            return
+        if not pl_module.automatic_optimization:
+            self._skip(trainer, "manual optimization: the copy's training_step would step the real optimizers")
+            return
+        loaders = trainer.train_dataloader
+        if loaders is None or not apply_to_collection(loaders, DataLoader, lambda _: True):
+            self._skip(trainer, f"the train dataloader is not a DataLoader (or a collection of them): {type(loaders)}")
+            return
+        with isolated(pl_module):
+            batch = apply_to_collection(loaders, DataLoader, _first_batch)
+            batch = trainer.strategy.batch_to_device(batch)
+            self._run(trainer, pl_module, batch)
+
+    def _skip(self, trainer: pl.Trainer, why: str) -> None:
+        self.emit(trainer, "check.skipped", f"OverfitBatchCheck: {why}", data={"reason": why}, key=why)
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        began = time.perf_counter()
+        model = copy.deepcopy(pl_module)  # a deep copy drops the trainer reference...
+        model._trainer = trainer  # ...which training_step may read; its self.log is silenced below
+        TorchSyncBatchNorm().revert(model)  # converts the children in place: no collective calls in the copy
+        model.train()
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+                m.eval()
+        optimizers, _ = _init_optimizers_and_lr_schedulers(model)
+        optimizer = optimizers[0]
+        for group in optimizer.param_groups:  # a scheduler may have set a warm-up lr: train at the base lr
+            group["lr"] = group.get("initial_lr", group["lr"])
+        clip = trainer.gradient_clip_val
+        curve: list[float] = []
+        gap0 = math.nan
+        passed = False
+        with silenced_logging(model):
+            for step in range(self.max_steps + 1):
+                optimizer.zero_grad(set_to_none=True)
+                out = model.training_step(batch, 0)
+                loss = out.get("loss") if isinstance(out, Mapping) else out
+                if not isinstance(loss, torch.Tensor):
+                    self._skip(trainer, "training_step returned no loss tensor")
+                    return
+                curve.append(float(loss.detach()))
+                gap = curve[-1] - self.floor
+                if step == 0:
+                    gap0 = gap
+                if not math.isfinite(gap) or (passed := self._passes(gap, gap0)) or step == self.max_steps:
+                    break
+                loss.backward()
+                if clip and trainer.gradient_clip_algorithm == "value":
+                    torch.nn.utils.clip_grad_value_(model.parameters(), float(clip))
+                elif clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), float(clip))
+                optimizer.step()
+        self._report(trainer, curve, gap0, passed, time.perf_counter() - began)
+        del model, optimizer
+
+    def _passes(self, gap: float, gap0: float) -> bool:
+        return gap <= self.abs_tol or (gap0 > 0 and gap <= self.rel_tol * gap0)
+
+    def _report(self, trainer: pl.Trainer, curve: list[float], gap0: float, passed: bool, seconds: float) -> None:
+        steps = len(curve) - 1
+        data = {
+            "steps": steps,
+            "max_steps": self.max_steps,
+            "seconds": seconds,
+            "first_loss": curve[0],
+            "final_loss": curve[-1],
+            "best_loss": min(curve) if all(map(math.isfinite, curve)) else math.nan,
+            "floor": self.floor,
+            "rel_tol": self.rel_tol,
+            "abs_tol": self.abs_tol,
+            "curve": curve,
+        }
+        if passed:
+            self.emit(
+                trainer,
+                "startup.overfit_ok",
+                f"A copy of the model memorised one batch: loss {curve[0]:.4g} -> {curve[-1]:.4g} in {steps} steps "
+                f"(floor {self.floor:g}; {seconds:.2f} s).",
+                data=data,
+            )
+            return
+        target = max(self.abs_tol, self.rel_tol * gap0) + self.floor if math.isfinite(gap0) else math.nan
+        closed = 1 - (curve[-1] - self.floor) / gap0 if gap0 > 0 and math.isfinite(curve[-1]) else 0.0
+        slow = closed >= SLOW_BUT_LEARNING
+        self.emit(
+            trainer,
+            "startup.cannot_overfit",
+            f"A copy of the model could not memorise one batch: loss {curve[0]:.4g} -> {curve[-1]:.4g} after "
+            f"{steps} steps, {closed:.0%} of the way to the floor {self.floor:g} (needed <= {target:.4g})"
+            + ("; it learns, but slowly: raise the learning rate or `max_steps`" if slow else "")
+            + f". Check took {seconds:.2f} s.",
+            data={**data, "target": target, "closed": closed},
+            severity="warning" if slow else None,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "done": self.done}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.done = bool(state_dict.get("done", False))

@@ -1,0 +1,273 @@
+"""LossConvergenceMonitor with real training: each fault gives its id with default settings, healthy runs stay
+silent, no host-device sync per step, state survives a weights-only checkpoint."""
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_debug.callbacks import loss as loss_module
+from lightning_debug.callbacks.loss import LossConvergenceMonitor
+from lightning_debug.findings import Severity
+
+from models import DigitsMLP, loaders, make_trainer
+
+PROBLEMS = {"loss.nonfinite", "loss.diverging", "loss.not_decreasing", "loss.plateau"}
+
+
+def fit(tmp_path, module, epochs=10, batch_size=32, monitor=None, **loader_kwargs):
+    monitor = monitor or LossConvergenceMonitor()
+    train, _ = loaders(batch_size=batch_size, **loader_kwargs)
+    make_trainer(tmp_path, [monitor], max_epochs=epochs).fit(module, train)
+    return monitor
+
+
+def ids(monitor):
+    return {f.check for f in monitor.findings}
+
+
+def csv_rows(root):
+    with open(next(Path(root).rglob("metrics.csv"))) as fh:
+        return list(csv.DictReader(fh))
+
+
+def describe(monitor):
+    s = monitor.series[0]
+    return f"findings={[(f.check, f.step, f.message) for f in monitor.findings]} start={s.start} level={s.level}"
+
+
+# ---------------------------------------------------------------------------------------------- detection
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param({"lr": 10.0}, id="adam-lr-10"),  # 1000x the demo's default
+        pytest.param({"lr": 10.0, "optimizer": "sgd"}, id="sgd-lr-10"),
+    ],
+)
+def test_far_too_high_learning_rate_diverges(tmp_path, kwargs):
+    monitor = fit(tmp_path, DigitsMLP(**kwargs), epochs=4)
+    assert ids(monitor) & {"loss.diverging", "loss.nonfinite"}, describe(monitor)
+    first = next(f for f in monitor.findings if f.check in {"loss.diverging", "loss.nonfinite"})
+    assert first.severity is Severity.ERROR and first.step <= 100, describe(monitor)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [pytest.param({"lr": 1e-5}, id="adam-lr-1e-5"), pytest.param({"lr": 1e-4, "optimizer": "sgd"}, id="sgd-lr-1e-4")],
+)
+def test_far_too_low_learning_rate_does_not_decrease(tmp_path, kwargs):
+    monitor = fit(tmp_path, DigitsMLP(**kwargs))
+    assert ids(monitor) & {"loss.not_decreasing", "loss.plateau"}, describe(monitor)
+    assert not ids(monitor) & {"loss.diverging", "loss.nonfinite"}, describe(monitor)
+
+
+def test_one_unit_bottleneck_plateaus(tmp_path):
+    """Seed 2: the single ReLU unit stays alive (with other seeds it can die: that run is not_decreasing)."""
+    import lightning.pytorch as pl
+
+    pl.seed_everything(2, verbose=False)
+    monitor = fit(tmp_path, DigitsMLP(hidden=(1,)), epochs=25, seed=2)
+    assert "loss.plateau" in ids(monitor), describe(monitor)
+    f = next(f for f in monitor.findings if f.check == "loss.plateau")
+    assert f.data["level"] > 1.0 and f.data["floor"] == 0.0, f.data
+    assert f.data["slope_low"] <= f.data["slope"] <= f.data["slope_high"], f.data
+    assert {"window", "p_value", "reachable_drop"} <= set(f.data), f.data
+    assert not ids(monitor) & {"loss.diverging", "loss.nonfinite", "loss.converged"}, describe(monitor)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param({}, id="mlp"),
+        pytest.param({"batchnorm": True}, id="batchnorm"),
+        pytest.param({"dropout": 0.5}, id="dropout"),
+    ],
+)
+def test_healthy_runs_raise_no_warning(tmp_path, kwargs):
+    monitor = fit(tmp_path, DigitsMLP(**kwargs))
+    bad = [f for f in monitor.findings if f.severity is not Severity.INFO]
+    assert not bad, describe(monitor)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batchnorm", [False, True], ids=["mlp", "batchnorm"])
+@pytest.mark.parametrize(
+    ("batch_size", "epochs", "n_train"), [(8, 5, 1200), (1024, 300, 1500)], ids=["batch-8", "batch-1024"]
+)
+def test_healthy_runs_raise_no_warning_across_batch_sizes(tmp_path, batchnorm, batch_size, epochs, n_train):
+    monitor = fit(
+        tmp_path, DigitsMLP(batchnorm=batchnorm), epochs=epochs, batch_size=batch_size, n_train=n_train, n_val=100
+    )
+    bad = [f for f in monitor.findings if f.severity is not Severity.INFO]
+    assert not bad, describe(monitor)
+    assert monitor.batches >= 300, "the run must be long enough to be judged"
+
+
+def test_healthy_run_converges_and_logs_smoothed_and_slope(tmp_path):
+    monitor = fit(tmp_path, DigitsMLP())
+    assert "loss.converged" in ids(monitor), describe(monitor)
+    rows = csv_rows(tmp_path)
+    smoothed = [float(r["debug/loss/smoothed"]) for r in rows if r.get("debug/loss/smoothed")]
+    slopes = [float(r["debug/loss/slope"]) for r in rows if r.get("debug/loss/slope")]
+    assert len(smoothed) == 4 and len(slopes) >= 2, (smoothed, slopes)  # checks at 100, 200, 300, and the end (380)
+    assert smoothed[-1] < 0.5 * smoothed[0], smoothed
+
+
+def test_nonfinite_reports_the_first_step_and_the_component(tmp_path):
+    class NaNAfter(DigitsMLP):
+        """The regularisation component turns NaN at step 57; the total follows."""
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            nll = torch.nn.functional.cross_entropy(self(x), y)
+            reg = 1e-4 * sum((p**2).sum() for p in self.parameters())
+            if self.global_step >= 57:
+                reg = reg * float("nan")
+            self.log("train_nll", nll)
+            self.log("train_reg", reg)
+            return nll + reg
+
+    monitor = LossConvergenceMonitor(components={"nll": "train_nll", "reg": "train_reg"})
+    fit(tmp_path, NaNAfter(), epochs=3, monitor=monitor)
+    nonfinite = {f.data["series"]: f for f in monitor.findings if f.check == "loss.nonfinite"}
+    assert {"loss", "reg"} <= set(nonfinite), describe(monitor)
+    assert nonfinite["reg"].data["step"] == 57 and nonfinite["loss"].data["step"] == 57, describe(monitor)
+    assert nonfinite.get("nll", nonfinite["reg"]).data["step"] >= 57, "the NaN reaches the weights only after"
+    assert "'reg'" in nonfinite["reg"].message and nonfinite["reg"].severity is Severity.ERROR
+
+
+class Regularised(DigitsMLP):
+    """A prior term (like a KL to a prior) keeps the total ~1.5 above 0, while the likelihood part falls to ~0."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        nll = torch.nn.functional.cross_entropy(self(x), y)
+        reg = 1.5 + 1e-4 * sum((p**2).sum() for p in self.parameters())
+        self.log("train_nll", nll)
+        self.log("train_reg", reg)
+        return nll + reg
+
+
+def test_components_keep_a_regularised_total_from_being_called_a_plateau(tmp_path):
+    bare = fit(tmp_path / "bare", Regularised())
+    assert "loss.plateau" in ids(bare), "the scenario must look like a plateau from the total alone: " + describe(bare)
+    monitor = LossConvergenceMonitor(components={"nll": "train_nll", "reg": "train_reg"})
+    fit(tmp_path / "parts", Regularised(), monitor=monitor)
+    assert not [f for f in monitor.findings if f.severity is not Severity.INFO], describe(monitor)
+    nll, reg = monitor.series[1], monitor.series[2]
+    assert nll.level < 0.1 * nll.start and reg.level > 1.5, (nll.level, reg.level)
+    rows = csv_rows(tmp_path / "parts")
+    assert any(r.get("debug/loss/nll") for r in rows) and any(r.get("debug/loss/reg") for r in rows)
+
+
+def test_key_reads_a_logged_metric(tmp_path):
+    monitor = fit(tmp_path, DigitsMLP(lr=1e-5), monitor=LossConvergenceMonitor(key="train_loss_step"))
+    assert monitor.series[0].name == "train_loss_step"
+    assert "loss.not_decreasing" in ids(monitor), describe(monitor)
+
+
+def test_missing_key_is_reported_once_as_skipped(tmp_path):
+    monitor = fit(tmp_path, DigitsMLP(), epochs=1, monitor=LossConvergenceMonitor(key="nope"))
+    (f,) = monitor.findings
+    assert f.check == "check.skipped" and "nope" in f.message and f.count == 38
+
+
+# ---------------------------------------------------------------------------------------------- cost
+SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "to", "__float__", "__int__", "__bool__", "__index__", "__repr__")
+
+
+def test_no_host_device_sync_between_checks(tmp_path, monkeypatch):
+    """Every tensor->host conversion made from loss.py is counted; they happen only at checks (every 100 steps)
+    and at train end, one transfer each."""
+    calls: list[tuple[str, int]] = []
+    trainer_box = {}
+    source = loss_module.__file__
+
+    def counting(name, original):
+        def wrapper(self, *args, **kwargs):
+            if sys._getframe(1).f_code.co_filename == source:
+                calls.append((name, trainer_box["trainer"].global_step))
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in SYNC_METHODS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    monitor = LossConvergenceMonitor(components={"nll": "train_loss_step"})
+    train, _ = loaders(batch_size=32, n_train=1200)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=250, max_epochs=20)
+    trainer_box["trainer"] = trainer
+    trainer.fit(DigitsMLP(), train)
+    monkeypatch.undo()
+    steps = [s for _, s in calls]
+    assert steps == [100, 200, 250], f"conversions at steps {calls}: expected one per check (100, 200) + the end"
+    assert {n for n, _ in calls} == {"tolist"}, calls
+
+
+def test_benchmark_smoke(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "loss_overhead", Path(__file__).parents[1] / "benchmarks" / "loss_overhead.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.measure(reps=1, epochs=2, root=str(tmp_path))
+    for clock in ("cpu", "wall"):
+        assert result[clock]["ratio"] > 0 and len(result[clock]["ratios"]) == 1, result
+
+
+# ---------------------------------------------------------------------------------------------- state
+def test_state_survives_weights_only_checkpoint_resume(tmp_path):
+    train, _ = loaders(batch_size=32)
+    monitor = LossConvergenceMonitor()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    make_trainer(tmp_path, [monitor, ckpt], max_steps=150, max_epochs=20, enable_checkpointing=True).fit(
+        DigitsMLP(lr=1e-5), train
+    )
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["callbacks"][monitor.state_key]
+    # saved at the last epoch end, before the end-of-training flush: 10 bins + 50 rows not yet binned
+    assert state["batches"] == 150 and len(state["series"][0]["values"]) == 10, state["series"][0]
+    assert [step for step, _ in state["tail"]] == list(range(100, 150)), state["tail"]
+
+    resumed = LossConvergenceMonitor()
+    make_trainer(tmp_path, [resumed, ckpt], max_steps=380, max_epochs=20, enable_checkpointing=True).fit(
+        DigitsMLP(lr=1e-5), train, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
+    assert resumed.batches == 380 and len(resumed.series[0].values) == 38, resumed.batches
+    assert resumed.series[0].start == monitor.series[0].start
+    assert "loss.not_decreasing" in ids(resumed), describe(resumed)
+
+
+def test_pending_rows_are_saved_mid_check():
+    """A checkpoint between checks keeps the rows not yet pulled (they load as plain lists)."""
+    monitor = LossConvergenceMonitor()
+    monitor._buf = torch.arange(100, dtype=torch.float32).reshape(100, 1)
+    monitor._fill, monitor._steps, monitor.batches = 3, [0, 1, 2], 3
+    state = monitor.state_dict()
+    assert state["tail"] == [[0, [0.0]], [1, [1.0]], [2, [2.0]]]
+    other = LossConvergenceMonitor()
+    other.load_state_dict(state)
+    assert other._tail == [(0, [0.0]), (1, [1.0]), (2, [2.0])] and other.batches == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"floor": float("nan")}, "floor"),
+        ({"check_every_n_steps": 4}, "check_every_n_steps"),
+        ({"window": 100}, "window"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"min_drop": 0}, "min_drop"),
+        ({"min_progress": 1.5}, "min_progress"),
+        ({"converged_level": 0.5}, "converged_level"),
+        ({"diverge_factor": 1.0}, "diverge_factor"),
+        ({"confidence": 1.0}, "confidence"),
+        ({"components": {"slope": "x"}}, "components"),
+    ],
+)
+def test_arguments_are_validated(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        LossConvergenceMonitor(**kwargs)

@@ -1,0 +1,160 @@
+"""OverfitBatchCheck with real models: healthy ones memorise a batch, broken losses cannot, and the real run is
+bitwise unchanged by the check."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightning_debug.callbacks.overfit import OverfitBatchCheck
+from lightning_debug.findings import Severity
+
+from models import DigitsMLP, loaders, make_trainer
+
+
+def check(tmp_path, module, batch_size=32, check=None, **trainer_kwargs):
+    check = check or OverfitBatchCheck()
+    train, _ = loaders(batch_size=batch_size)
+    trainer_kwargs.setdefault("max_steps", 1)
+    make_trainer(tmp_path, [check], **trainer_kwargs).fit(module, train)
+    return check
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "batch_size"),
+    [
+        pytest.param({}, 32, id="mlp"),
+        pytest.param({"batchnorm": True}, 32, id="batchnorm"),
+        pytest.param({"dropout": 0.5}, 32, id="dropout"),
+        pytest.param({}, 8, id="batch-8"),
+        pytest.param({"batchnorm": True}, 512, id="batchnorm-batch-512"),
+    ],
+)
+def test_healthy_model_overfits_one_batch(tmp_path, kwargs, batch_size):
+    (f,) = check(tmp_path, DigitsMLP(**kwargs), batch_size=batch_size).findings
+    assert f.check == "startup.overfit_ok", f.message
+    assert f.data["final_loss"] <= 0.05 * f.data["first_loss"] and f.data["steps"] < 100, f.data
+    assert f.data["seconds"] > 0 and len(f.data["curve"]) == f.data["steps"] + 1
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param({"detach_logits": True}, id="detached-logits"),
+        pytest.param({"shuffle_labels": True}, id="shuffled"),
+    ],
+)
+def test_broken_loss_cannot_overfit(tmp_path, kwargs):
+    (f,) = check(tmp_path, DigitsMLP(**kwargs)).findings
+    assert f.check == "startup.cannot_overfit" and f.severity is Severity.ERROR, f.message
+    assert f.data["steps"] == 100 and len(f.data["curve"]) == 101, f.data
+    assert f.data["final_loss"] > 0.5 * f.data["first_loss"], f.data["curve"][::10]
+
+
+def test_slow_learner_is_a_warning_not_an_error(tmp_path):
+    """Plain SGD at 0.05 learns, but needs more than 100 steps: a warning naming the learning rate."""
+    (f,) = check(tmp_path, DigitsMLP(optimizer="sgd", lr=0.05)).findings
+    assert f.check == "startup.cannot_overfit" and f.severity is Severity.WARNING, f.message
+    assert 0.25 <= f.data["closed"] < 0.95 and "learning rate" in f.message, f.data
+
+
+class Snapshot(Callback):
+    """Everything the check must leave untouched, captured at on_train_start (before or after the check)."""
+
+    def on_train_start(self, trainer, pl_module):
+        loader = trainer.train_dataloader
+        self.params = {k: v.clone() for k, v in pl_module.state_dict().items()}
+        self.grads = [p.grad for p in pl_module.parameters()]
+        self.optimizer = trainer.optimizers[0].state_dict()
+        self.rng = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+        self.loader_rng = loader.generator.get_state()
+        self.modes = [m.training for m in pl_module.modules()]
+        self.metrics = (dict(trainer.callback_metrics), dict(trainer.logged_metrics))
+
+
+def test_leaves_no_trace(tmp_path):
+    before, after = Snapshot(), Snapshot()
+    ovf = OverfitBatchCheck()
+    train, _ = loaders(batch_size=32)
+    trainer = make_trainer(tmp_path / "checked", [before, ovf, after], max_steps=30)
+    trainer.fit(DigitsMLP(batchnorm=True, dropout=0.2), train)
+    assert ovf.has_finding("startup.overfit_ok")
+    for k, v in before.params.items():
+        assert torch.equal(v, after.params[k]), f"parameter/buffer {k} changed"
+    assert all(g is None for g in after.grads), "the real model's .grad must stay unset"
+    assert before.optimizer == after.optimizer, "optimizer state changed"
+    assert torch.equal(before.rng[0], after.rng[0]) and (before.rng[1] == after.rng[1]).all(), "torch/numpy RNG"
+    assert before.rng[2] == after.rng[2], "python RNG changed"
+    assert torch.equal(before.loader_rng, after.loader_rng), "the dataloader's shuffling generator advanced"
+    assert before.modes == after.modes and before.metrics == after.metrics, "modes or logged metrics changed"
+
+    # and the whole run is bitwise the same as a run without the check
+    train, _ = loaders(batch_size=32)
+    import lightning.pytorch as pl
+
+    pl.seed_everything(0, verbose=False)
+    checked = DigitsMLP(batchnorm=True, dropout=0.2)
+    make_trainer(tmp_path / "a", [OverfitBatchCheck()], max_steps=30).fit(checked, train)
+    train, _ = loaders(batch_size=32)
+    pl.seed_everything(0, verbose=False)
+    bare = DigitsMLP(batchnorm=True, dropout=0.2)
+    trainer = make_trainer(tmp_path / "b", [], max_steps=30)
+    trainer.fit(bare, train)
+    for (k, a), b in zip(checked.state_dict().items(), bare.state_dict().values(), strict=True):
+        assert torch.equal(a, b), f"{k} differs after 30 steps with vs without the check"
+
+
+def test_warmup_scheduler_does_not_starve_the_copy(tmp_path):
+    """A linear warm-up scheduler sets lr to 0 when built; the copy trains at the base lr."""
+
+    class WarmedUp(DigitsMLP):
+        def configure_optimizers(self):
+            opt = torch.optim.Adam(self.parameters(), lr=1e-2)
+            warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, step / 1000))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+
+    (f,) = check(tmp_path, WarmedUp()).findings
+    assert f.check == "startup.overfit_ok", f.message
+
+
+def test_runs_once_and_remembers_it(tmp_path):
+    ovf = check(tmp_path, DigitsMLP())
+    assert ovf.state_dict()["done"] is True
+    check(tmp_path, DigitsMLP(), check=ovf)
+    assert len(ovf.findings) == 1 and ovf.findings[0].count == 1
+    fresh = OverfitBatchCheck()
+    fresh.load_state_dict(ovf.state_dict())
+    assert fresh.done and fresh.findings == ovf.findings
+
+
+def test_manual_optimization_is_skipped(tmp_path):
+    class Manual(DigitsMLP):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            loss = super().training_step(batch, batch_idx)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+
+    (f,) = check(tmp_path, Manual()).findings
+    assert f.check == "check.skipped" and "manual optimization" in f.message
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"max_steps": 0}, "max_steps"),
+        ({"floor": float("inf")}, "floor"),
+        ({"rel_tol": 1}, "rel_tol"),
+        ({"abs_tol": -1}, "abs_tol"),
+    ],
+)
+def test_arguments_are_validated(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        OverfitBatchCheck(**kwargs)
