@@ -193,8 +193,9 @@ _CHECKS: tuple[CheckInfo, ...] = (
         "loss.plateau",
         "warning",
         "Training loss has plateaued far above its floor",
-        "The trend over the last window is statistically flat while the level is far above the best "
-        "achievable loss (`floor`).",
+        "After warm-up the smoothed loss has levelled off far above the best achievable loss (`floor`): even the "
+        "fastest descent its slope's confidence interval allows would close less than 20% of the remaining gap if "
+        "training ran as long again, and it falls at most half as fast as on average since the start.",
         (
             "too little model capacity (too small, a bottleneck layer)",
             "learning rate too low or too high to make progress; poor optimizer; bad initialisation; batch size",
@@ -214,7 +215,8 @@ _CHECKS: tuple[CheckInfo, ...] = (
         "loss.converged",
         "info",
         "Training loss reached its floor",
-        "The training loss is flat and close to its floor: the model fits the training data.",
+        "The smoothed training loss is close to its floor (within 5% of the way from its first value): the model "
+        "fits the training data.",
         ("healthy training",),
         ("look at the dev metric next: overfitting or loss-metric mismatch are the remaining questions",),
         "LossConvergenceMonitor",
@@ -224,7 +226,8 @@ _CHECKS: tuple[CheckInfo, ...] = (
         "error",
         "The model cannot overfit one batch",
         "On a copy of the model, repeated training on a single fixed batch did not drive the loss near its "
-        "floor. A correct model of reasonable size memorises one batch easily.",
+        "floor. A correct model of reasonable size memorises one batch easily. A warning instead of an error "
+        "when the loss got at least a quarter of the way (it learns, but too slowly).",
         (
             "model capacity far too low for even one batch",
             "learning rate / optimizer that cannot make progress",
@@ -233,7 +236,7 @@ _CHECKS: tuple[CheckInfo, ...] = (
         (
             "check the loss uses the model's (non-detached) outputs and the batch's labels",
             "check `configure_optimizers` returns all trainable parameters",
-            "raise the learning rate",
+            "raise the learning rate (or `max_steps` if the loss was still falling)",
             "make the model larger",
         ),
         "OverfitBatchCheck",
