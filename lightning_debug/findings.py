@@ -419,7 +419,8 @@ _CHECKS: tuple[CheckInfo, ...] = (
         "calibration.overconfident",
         "warning",
         "The model is overconfident",
-        "Expected calibration error is high and mean confidence exceeds accuracy.",
+        "ECE >= 0.1 (default) over enough validation predictions, mean confidence above accuracy by more than 3 "
+        "standard errors and a fitted temperature above 1, for 2 evaluations in a row.",
         (
             "overfitting the likelihood: large weights, long training, little regularisation",
             "loss-metric mismatch: accuracy still fine while confidence grows",
@@ -435,7 +436,8 @@ _CHECKS: tuple[CheckInfo, ...] = (
         "calibration.underconfident",
         "warning",
         "The model is underconfident",
-        "Expected calibration error is high and accuracy exceeds mean confidence.",
+        "ECE >= 0.1 (default) with accuracy above mean confidence (3 standard errors, fitted temperature below 1) "
+        "for the last 2 evaluations of the fit: judged at the end, as every run starts underconfident.",
         ("too much regularisation or label smoothing", "training stopped very early"),
         ("reduce label smoothing / regularisation", "apply temperature scaling (T < 1)"),
         "CalibrationMonitor",
@@ -444,7 +446,7 @@ _CHECKS: tuple[CheckInfo, ...] = (
         "grokking.memorized",
         "info",
         "Training data memorised, dev metric far behind",
-        "The training metric reached its threshold while the dev metric is far below it.",
+        "The training metric reached its threshold (0.99) while the dev metric is at least 0.2 below it.",
         ("memorisation before generalisation (normal early in grokking)", "overfitting"),
         ("keep training with weight decay if you expect late generalisation; do not stop on dev loss",),
         "GrokkingMonitor",
@@ -462,7 +464,8 @@ _CHECKS: tuple[CheckInfo, ...] = (
         "grokking.stalled",
         "warning",
         "Memorised long ago, no sign of generalising",
-        "The training metric has been saturated for a long time while the dev metric and the weight norm are flat.",
+        "Memorised for 10x the steps memorising took; over the last 10 evaluations the dev metric shows no "
+        "significant rise and the weight norm no significant fall (Theil-Sen 95% CIs).",
         ("too little weight decay for late generalisation", "too little training data", "plain overfitting"),
         ("increase weight decay", "add training data", "stop the run and regularise"),
         "GrokkingMonitor",

@@ -1,0 +1,121 @@
+"""GrokkingMonitor on the real modular-addition grokking run, read back from the offline W&B run file."""
+
+import math
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightning_debug.callbacks.grokking import GrokkingMonitor, log10_step, log_spaced_steps, prediction_sums
+from lightning_debug.demos.modular import ModularAdditionMLP, modular_addition_loaders
+
+from models import make_trainer
+from wandb_reader import read_offline_run
+
+EVAL_INTERVAL = 50  # one validation per 50-step epoch in the demo
+
+
+class GroundTruth(Callback):
+    """Full train and dev accuracy every 10 steps, independent of the monitor and of the logged epoch means."""
+
+    def __init__(self, train, val):
+        self.data = {"train": train.tensors, "val": val.tensors}
+        self.first = {}
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step % 10:
+            return
+        for name, (x, y) in self.data.items():
+            if name not in self.first and (pl_module(x).argmax(-1) == y).float().mean() >= 0.99:
+                self.first[name] = step
+
+
+def test_modular_addition_memorizes_then_generalizes_on_a_log_step_axis(tmp_path, wandb_logger):
+    train, val = modular_addition_loaders()
+    truth = GroundTruth(train.dataset, val.dataset)
+    monitor = GrokkingMonitor(evals_per_decade=5)
+    trainer = make_trainer(tmp_path, [truth, monitor], logger=wandb_logger, max_steps=1100, max_epochs=-1)
+    trainer.fit(ModularAdditionMLP(), train, val)
+    import wandb
+
+    wandb.finish()
+    run = read_offline_run(tmp_path)
+
+    checks = [f.check for f in monitor.findings]
+    assert checks == ["grokking.memorized", "grokking.generalized"], [f.message for f in monitor.findings]
+    memorized, generalized = monitor.findings
+    for finding, stage in ((memorized, "train"), (generalized, "val")):
+        assert abs(finding.step - truth.first[stage]) <= EVAL_INTERVAL, (
+            f"{finding.check} at step {finding.step}, full-data accuracy first >= 0.99 at {truth.first[stage]}"
+        )
+    assert memorized.data["val"] < 0.05, "dev accuracy is near zero when the training set is memorised"
+    assert generalized.data["delay_ratio"] > 5, generalized.data
+    assert generalized.data["max_val_loss"] > 10, "dev loss rises far above ln(97) during memorisation"
+
+    # the curves are on the log-step axis, defined per key (an exact definition beats Lightning's "*" glob)
+    defined = {m["name"]: m["step_metric"] for m in run.metrics}
+    for key in ("train_acc", "val_acc", "train_loss", "val_loss", "weight_norm"):
+        assert defined[f"debug/grokking/{key}"] == "debug/grokking/log10_step", defined
+    rows = [r for r in run.history if "debug/grokking/val_acc" in r]
+    assert all(math.isclose(r["debug/grokking/log10_step"], log10_step(r["trainer/global_step"])) for r in rows)
+    steps = [r["trainer/global_step"] for r in rows]
+    assert steps[:4] == [1, 2, 3, 4], f"log-spaced evaluations before the first validation: {steps[:12]}"
+    assert len(steps) == len(set(steps)) and len(steps) >= 1100 // EVAL_INTERVAL + 5
+    norms = run.series("debug/grokking/weight_norm")
+    assert norms[-1] < 0.8 * max(norms), f"weight decay shrinks the weights while it groks: {norms[::5]}"
+    assert run.summary["debug/grokking/memorized_step"] == memorized.step
+    assert run.summary["debug/grokking/generalized_step"] == generalized.step
+    assert run.summary["debug/grokking/val_acc"]["max"] > 0.99
+    assert run.config["_wandb"]["visualize"]["debug/grokking/accuracy_curves"]["panel_type"] == "Vega2"
+    assert len(run.series("debug/grokking/curves")) == 1, "one log-x figure at the end"
+
+
+@pytest.mark.slow
+def test_no_weight_decay_memorizes_and_stalls(tmp_path):
+    train, val = modular_addition_loaders()
+    monitor = GrokkingMonitor(stall_factor=5, stall_window=8)
+    make_trainer(tmp_path, [monitor], max_steps=1000, max_epochs=-1).fit(
+        ModularAdditionMLP(weight_decay=0.0), train, val
+    )
+    checks = [f.check for f in monitor.findings]
+    assert checks == ["grokking.memorized", "grokking.stalled"], [f.message for f in monitor.findings]
+
+
+def test_log_spaced_steps_are_even_in_log10():
+    assert sorted(log_spaced_steps(5, 1000)) == [1, 2, 3, 4, 6, 10, 16, 25, 40, 63, 100, 158, 251, 398, 631, 1000]
+    assert max(log_spaced_steps(10, 350)) <= 350
+
+
+def test_sequences_give_token_and_exact_match_accuracy():
+    target = torch.tensor([[1, 2, 3, -100], [1, 2, 3, 4], [0, 0, 0, 0]])
+    pred = torch.tensor([[1, 2, 3, 0], [1, 2, 0, 4], [1, 1, 1, 1]])  # padding wrong is fine; 1 slip; all wrong
+    logits = torch.nn.functional.one_hot(pred, 5).float() * 10
+    correct, tokens, _, seq_correct, seqs = prediction_sums(logits, target, "logits", -100).tolist()
+    assert (correct, tokens) == (6, 11), "token accuracy counts the 11 unpadded tokens"
+    assert (seq_correct, seqs) == (1, 3), "only the first sequence is an exact match"
+
+
+def test_arguments_are_validated():
+    for kwargs in ({"threshold": 0.0}, {"norm_every_n_steps": 0}, {"stall_factor": 1.0}, {"stall_window": 2}):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            GrokkingMonitor(**kwargs)
+
+
+def test_example_runs_and_says_where_the_dashboard_is(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "examples" / "grokking.py"
+    spec = importlib.util.spec_from_file_location("grokking_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    trainer = example.main(["--steps", "100", "--evals-per-decade", "3", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert trainer.global_step == 100
+    assert "W&B offline run:" in out and "wandb sync" in out and str(tmp_path) in out, out
+    run = read_offline_run(tmp_path)
+    steps = [r["trainer/global_step"] for r in run.history if "debug/grokking/val_acc" in r]
+    assert steps == [1, 2, 5, 10, 22, 46, 50, 100], steps
+    assert "debug/findings/status" in run.summary, "the findings report reached W&B"
