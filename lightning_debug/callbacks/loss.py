@@ -171,6 +171,7 @@ class LossConvergenceMonitor(DebugCallback):
         self.diverge_factor = diverge_factor
         self.diverge_margin = diverge_margin
         self.confidence = confidence
+        self._state_key = self._generate_state_key(key=key, components=sorted(components.items()))
         self._bin_size = check_every_n_steps // BINS_PER_CHECK
         self.series = [_Series(key or "loss", self.floor)] + [_Series(name, 0.0) for name in components]
         self.batches = 0  # training batches recorded
@@ -183,7 +184,7 @@ class LossConvergenceMonitor(DebugCallback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(key=self.key, components=sorted(self.components.items()))
+        return self._state_key  # Lightning reads it on every hook call: built once
 
     # ------------------------------------------------------------------ per step: device only
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
