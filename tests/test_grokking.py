@@ -119,3 +119,21 @@ def test_example_runs_and_says_where_the_dashboard_is(tmp_path, capsys):
     steps = [r["trainer/global_step"] for r in run.history if "debug/grokking/val_acc" in r]
     assert steps == [1, 2, 5, 10, 22, 46, 50, 100], steps
     assert "debug/findings/status" in run.summary, "the findings report reached W&B"
+
+
+def test_wandb_workspace_spec_has_one_section_per_area_and_log_x_grokking_panels():
+    pytest.importorskip("wandb_workspaces")
+    import json
+
+    from lightning_debug.callbacks.grokking import SERIES
+    from lightning_debug.workspace import wandb_workspace
+
+    model = wandb_workspace("team", "proj")._to_model()  # built offline; .save() would need a server
+    spec = model.model_dump(by_alias=True, exclude_none=True)
+    sections = spec["spec"]["section"]["panelBankConfig"]["sections"]
+    assert [s["name"] for s in sections] == ["Convergence", "Divergence", "Calibration", "Grokking", "Findings"]
+    grokking = [p["config"] for p in sections[3]["panels"] if p["viewType"] == "Run History Line Plot"]
+    assert grokking and all(c["xLogScale"] and c["xAxis"] == "trainer/global_step" for c in grokking)
+    plotted = {m for c in grokking for m in c["metrics"]}
+    assert {f"debug/grokking/{k}" for k in SERIES} <= plotted, plotted
+    assert "debug/findings/table" in json.dumps(sections[4])
