@@ -52,7 +52,7 @@ def test_far_too_high_learning_rate_diverges(tmp_path, kwargs):
     monitor = fit(tmp_path, DigitsMLP(**kwargs), epochs=4)
     assert ids(monitor) & {"loss.diverging", "loss.nonfinite"}, describe(monitor)
     first = next(f for f in monitor.findings if f.check in {"loss.diverging", "loss.nonfinite"})
-    assert first.severity is Severity.ERROR and first.step <= 100, describe(monitor)
+    assert first.severity is Severity.ERROR and first.data["step"] < 20, describe(monitor)  # the blow-up, not later
 
 
 @pytest.mark.parametrize(
@@ -96,7 +96,7 @@ def test_healthy_runs_raise_no_warning(tmp_path, kwargs):
 @pytest.mark.slow
 @pytest.mark.parametrize("batchnorm", [False, True], ids=["mlp", "batchnorm"])
 @pytest.mark.parametrize(
-    ("batch_size", "epochs", "n_train"), [(8, 5, 1200), (1024, 300, 1500)], ids=["batch-8", "batch-1024"]
+    ("batch_size", "epochs", "n_train"), [(8, 5, 1200), (1024, 160, 1500)], ids=["batch-8", "batch-1024"]
 )
 def test_healthy_runs_raise_no_warning_across_batch_sizes(tmp_path, batchnorm, batch_size, epochs, n_train):
     monitor = fit(
@@ -113,8 +113,8 @@ def test_healthy_run_converges_and_logs_smoothed_and_slope(tmp_path):
     rows = csv_rows(tmp_path)
     smoothed = [float(r["debug/loss/smoothed"]) for r in rows if r.get("debug/loss/smoothed")]
     slopes = [float(r["debug/loss/slope"]) for r in rows if r.get("debug/loss/slope")]
-    assert len(smoothed) == 4 and len(slopes) >= 2, (smoothed, slopes)  # checks at 100, 200, 300, and the end (380)
-    assert smoothed[-1] < 0.5 * smoothed[0], smoothed
+    assert len(smoothed) == 2 and len(slopes) == 2, (smoothed, slopes)  # checks at 200 and at the end (380)
+    assert smoothed[-1] < 0.1 * monitor.series[0].start, smoothed
 
 
 def test_nonfinite_reports_the_first_step_and_the_component(tmp_path):
@@ -181,8 +181,8 @@ SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "to", "__float__", "__int__", 
 
 
 def test_no_host_device_sync_between_checks(tmp_path, monkeypatch):
-    """Every tensor->host conversion made from loss.py is counted; they happen only at checks (every 100 steps)
-    and at train end, one transfer each."""
+    """Every tensor->host conversion made from loss.py is counted; they happen only at checks (here every 100
+    steps) and at train end, one transfer each."""
     calls: list[tuple[str, int]] = []
     trainer_box = {}
     source = loss_module.__file__
@@ -197,7 +197,7 @@ def test_no_host_device_sync_between_checks(tmp_path, monkeypatch):
 
     for name in SYNC_METHODS:
         monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
-    monitor = LossConvergenceMonitor(components={"nll": "train_loss_step"})
+    monitor = LossConvergenceMonitor(components={"nll": "train_loss_step"}, check_every_n_steps=100)
     train, _ = loaders(batch_size=32, n_train=1200)
     trainer = make_trainer(tmp_path, [monitor], max_steps=250, max_epochs=20)
     trainer_box["trainer"] = trainer
@@ -228,9 +228,9 @@ def test_state_survives_weights_only_checkpoint_resume(tmp_path):
         DigitsMLP(lr=1e-5), train
     )
     state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["callbacks"][monitor.state_key]
-    # saved at the last epoch end, before the end-of-training flush: 10 bins + 50 rows not yet binned
-    assert state["batches"] == 150 and len(state["series"][0]["values"]) == 10, state["series"][0]
-    assert [step for step, _ in state["tail"]] == list(range(100, 150)), state["tail"]
+    # saved at the last epoch end, before the first check (step 200) and the end-of-training flush
+    assert state["batches"] == 150 and len(state["series"][0]["values"]) == 0, state["series"][0]
+    assert [step for step, _ in state["tail"]] == list(range(150)), state["tail"]
 
     resumed = LossConvergenceMonitor()
     make_trainer(tmp_path, [resumed, ckpt], max_steps=380, max_epochs=20, enable_checkpointing=True).fit(
@@ -257,8 +257,8 @@ def test_pending_rows_are_saved_mid_check():
     ("kwargs", "name"),
     [
         ({"floor": float("nan")}, "floor"),
-        ({"check_every_n_steps": 4}, "check_every_n_steps"),
-        ({"window": 100}, "window"),
+        ({"check_every_n_steps": 9}, "check_every_n_steps"),
+        ({"window": 300}, "window"),
         ({"warmup_steps": -1}, "warmup_steps"),
         ({"min_drop": 0}, "min_drop"),
         ({"min_progress": 1.5}, "min_progress"),

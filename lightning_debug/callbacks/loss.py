@@ -2,8 +2,8 @@
 
 The debugging lecture's first rule: before looking at dev accuracy, look at the training loss. This callback
 reads the loss every step into a buffer on the loss's own device (no host-device sync), pulls it to the host
-once every ``check_every_n_steps`` and summarises it into bins (the median of each ``check_every_n_steps / 10``
-steps: robust to spikes and to small-batch noise). Decisions use those bins only:
+once every ``check_every_n_steps`` and summarises it into bins (the median of every 10 steps: robust to spikes
+and to small-batch noise). Decisions use those bins only:
 
 - ``loss.nonfinite``: a NaN/Inf value in any tracked series (the exact step is in the buffer).
 - ``loss.diverging``: a bin sits ``diverge_factor`` times further from the floor than the best level so far
@@ -22,6 +22,7 @@ loss's scale, and the flatness horizon grows with the run, so slow-but-steady tr
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -36,7 +37,7 @@ from lightning_debug.stats import MIN_TREND_POINTS, Trend, trend
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-BINS_PER_CHECK = 10
+BIN_STEPS = 10  # steps per bin: the median of 10 losses ignores single spikes and damps small-batch noise
 MAX_BINS = 1024  # older bins are merged pairwise beyond this, so memory and state stay bounded
 MAX_TREND_POINTS = 64  # Theil-Sen is O(n^2): the window is re-binned to at most this many points
 LEVELLED_OFF = 0.5  # a plateau falls at most this fraction of its average rate since the start (else: just slow)
@@ -70,10 +71,11 @@ class _Series:
         v, x = np.asarray(self.values), np.asarray(self.xs)
         keep = (x >= since) & np.isfinite(v)
         v, x = v[keep], x[keep]
-        if len(v) > MAX_TREND_POINTS:
-            groups = np.array_split(np.arange(len(v)), MAX_TREND_POINTS)
-            v = np.array([np.median(v[g]) for g in groups])
-            x = np.array([x[g].mean() for g in groups])
+        if len(v) > MAX_TREND_POINTS:  # medians of equal groups; the oldest remainder is dropped
+            g = -(-len(v) // MAX_TREND_POINTS)
+            keep_n = len(v) // g * g
+            v = np.median(v[-keep_n:].reshape(-1, g), axis=1)
+            x = x[-keep_n:].reshape(-1, g).mean(axis=1)
         return v, x
 
     @property
@@ -118,7 +120,7 @@ class LossConvergenceMonitor(DebugCallback):
         key: str | None = None,
         components: Mapping[str, str] | None = None,
         floor: float = 0.0,
-        check_every_n_steps: int = 100,
+        check_every_n_steps: int = 200,
         window: int | None = None,
         warmup_steps: int = 200,
         min_drop: float = 0.1,
@@ -134,8 +136,8 @@ class LossConvergenceMonitor(DebugCallback):
         super().__init__(strict=strict, verbose=verbose)
         if not math.isfinite(floor):
             raise ValueError(f"`floor` must be finite, got {floor}")
-        if check_every_n_steps < BINS_PER_CHECK:
-            raise ValueError(f"`check_every_n_steps` must be >= {BINS_PER_CHECK}, got {check_every_n_steps}")
+        if check_every_n_steps < BIN_STEPS:
+            raise ValueError(f"`check_every_n_steps` must be >= {BIN_STEPS}, got {check_every_n_steps}")
         if window is not None and window < 2 * check_every_n_steps:
             raise ValueError(f"`window` must be None or >= 2 * check_every_n_steps, got {window}")
         if warmup_steps < 0:
@@ -172,7 +174,6 @@ class LossConvergenceMonitor(DebugCallback):
         self.diverge_margin = diverge_margin
         self.confidence = confidence
         self._state_key = self._generate_state_key(key=key, components=sorted(components.items()))
-        self._bin_size = check_every_n_steps // BINS_PER_CHECK
         self.series = [_Series(key or "loss", self.floor)] + [_Series(name, 0.0) for name in components]
         self.batches = 0  # training batches recorded
         self._tail: list[tuple[int, list[float]]] = []  # (global step, values) pulled but not yet binned
@@ -252,37 +253,48 @@ class LossConvergenceMonitor(DebugCallback):
 
     def _check(self, trainer: pl.Trainer, final: bool = False) -> None:
         self._pull(trainer)
-        first_batch = self.batches - len(self._tail)  # batches seen before the tail's first row
-        while len(self._tail) >= self._bin_size or (final and self._tail):
-            chunk, self._tail = self._tail[: self._bin_size], self._tail[self._bin_size :]
-            self._add_bin(trainer, chunk, first_batch)
-            first_batch += len(chunk)
+        k = BIN_STEPS
+        n = len(self._tail) if final else len(self._tail) // k * k
+        if n:
+            first_batch = self.batches - len(self._tail)  # batches seen before the tail's first row
+            chunk, self._tail = self._tail[:n], self._tail[n:]
+            self._add_bins(trainer, [step for step, _ in chunk], np.asarray([row for _, row in chunk]), first_batch)
         if self.series[0].values:
             self._evaluate(trainer)
 
-    def _add_bin(self, trainer: pl.Trainer, chunk: list[tuple[int, list[float]]], first_batch: int) -> None:
-        values = np.asarray([row for _, row in chunk], dtype=float)
-        x = first_batch + (len(chunk) + 1) / 2
+    def _add_bins(self, trainer: pl.Trainer, steps: list[int], values: np.ndarray, first_batch: int) -> None:
+        """Bin ``values`` (n_rows, n_series) into medians of BIN_STEPS rows (the last bin may be short)."""
+        k = BIN_STEPS
+        full = len(values) // k * k
+        finite = np.isfinite(values)
+        median = np.median if finite.all() else np.nanmedian  # nanmedian is slow: only when needed
+        masked = np.where(finite, values, np.nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN bin has a NaN median: that is the intent
+            medians = median(masked[:full].reshape(-1, k, values.shape[1]), axis=1).tolist()
+            if full < len(values):
+                medians.append(median(masked[full:], axis=0).tolist())
         for j, series in enumerate(self.series):
-            col = values[:, j]
-            finite = np.isfinite(col)
-            if not finite.all():
-                i = int(np.argmin(finite))
+            if not finite[:, j].all():
+                i = int(np.argmin(finite[:, j]))
                 self.emit(
                     trainer,
                     "loss.nonfinite",
-                    f"The training {'loss' if j == 0 else f'loss component {series.name!r}'} is {col[i]} at "
-                    f"step {chunk[i][0]} (first non-finite value).",
-                    data={"series": series.name, "step": chunk[i][0], "batch": first_batch + i + 1, "value": col[i]},
+                    f"The training {'loss' if j == 0 else f'loss component {series.name!r}'} is {values[i, j]} at "
+                    f"step {steps[i]} (first non-finite value).",
+                    data={"series": series.name, "step": steps[i], "batch": first_batch + i + 1, "value": values[i, j]},
                     key=series.name,
                 )
-            if series.start is None and finite.any():
-                series.start = float(col[finite][0])  # the first loss, before any update has acted
+            if series.start is None and finite[:, j].any():
+                series.start = float(values[np.argmax(finite[:, j]), j])  # the first loss, before any update acted
                 series.best = series.start
-            median = float(np.median(col[finite])) if finite.any() else math.nan
-            if j == 0:
-                self._check_jump(trainer, series, median, chunk[-1][0])
-            series.add(median, x)
+        for b, row in enumerate(medians):
+            lo, hi = b * k, min((b + 1) * k, len(values))
+            x = first_batch + (lo + hi + 1) / 2
+            for j, series in enumerate(self.series):
+                if j == 0:
+                    self._check_jump(trainer, series, row[j], steps[hi - 1])
+                series.add(row[j], x)
 
     def _check_jump(self, trainer: pl.Trainer, series: _Series, median: float, step: int) -> None:
         """A bin far above the best level so far (before it is added)."""
