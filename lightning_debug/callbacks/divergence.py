@@ -1,0 +1,379 @@
+"""``LossMetricDivergence``: the dev loss rises while the dev metric holds or improves (overconfidence).
+
+The loss you optimise and the metric you care about can decorrelate: a classifier keeps getting *more accurate*
+on the dev set while its dev loss *rises*, because its wrong answers grow ever more confident (Guo et al. 2017,
+Fig. 3). Early stopping or checkpoint selection on the loss then throws away the best model. This callback
+tests that pattern with robust trends over a trailing window of validation checks, and separately flags the
+classic growing generalisation gap (training loss falling while dev loss rises).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
+
+from lightning_debug.base import DebugCallback
+from lightning_debug.sinks import Sink
+from lightning_debug.stats import MIN_TREND_POINTS, Trend, robust_scale, trend_autocorrelated
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+_MODES = ("min", "max")
+NOISE_MULTIPLE = 2.0  # the loss rise must also exceed this many step-to-step noise sigmas
+
+
+def metric_value(metrics: Mapping[str, Any], key: str) -> float | None:
+    """``key`` from ``trainer.callback_metrics`` as a float, preferring its epoch aggregate ``<key>_epoch``."""
+    value = metrics.get(f"{key}_epoch", metrics.get(key))
+    if value is None:
+        return None
+    return float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
+
+
+class ChanceLevel:
+    """The chance level of a classification metric, for "is the model better than guessing yet?".
+
+    Given explicitly, or inferred from the ``target`` tensor that ``validation_step`` returns (the majority
+    class rate over the first validation epoch), or else the metric's first observed value (the sanity check
+    when it runs, i.e. the untrained model).
+    """
+
+    def __init__(self, explicit: float | None) -> None:
+        self.explicit = explicit
+        self.inferred: float | None = None
+        self.start: float | None = None
+        self._counts: torch.Tensor | None = None
+
+    @property
+    def level(self) -> float | None:
+        for v in (self.explicit, self.inferred, self.start):
+            if v is not None:
+                return v
+        return None
+
+    @property
+    def source(self) -> str:
+        if self.explicit is not None:
+            return "argument"
+        return "majority class of validation targets" if self.inferred is not None else "first validation"
+
+    def observe_outputs(self, outputs: Any) -> None:
+        """Count validation targets on the device until the first epoch ends (then never again)."""
+        if self.explicit is not None or self.inferred is not None or not isinstance(outputs, Mapping):
+            return
+        target = outputs.get("target")
+        if not isinstance(target, torch.Tensor) or target.is_floating_point():
+            return
+        t = target.detach().flatten()
+        counts = torch.bincount(t.clamp(min=0), weights=(t >= 0).to(torch.float32))
+        if self._counts is None:
+            self._counts = counts
+        else:
+            n = max(len(counts), len(self._counts))
+            self._counts = torch.nn.functional.pad(self._counts, (0, n - len(self._counts)))
+            self._counts = self._counts + torch.nn.functional.pad(counts, (0, n - len(counts)))
+
+    def end_epoch(self, metric: float | None) -> None:
+        if self._counts is not None and float(self._counts.sum()) > 0:
+            self.inferred = float(self._counts.max() / self._counts.sum())
+        self._counts = None
+        if self.start is None and metric is not None and np.isfinite(metric):
+            self.start = metric
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"inferred": self.inferred, "start": self.start}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inferred = state.get("inferred")
+        self.start = state.get("start")
+
+
+@dataclass(frozen=True)
+class DivergenceVerdict:
+    """One window's evidence; ``diverging`` / ``overfitting`` are the per-check conditions (before persistence)."""
+
+    loss: Trend
+    metric: Trend
+    train: Trend | None
+    loss_rise: float
+    metric_change: float
+    metric_given_back: float
+    above_chance: bool
+    diverging: bool
+    overfitting: bool
+
+
+def assess_divergence(
+    loss: list[float],
+    metric: list[float],
+    *,
+    mode: str,
+    loss_min: float,
+    metric_best: float,
+    chance: float | None,
+    min_rise: float,
+    max_metric_drop: float = 0.1,
+    train_loss: list[float] | None = None,
+    confidence: float = 0.95,
+) -> DivergenceVerdict:
+    """The per-check rule over one window (``loss``, ``metric`` aligned, oldest first).
+
+    Divergence needs all of: the dev loss slope's (autocorrelation-widened) interval above zero; the
+    metric's robust slope flat or improving; the metric's trend line within ``max_metric_drop`` of its best
+    (as a fraction of its best gain over chance: a metric that fell, then plateaued, is plain overfitting);
+    the dev loss's trend line at least ``min_rise`` (relative) above its best value; and the metric better
+    than chance. Overfitting needs the same dev-loss rise and a training loss whose slope interval is below
+    zero.
+    """
+    sign = 1.0 if mode == "max" else -1.0
+    lt = trend_autocorrelated(loss, confidence=confidence)
+    mt = trend_autocorrelated(metric, confidence=confidence)
+    tt = None
+    if train_loss is not None and int(np.isfinite(np.asarray(train_loss, dtype=float)).sum()) >= MIN_TREND_POINTS:
+        tt = trend_autocorrelated(train_loss, confidence=confidence)
+    loss_now = lt.intercept + lt.slope * (len(loss) - 1)
+    rise = (loss_now - loss_min) / max(abs(loss_min), 1e-12)
+    metric_change = mt.slope * (len(metric) - 1)
+    metric_now = mt.intercept + mt.slope * (len(metric) - 1)
+    gain = abs(metric_best - (chance if chance is not None else 0.0))
+    given_back = sign * (metric_best - metric_now) / gain if gain > 0 else 0.0
+    above = chance is None or sign * (float(np.median(metric)) - chance) > 0
+    noise = robust_scale(loss) / max(abs(loss_min), 1e-12)  # evaluation noise, relative to the best loss
+    loss_up = lt.rising and rise > max(min_rise, NOISE_MULTIPLE * noise)
+    return DivergenceVerdict(
+        loss=lt,
+        metric=mt,
+        train=tt,
+        loss_rise=rise,
+        metric_change=metric_change,
+        metric_given_back=given_back,
+        above_chance=above,
+        diverging=loss_up and sign * mt.slope >= 0 and given_back <= max_metric_drop and above,
+        overfitting=loss_up and tt is not None and tt.falling,
+    )
+
+
+class LossMetricDivergence(DebugCallback):
+    """Warns when the dev loss trends up while the dev metric holds or improves, and on a growing gap.
+
+    Statistics: over the last ``window`` validation checks, Theil-Sen slopes with 95% intervals widened for
+    lag-1 autocorrelation (:func:`~lightning_debug.stats.trend_autocorrelated`); a condition must hold on
+    ``persistence`` consecutive checks before it is reported. ``window`` must be at least 6, the smallest
+    window on which a rank trend test can reach p < 0.01. The default 15 is what it takes to see the slow
+    rise of real overconfidence (a few % over tens of checks) through evaluation noise; use 8-10 for short runs.
+
+    Args:
+        metric: the evaluation metric (``trainer.callback_metrics`` key), e.g. ``"val_acc"``.
+        mode: ``"max"`` if a larger ``metric`` is better, ``"min"`` otherwise.
+        loss: the dev loss key.
+        train_loss: the training loss key (its ``_epoch`` aggregate is used when logged per step and epoch);
+            enables ``val.overfitting``. ``None`` leaves that check out.
+        window: validation checks per trend window (>= 6; default 15).
+        min_checks: validation checks to wait before judging; defaults to ``window``.
+        persistence: consecutive checks a condition must hold before it is reported (>= 2; default 3, which
+            keeps false alarms on flat but autocorrelated (AR(1), rho=0.3) evaluation noise near 5% per run).
+        min_rise: how far (relative) the dev loss's trend line must sit above its best value, e.g. 0.03 = 3%.
+        max_metric_drop: how much of its best gain over chance the metric may have given back (0.1 = 10%);
+            a metric that fell and plateaued while the loss rises is plain overfitting, not divergence.
+        chance: the metric's chance level; ``None`` infers it (majority class of the ``target`` returned by
+            ``validation_step``, else the metric's first value). Divergence below chance is the memorisation
+            phase of grokking, not overconfidence, and is never reported.
+        confidence: confidence level of the slope intervals.
+    """
+
+    def __init__(
+        self,
+        metric: str = "val_acc",
+        mode: str = "max",
+        loss: str = "val_loss",
+        train_loss: str | None = None,
+        window: int = 15,
+        min_checks: int | None = None,
+        persistence: int = 3,
+        min_rise: float = 0.03,
+        max_metric_drop: float = 0.1,
+        chance: float | None = None,
+        confidence: float = 0.95,
+        *,
+        strict: bool = False,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(strict=strict, verbose=verbose)
+        if mode not in _MODES:
+            raise ValueError(f"`mode` must be 'min' or 'max', got {mode!r}")
+        if window < MIN_TREND_POINTS:
+            raise ValueError(
+                f"`window` must be at least {MIN_TREND_POINTS} validation checks (the minimum for a trend test "
+                f"to reach p < 0.01), got {window}"
+            )
+        if min_checks is not None and min_checks < 1:
+            raise ValueError(f"`min_checks` must be >= 1, got {min_checks}")
+        if persistence < 2:
+            raise ValueError(f"`persistence` must be >= 2 consecutive checks, got {persistence}")
+        if not min_rise >= 0:
+            raise ValueError(f"`min_rise` must be >= 0, got {min_rise}")
+        if not 0 <= max_metric_drop <= 1:
+            raise ValueError(f"`max_metric_drop` must be in [0, 1], got {max_metric_drop}")
+        if not 0.5 < confidence < 1:
+            raise ValueError(f"`confidence` must be in (0.5, 1), got {confidence}")
+        self.metric = metric
+        self.mode = mode
+        self.loss = loss
+        self.train_loss = train_loss
+        self.window = window
+        self.min_checks = max(window, min_checks or window)
+        self.persistence = persistence
+        self.min_rise = min_rise
+        self.max_metric_drop = max_metric_drop
+        self.confidence = confidence
+        self.chance = ChanceLevel(chance)
+        self.checks = 0
+        self.history: dict[str, list[float]] = {"loss": [], "metric": [], "train": [], "step": []}
+        self.loss_min = float("inf")
+        self.loss_min_step = -1
+        self.metric_best = float("nan")
+        self.streaks = {"diverging": 0, "overfitting": 0}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(metric=self.metric, loss=self.loss)
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self.chance.observe_outputs(outputs)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        if trainer.sanity_checking:
+            self.chance.end_epoch(metric_value(metrics, self.metric))
+            return
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        keys = {"loss": self.loss, "metric": self.metric}
+        values = {name: metric_value(metrics, key) for name, key in keys.items()}
+        self.chance.end_epoch(values["metric"])
+        missing = [keys[name] for name, v in values.items() if v is None]
+        if missing:
+            text = f"{missing} not logged; available: {sorted(metrics)}"
+            if self.strict:
+                raise RuntimeError(f"LossMetricDivergence monitors {text}")
+            self.emit(trainer, "check.skipped", f"LossMetricDivergence: {text}", data={"missing": missing})
+            return
+        loss, metric = float(values["loss"]), float(values["metric"])  # type: ignore[arg-type]
+        train = metric_value(metrics, self.train_loss) if self.train_loss else None
+        self.checks += 1
+        if np.isfinite(loss) and loss < self.loss_min:
+            self.loss_min, self.loss_min_step = loss, trainer.global_step
+        sign = 1.0 if self.mode == "max" else -1.0
+        if np.isfinite(metric) and not sign * (self.metric_best - metric) >= 0:  # also replaces the initial NaN
+            self.metric_best = metric
+        for name, v in (("loss", loss), ("metric", metric), ("train", train), ("step", trainer.global_step)):
+            self.history[name] = [*self.history[name], float("nan") if v is None else float(v)][-self.window :]
+        if self.checks < self.min_checks or not np.isfinite(self.history["loss"]).all():
+            return
+        self._judge(trainer)
+
+    def _judge(self, trainer: pl.Trainer) -> None:
+        h = self.history
+        v = assess_divergence(
+            h["loss"],
+            h["metric"],
+            mode=self.mode,
+            loss_min=self.loss_min,
+            metric_best=self.metric_best,
+            chance=self.chance.level,
+            min_rise=self.min_rise,
+            max_metric_drop=self.max_metric_drop,
+            train_loss=h["train"] if self.train_loss else None,
+            confidence=self.confidence,
+        )
+        self.streaks["diverging"] = self.streaks["diverging"] + 1 if v.diverging else 0
+        self.streaks["overfitting"] = self.streaks["overfitting"] + 1 if v.overfitting else 0
+        scalars = {
+            "debug/divergence/loss_slope": v.loss.slope,
+            "debug/divergence/loss_slope_low": v.loss.low,
+            "debug/divergence/metric_slope": v.metric.slope,
+            "debug/divergence/metric_slope_low": v.metric.low,
+            "debug/divergence/metric_slope_high": v.metric.high,
+            "debug/divergence/loss_rise": v.loss_rise,
+            "debug/divergence/diverging": float(v.diverging),
+        }
+        if v.train is not None:
+            scalars["debug/divergence/train_loss_slope"] = v.train.slope
+        Sink(trainer).log_scalars(scalars)
+        steps = (int(h["step"][0]), int(h["step"][-1]))
+        evidence = {
+            "loss_trend": v.loss.as_dict(),
+            "metric_trend": v.metric.as_dict(),
+            "loss_rise": v.loss_rise,
+            "loss_min": self.loss_min,
+            "loss_min_step": self.loss_min_step,
+            "metric_change": v.metric_change,
+            "metric_best": self.metric_best,
+            "metric_given_back": v.metric_given_back,
+            "metric_first": h["metric"][0],
+            "metric_last": h["metric"][-1],
+            "chance": self.chance.level,
+            "window": self.window,
+            "steps": list(steps),
+        }
+        span = f"over the last {self.window} validation checks (steps {steps[0]}-{steps[1]})"
+        rise = (
+            f"{self.loss} rose {v.loss_rise:.0%} above its minimum {self.loss_min:.4g} (step {self.loss_min_step}), "
+            f"slope {v.loss.slope:+.3g}/check (95% CI {v.loss.low:+.3g} to {v.loss.high:+.3g})"
+        )
+        if self.streaks["diverging"] >= self.persistence:
+            chance = "" if self.chance.level is None else f", above chance {self.chance.level:.3g}"
+            self.emit(
+                trainer,
+                "val.loss_metric_divergence",
+                f"{span}: {rise}, while {self.metric} held or improved "
+                f"({h['metric'][0]:.4g} -> {h['metric'][-1]:.4g}, slope {v.metric.slope:+.3g}/check{chance}). "
+                "The model is growing confident in its wrong answers; select and stop on the metric, not the loss.",
+                data=evidence,
+                key=self.metric,
+            )
+        if self.streaks["overfitting"] >= self.persistence and v.train is not None:
+            self.emit(
+                trainer,
+                "val.overfitting",
+                f"{span}: {rise}, while {self.train_loss} kept falling "
+                f"(slope {v.train.slope:+.3g}/check, 95% CI {v.train.low:+.3g} to {v.train.high:+.3g}).",
+                data={**evidence, "train_loss_trend": v.train.as_dict()},
+                key=self.loss,
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "checks": self.checks,
+            "history": {k: list(v) for k, v in self.history.items()},
+            "loss_min": self.loss_min,
+            "loss_min_step": self.loss_min_step,
+            "metric_best": self.metric_best,
+            "streaks": dict(self.streaks),
+            "chance": self.chance.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.checks = state_dict.get("checks", 0)
+        self.history = {k: list(v) for k, v in state_dict.get("history", self.history).items()}
+        self.loss_min = state_dict.get("loss_min", float("inf"))
+        self.loss_min_step = state_dict.get("loss_min_step", -1)
+        self.metric_best = state_dict.get("metric_best", float("nan"))
+        self.streaks = dict(state_dict.get("streaks", self.streaks))
+        self.chance.load_state_dict(state_dict.get("chance", {}))
