@@ -216,7 +216,8 @@ def test_benchmark_smoke(tmp_path):
     spec.loader.exec_module(bench)
     result = bench.measure(reps=1, epochs=2, root=str(tmp_path))
     for clock in ("cpu", "wall"):
-        assert result[clock]["ratio"] > 0 and len(result[clock]["ratios"]) == 1, result
+        assert result[clock]["ratio"] > 0 and len(result[clock]["monitored"]["ratios"]) == 1, result
+        assert result[clock]["noop"]["ratio"] > 0, result
 
 
 # ---------------------------------------------------------------------------------------------- state
