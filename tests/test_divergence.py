@@ -22,10 +22,10 @@ class Scripted(pl.LightningModule):
     ``training_step`` (epoch aggregate), the others from ``validation_step``.
     """
 
-    def __init__(self, script: dict[str, list[float]], weight_decay: float = 0.0) -> None:
+    def __init__(self, script: dict[str, list[float]], lr: float = 1e-2) -> None:
         super().__init__()
         self.script = script
-        self.weight_decay = weight_decay
+        self.lr = lr
         self.layer = nn.Linear(4, 2)
 
     def _value(self, key: str) -> float:
@@ -46,7 +46,7 @@ class Scripted(pl.LightningModule):
                 self.log(key, self._value(key))
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
 
 
 def scripted_loaders(n: int = 8) -> tuple[DataLoader, DataLoader]:
