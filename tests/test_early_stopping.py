@@ -5,6 +5,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
+from test_divergence import Scripted, _grokking_script, fit_scripted, scripted_loaders
 
 from lightning_debug import DebugCallback
 from lightning_debug.callbacks.divergence import LossMetricDivergence
@@ -12,7 +13,6 @@ from lightning_debug.callbacks.early_stopping import MetricEarlyStopping
 from lightning_debug.demos.modular import ModularAdditionMLP, modular_addition_loaders
 
 from models import DigitsMLP, loaders, make_trainer
-from test_divergence import Scripted, _grokking_script, fit_scripted, scripted_loaders
 
 
 def stop_finding(es):
@@ -224,7 +224,7 @@ def test_grokking_run_is_not_stopped_before_it_generalises(tmp_path):
     arguments lets it run until val_acc passes 0.95 (~step 800), and LossMetricDivergence stays silent."""
     pl.seed_everything(0)
     plain = EarlyStopping(monitor="val_acc", mode="max")
-    trainer = make_trainer(tmp_path / "plain", [plain], max_steps=1500)
+    trainer = make_trainer(tmp_path / "plain", [plain], max_epochs=150)
     trainer.fit(ModularAdditionMLP(), *modular_addition_loaders(steps_per_epoch=10))
     plain_acc = float(trainer.callback_metrics["val_acc"])
     assert plain.stopping_reason == EarlyStoppingReason.PATIENCE_EXHAUSTED and plain_acc < 0.02, plain_acc
@@ -232,7 +232,7 @@ def test_grokking_run_is_not_stopped_before_it_generalises(tmp_path):
     pl.seed_everything(0)
     ours, horizon = MetricEarlyStopping(monitor="val_acc", mode="max"), StopAt(0.95)
     divergence = LossMetricDivergence(metric="val_acc", train_loss="train_loss")
-    trainer = make_trainer(tmp_path / "ours", [ours, divergence, horizon], max_steps=1500)
+    trainer = make_trainer(tmp_path / "ours", [ours, divergence, horizon], max_epochs=150)
     trainer.fit(ModularAdditionMLP(), *modular_addition_loaders(steps_per_epoch=10))
     assert horizon.reached_at is not None, f"stopped at step {trainer.global_step}: {ours.findings}"
     assert ours.stop_reason is None and any(f.check == "stop.deferred" for f in ours.findings)
