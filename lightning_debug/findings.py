@@ -300,10 +300,14 @@ _CHECKS: tuple[CheckInfo, ...] = (
         "stop.deferred",
         "info",
         "Early stopping deferred (possible grokking)",
-        "Patience is not counted while the training metric is saturated but the dev loss or weight norm is "
-        "still moving: the run may still generalise late (grokking).",
-        ("memorisation phase before late generalisation",),
-        ("nothing; set `grokking_guard=False` to stop on plain patience",),
+        "Patience is not counted while the run is in a phase that precedes late generalisation (grokking): "
+        "the training metric still rising while the dev metric sits at chance, or the training metric "
+        "saturated while the dev loss is falling or the weight norm shrinking. Bounded by `max_deferral`.",
+        ("memorisation phase before late generalisation", "slow cleanup under weight decay after memorisation"),
+        (
+            "nothing: the run goes on while it may still generalise",
+            "set `grokking_guard=False` (or a smaller `max_deferral`) to stop on plain patience",
+        ),
         "MetricEarlyStopping",
     ),
     _c(
