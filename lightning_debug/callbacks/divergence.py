@@ -39,13 +39,14 @@ def metric_value(metrics: Mapping[str, Any], key: str) -> float | None:
 class ChanceLevel:
     """The chance level of a classification metric, for "is the model better than guessing yet?".
 
-    Given explicitly, or inferred from the ``target`` tensor that ``validation_step`` returns (the majority
-    class rate over the first validation epoch), or else the metric's first observed value (the sanity check
-    when it runs, i.e. the untrained model).
+    Given explicitly, or, for an accuracy-like metric (``from_targets``), inferred from the ``target`` tensor
+    that ``validation_step`` returns (the majority class rate over the first validation epoch), or else the
+    metric's first observed value (the sanity check when it runs, i.e. the untrained model).
     """
 
-    def __init__(self, explicit: float | None) -> None:
+    def __init__(self, explicit: float | None, from_targets: bool = True) -> None:
         self.explicit = explicit
+        self.from_targets = from_targets
         self.inferred: float | None = None
         self.start: float | None = None
         self._counts: torch.Tensor | None = None
@@ -65,7 +66,9 @@ class ChanceLevel:
 
     def observe_outputs(self, outputs: Any) -> None:
         """Count validation targets on the device until the first epoch ends (then never again)."""
-        if self.explicit is not None or self.inferred is not None or not isinstance(outputs, Mapping):
+        if not self.from_targets or self.explicit is not None or self.inferred is not None:
+            return
+        if not isinstance(outputs, Mapping):
             return
         target = outputs.get("target")
         if not isinstance(target, torch.Tensor) or target.is_floating_point():
@@ -181,9 +184,9 @@ class LossMetricDivergence(DebugCallback):
         min_rise: how far (relative) the dev loss's trend line must sit above its best value, e.g. 0.03 = 3%.
         max_metric_drop: how much of its best gain over chance the metric may have given back (0.1 = 10%);
             a metric that fell and plateaued while the loss rises is plain overfitting, not divergence.
-        chance: the metric's chance level; ``None`` infers it (majority class of the ``target`` returned by
-            ``validation_step``, else the metric's first value). Divergence below chance is the memorisation
-            phase of grokking, not overconfidence, and is never reported.
+        chance: the metric's chance level; ``None`` infers it (for a ``"max"`` metric the majority class of the
+            ``target`` returned by ``validation_step``, else the metric's first value). Divergence below chance
+            is the memorisation phase of grokking, not overconfidence, and is never reported.
         confidence: confidence level of the slope intervals.
     """
 
@@ -232,7 +235,7 @@ class LossMetricDivergence(DebugCallback):
         self.min_rise = min_rise
         self.max_metric_drop = max_metric_drop
         self.confidence = confidence
-        self.chance = ChanceLevel(chance)
+        self.chance = ChanceLevel(chance, from_targets=mode == "max")
         self.checks = 0
         self.history: dict[str, list[float]] = {"loss": [], "metric": [], "train": [], "step": []}
         self.loss_min = float("inf")

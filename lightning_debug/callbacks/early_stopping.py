@@ -59,7 +59,7 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
         restore_best_weights: copy the weights (on CPU) at every new best and load them into the module when
             training ends; the copy is part of the callback state, so it survives a resume.
         grokking_guard: do not count patience while the run is in a phase that precedes late
-            generalisation: the training metric still rising while the dev metric sits at chance
+            generalisation: the training metric still improving while the dev metric sits at chance
             (memorisation), or the training metric saturated while the dev metric is far from its best
             possible value and the dev loss is falling or the weight norm shrinking. Emits ``stop.deferred``.
         train_monitor: the training counterpart of ``monitor``; default: ``monitor`` with its ``val`` prefix
@@ -160,7 +160,7 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
         self.guard_window = guard_window
         self.max_deferral = max_deferral
         self.stop_on = list(stop_on)
-        self.chance = ChanceLevel(chance)
+        self.chance = ChanceLevel(chance, from_targets=mode == "max")
         # state (all in state_dict)
         self.seen_checks = 0  # check opportunities (validation checks, or step boundaries)
         self.judged = 0  # checks actually judged (every `check_every`-th)
@@ -277,13 +277,14 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
             return False, None, None
         deferral = self._guard_reason(value)
         if deferral is not None:
+            phase, why = deferral
             self.deferred += 1
             self.emit(
                 trainer,
                 "stop.deferred",
-                f"Not counting patience for {self.monitor} ({value:.4g}, best {float(self.best_score):.4g}): "
-                f"{deferral}.",
-                data={"value": value, "best": float(self.best_score), "deferred_checks": self.deferred},
+                f"Not counting patience for {self.monitor} ({value:.4g}, best {float(self.best_score):.4g}): {why}.",
+                data={"phase": phase, "value": value, "best": float(self.best_score), "deferred_checks": self.deferred},
+                key=phase,
             )
             return False, None, None
         self.wait_count += 1
@@ -354,7 +355,8 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
         label = self.loss_monitor if name == "loss" else "the weight norm"
         return f"{label} is falling {-rel:.1%}/check" if rel < -self.guard_min_change else None
 
-    def _guard_reason(self, value: float) -> str | None:
+    def _guard_reason(self, value: float) -> tuple[str, str] | None:
+        """``(phase, explanation)`` when patience should not be counted now, else ``None``."""
         if not self.grokking_guard or (self.max_deferral is not None and self.deferred >= self.max_deferral):
             return None
         train = [v for v in self.guard_history["train"] if math.isfinite(v)]
@@ -366,14 +368,14 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
             return None  # the dev metric is already as good as it gets
         saturated = target is not None and sign * (target - train[-1]) <= tol
         if chance is not None and sign * (value - chance) <= tol and sign * (train[-1] - train[0]) > tol:
-            return (
-                f"{self.train_monitor} is still rising ({train[0]:.3g} -> {train[-1]:.3g}) while {self.monitor} is "
+            return "memorising", (
+                f"{self.train_monitor} is still improving ({train[0]:.3g} -> {train[-1]:.3g}) while {self.monitor} is "
                 f"at chance ({chance:.3g}): the model is memorising, and may generalise later"
             )
         if saturated:
             moving = [m for m in (self._falling("loss"), self._falling("norm")) if m]
             if moving:
-                return (
+                return "saturated", (
                     f"{self.train_monitor} is saturated ({train[-1]:.3g}) but {self.monitor} is far from {target:g} "
                     f"while {' and '.join(moving)}: the run may still generalise late (grokking)"
                 )
