@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -108,8 +109,9 @@ class DebugReport(Callback):
         except ImportError:
             print(format_table(findings))
             return
+        console = Console(width=None if sys.stdout.isatty() else 160)  # logs and CI: do not fold at 80
         if not findings:
-            Console().print("lightning-debug: no findings.")
+            console.print("lightning-debug: no findings.")
             return
         table = Table(title="lightning-debug findings", show_lines=False)
         for column in ("severity", "check", "step", "count", "message"):
@@ -118,6 +120,6 @@ class DebugReport(Callback):
         for f in findings:
             sev = f.severity.value
             table.add_row(f"[{colours[sev]}]{sev}[/]", f.check, str(f.step), str(f.count), f.message)
-        Console().print(table)
+        console.print(table)
         if self.path is not None:
-            Console().print(f"report: {self.path}")
+            console.print(f"report: {self.path}")

@@ -7,13 +7,40 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
+from lightning_debug.callbacks.batch_consistency import BatchConsistencyCheck
+from lightning_debug.callbacks.calibration import CalibrationMonitor
+from lightning_debug.callbacks.decoding import DecodingConsistencyCheck
+from lightning_debug.callbacks.divergence import LossMetricDivergence
+from lightning_debug.callbacks.early_stopping import MetricEarlyStopping, train_key
+from lightning_debug.callbacks.grokking import GrokkingMonitor
+from lightning_debug.callbacks.loss import LossConvergenceMonitor
+from lightning_debug.callbacks.overfit import OverfitBatchCheck
 from lightning_debug.report import DebugReport
 
-# name -> (factory(metric, mode, **kwargs), needs a metric). Order = order on the trainer; the report last.
-_Factory = Callable[..., Callback]
-_SUITE: dict[str, tuple[_Factory, bool]] = {
+
+def _grokking(metric: str, mode: str, **kw: Any) -> Callback:
+    return GrokkingMonitor(**{"val_metric": metric, "train_metric": train_key(metric) or f"train_{metric}", **kw})
+
+
+def _early_stopping(metric: str, mode: str, **kw: Any) -> Callback:
+    # Lightning's patience of 3 checks stops noisy runs too eagerly for a default that is always on.
+    return MetricEarlyStopping(**{"monitor": metric, "mode": mode, "patience": 10, "strict": False, **kw})
+
+
+# name -> (factory(metric, mode, **overrides), needs a metric). Order = order on the trainer; the report last.
+_SUITE: dict[str, tuple[Callable[..., Callback], bool]] = {
+    "overfit": (lambda metric, mode, **kw: OverfitBatchCheck(**kw), False),
+    "batch": (lambda metric, mode, **kw: BatchConsistencyCheck(**kw), False),
+    "decoding": (lambda metric, mode, **kw: DecodingConsistencyCheck(**kw), False),
+    "loss": (lambda metric, mode, **kw: LossConvergenceMonitor(**kw), False),
+    "calibration": (lambda metric, mode, **kw: CalibrationMonitor(**kw), False),
+    "divergence": (lambda metric, mode, **kw: LossMetricDivergence(**{"metric": metric, "mode": mode, **kw}), True),
+    "grokking": (_grokking, True),
+    "early_stopping": (_early_stopping, True),
     "report": (lambda metric, mode, **kw: DebugReport(**kw), False),
 }
+
+SUITE_COMPONENTS = tuple(_SUITE)
 
 
 def debug_callbacks(metric: str | None = None, mode: str = "max", **overrides: Any) -> list[Callback]:
@@ -41,6 +68,3 @@ def debug_callbacks(metric: str | None = None, mode: str = "max", **overrides: A
             raise ValueError(f"Override for {name!r} must be a dict of keyword arguments or False")
         callbacks.append(factory(metric, mode, **options))
     return callbacks
-
-
-SUITE_COMPONENTS = tuple(_SUITE)

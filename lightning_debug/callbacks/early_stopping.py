@@ -31,7 +31,7 @@ _SMOOTHING = (None, "median", "ema")
 _FINDING_REASON = {"loss.nonfinite": EarlyStoppingReason.NON_FINITE_METRIC}
 
 
-def _train_key(monitor: str) -> str | None:
+def train_key(monitor: str) -> str | None:
     """``val_acc`` -> ``train_acc``, ``val/acc`` -> ``train/acc``; ``None`` if ``monitor`` is no validation key."""
     key, n = re.subn(r"^(val|valid|validation)(?=[_/.\-])", "train", monitor)
     return key if n else None
@@ -152,7 +152,7 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
         self.smoothing_window = smoothing_window
         self.restore_best_weights = restore_best_weights
         self.grokking_guard = grokking_guard
-        self.train_monitor = train_monitor or _train_key(monitor)
+        self.train_monitor = train_monitor or train_key(monitor)
         self.loss_monitor = loss_monitor
         self.best_possible = best_possible
         self.guard_tolerance = guard_tolerance

@@ -39,7 +39,7 @@ def digits(
 
 
 class DigitsMLP(pl.LightningModule):
-    """An MLP classifier; knobs to inject the classic faults.
+    """An MLP classifier logging train_loss/train_acc/val_loss/val_acc; knobs to inject the classic faults.
 
     Args:
         hidden: hidden widths; a width of 1 is a capacity bottleneck.
@@ -86,6 +86,7 @@ class DigitsMLP(pl.LightningModule):
             y = y[torch.randperm(len(y), device=y.device)]
         loss = nn.functional.cross_entropy(logits, y)
         self.log("train_loss", loss, on_step=True, on_epoch=True)
+        self.log("train_acc", (logits.argmax(-1) == y).float().mean(), on_step=False, on_epoch=True)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
