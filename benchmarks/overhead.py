@@ -6,8 +6,12 @@
 For each case the same training run (fixed seed, same data) is timed bare and with
 ``debug_callbacks(metric="val_acc")``, alternating bare/suite to cancel drift. Reported per case:
 
-- ``step_ratio``: median over repetitions of (suite time per training step) / (bare time per step), steps
-  timed from the first batch of the second epoch, so one-off startup checks are excluded;
+- ``step_ratio``: median over repetitions of (median suite training-step time) / (median bare step time). A
+  step is timed from one ``on_train_batch_start`` to the next within an epoch, so it holds the forward,
+  backward, optimizer, data loading and every callback's per-batch hooks; epoch boundaries (validation and
+  epoch-end work) and the one-off startup checks are excluded;
+- ``epoch_ratio``: the same for whole epochs from the second on, validation and epoch-end work (calibration
+  figures, trend tests) included: what per-epoch work costs on a model whose epoch takes well under a second;
 - ``startup_ratio``: time of the startup checks (everything the suite adds before the first training batch)
   as a fraction of one bare epoch.
 
@@ -33,37 +37,35 @@ from lightning_debug import debug_callbacks
 
 
 class StepClock(Callback):
-    """Wall-clock of training steps from the second epoch on, and of what happens before the first batch."""
+    """Wall-clock of training steps, of whole epochs, and of what happens before the first batch."""
 
     def __init__(self) -> None:
         self.fit_start = 0.0
         self.first_batch = 0.0
-        self.timed_from = 0.0
-        self.timed_steps = 0
+        self.step_seconds: list[float] = []
         self.epoch_seconds: list[float] = []
+        self._last_batch_start: float | None = None
         self._epoch_start = 0.0
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.fit_start = time.perf_counter()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch >= 1:
+            self.epoch_seconds.append(time.perf_counter() - self._epoch_start)
         self._epoch_start = time.perf_counter()
-        if trainer.current_epoch == 1:
-            self.timed_from = self._epoch_start
+        self._last_batch_start = None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
-        if not self.first_batch:
-            self.first_batch = time.perf_counter()
+        now = time.perf_counter()
+        self.first_batch = self.first_batch or now
+        if self._last_batch_start is not None:
+            self.step_seconds.append(now - self._last_batch_start)
+        self._last_batch_start = now
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if trainer.current_epoch >= 1:
-            self.timed_steps += 1
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.epoch_seconds.append(time.perf_counter() - self._epoch_start)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.seconds_per_step = (time.perf_counter() - self.timed_from) / max(self.timed_steps, 1)
+    @property
+    def seconds_per_step(self) -> float:
+        return statistics.median(self.step_seconds)
 
 
 @dataclass
@@ -113,14 +115,19 @@ def measure(case: Case, reps: int, root: str) -> dict[str, Any]:
         bare.append(run_once(case, False, root))
         suite.append(run_once(case, True, root))
     ratios = [s.seconds_per_step / b.seconds_per_step for b, s in zip(bare, suite, strict=True)]
+    epoch_ratios = [
+        statistics.median(s.epoch_seconds) / statistics.median(b.epoch_seconds)
+        for b, s in zip(bare, suite, strict=True)
+    ]
     bare_startup = statistics.median(b.first_batch - b.fit_start for b in bare)
     suite_startup = statistics.median(s.first_batch - s.fit_start for s in suite)
-    bare_epoch = statistics.median(e for b in bare for e in b.epoch_seconds[1:])
+    bare_epoch = statistics.median(e for b in bare for e in b.epoch_seconds)
     return {
         "case": case.name,
         "reps": reps,
         "step_ratio": statistics.median(ratios),
         "step_ratios": ratios,
+        "epoch_ratio": statistics.median(epoch_ratios),
         "bare_ms_per_step": 1e3 * statistics.median(b.seconds_per_step for b in bare),
         "suite_ms_per_step": 1e3 * statistics.median(s.seconds_per_step for s in suite),
         "startup_seconds": suite_startup - bare_startup,
@@ -141,7 +148,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for r in results:
         print(
             f"{r['case']:>6}: step ratio {r['step_ratio']:.3f} (bare {r['bare_ms_per_step']:.2f} ms/step, "
-            f"suite {r['suite_ms_per_step']:.2f}); startup {r['startup_seconds']:.2f} s = "
+            f"suite {r['suite_ms_per_step']:.2f}); epoch ratio {r['epoch_ratio']:.3f} (bare epoch "
+            f"{r['bare_epoch_seconds']:.2f} s); startup {r['startup_seconds']:.2f} s = "
             f"{100 * r['startup_ratio']:.1f}% of one epoch"
         )
     if args.json:

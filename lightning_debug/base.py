@@ -69,6 +69,7 @@ class DebugCallback(Callback):
         self.strict = strict
         self.verbose = verbose
         self.findings: list[Finding] = []
+        self.emissions = 0  # emit() calls, repeats included: a cheap "anything new?" for other callbacks
         self._seen: dict[str, int] = {}  # dedup key -> index into findings
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -95,6 +96,7 @@ class DebugCallback(Callback):
     ) -> Finding:
         """Record a finding. A repeat of the same ``check`` and ``key`` is counted, not printed again."""
         info = check_info(check)
+        self.emissions += 1
         step = int(trainer.global_step) if trainer is not None else 0
         dedup = f"{check}|{key or ''}"
         if dedup in self._seen:

@@ -9,6 +9,7 @@ classic growing generalisation gap (training loss falling while dev loss rises).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -243,9 +244,9 @@ class LossMetricDivergence(DebugCallback):
         self.metric_best = float("nan")
         self.streaks = {"diverging": 0, "overfitting": 0}
 
-    @property
+    @functools.cached_property
     def state_key(self) -> str:
-        return self._generate_state_key(metric=self.metric, loss=self.loss)
+        return self._generate_state_key(metric=self.metric, loss=self.loss)  # built once: read on every hook
 
     def on_validation_batch_end(
         self,

@@ -9,6 +9,7 @@ callback reports a dead run (``loss.nonfinite``, ``loss.diverging``). Every stop
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Sequence
@@ -174,6 +175,11 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
         self.stop_reason: str | None = None
         self.best_weights: dict[str, torch.Tensor] | None = None
         self._last_step_checked = -1
+        self._emissions_seen = -1
+
+    @functools.cached_property
+    def state_key(self) -> str:
+        return self._generate_state_key(monitor=self.monitor, mode=self.mode)  # built once: read on every hook
 
     # ---- hooks ---------------------------------------------------------------------------------------------
     def on_validation_batch_end(
@@ -384,11 +390,14 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
     # ---- stop on other findings ------------------------------------------------------------------------------
     def _new_stop_finding(self, trainer: pl.Trainer) -> str | None:
         """The first ``stop_on`` id whose count on another debug callback grew since the last look."""
+        others = [cb for cb in debug_callbacks_of(trainer) if cb is not self]
+        emissions = sum(cb.emissions for cb in others)
+        if emissions == self._emissions_seen:  # per batch: nothing was emitted anywhere, nothing to scan
+            return None
+        self._emissions_seen = emissions
         found = None
         for check in self.stop_on:
-            count = sum(
-                f.count for cb in debug_callbacks_of(trainer) if cb is not self for f in cb.findings if f.check == check
-            )
+            count = sum(f.count for cb in others for f in cb.findings if f.check == check)
             if count > self.stop_on_counts.get(check, 0) and found is None:
                 found = check
             self.stop_on_counts[check] = count

@@ -21,6 +21,7 @@ loss's scale, and the flatness horizon grows with the run, so slow-but-steady tr
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Mapping
@@ -173,7 +174,6 @@ class LossConvergenceMonitor(DebugCallback):
         self.diverge_factor = diverge_factor
         self.diverge_margin = diverge_margin
         self.confidence = confidence
-        self._state_key = self._generate_state_key(key=key, components=sorted(components.items()))
         self.series = [_Series(key or "loss", self.floor)] + [_Series(name, 0.0) for name in components]
         self.batches = 0  # training batches recorded
         self._tail: list[tuple[int, list[float]]] = []  # (global step, values) pulled but not yet binned
@@ -183,9 +183,9 @@ class LossConvergenceMonitor(DebugCallback):
         self._step = 0
         self.last_trend: Trend | None = None
 
-    @property
+    @functools.cached_property
     def state_key(self) -> str:
-        return self._state_key  # Lightning reads it on every hook call: built once
+        return self._generate_state_key(key=self.key, components=sorted(self.components.items()))  # built once
 
     # ------------------------------------------------------------------ per step: device only
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
