@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,6 +25,10 @@ import torch
 
 from lightning_debug import debug_callbacks
 from lightning_debug.base import debug_callbacks_of
+from lightning_debug.demos.digits import DigitsMLP, loaders
+from lightning_debug.demos.lm import GreedyGPT2LM, TinyGPT2LM, lm_loaders
+from lightning_debug.demos.modular import ModularAdditionMLP, modular_addition_loaders
+from lightning_debug.demos.text import AttentionPoolingClassifier, text_loaders
 from lightning_debug.findings import Finding, Severity
 
 Built = tuple[pl.LightningModule, Any, Any]
@@ -47,8 +52,6 @@ class Scenario:
 
 def _digits(batch_size: int = 32, **module_kwargs: Any) -> Callable[[], Built]:
     def build() -> Built:
-        from lightning_debug.demos.digits import DigitsMLP, loaders
-
         train, val = loaders(batch_size=batch_size)
         return DigitsMLP(**module_kwargs), train, val
 
@@ -57,17 +60,45 @@ def _digits(batch_size: int = 32, **module_kwargs: Any) -> Callable[[], Built]:
 
 def _memorising(label_noise: float = 0.0) -> Callable[[], Built]:
     def build() -> Built:
-        from lightning_debug.demos.digits import DigitsMLP, loaders
-
         train, val = loaders(batch_size=16, n_train=300, label_noise=label_noise)
         return DigitsMLP(hidden=(512, 512), lr=1e-3), train, val
 
     return build
 
 
-def _grokking() -> Built:
-    from lightning_debug.demos.modular import ModularAdditionMLP, modular_addition_loaders
+def _text(bug: str | None = None) -> Callable[[], Built]:
+    def build() -> Built:
+        train, val = text_loaders()
+        return AttentionPoolingClassifier(bug=bug), train, val
 
+    return build
+
+
+def _gpt2(off_by_one: bool | None = None) -> Callable[[], Built]:
+    """A tiny GPT-2 LM; ``off_by_one`` set: its hand-written greedy decoder (with or without the score bug)."""
+
+    def build() -> Built:
+
+        train, val = lm_loaders(n_train=4096)
+        module = WarmupCosineGPT2() if off_by_one is None else GreedyGPT2LM(off_by_one=off_by_one)
+        return module, train, val
+
+    return build
+
+
+class WarmupCosineGPT2(TinyGPT2LM):
+    """The healthy transformer recipe: AdamW, linear warm-up, cosine decay."""
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams["lr"], weight_decay=0.01)
+        total, warmup = self.trainer.estimated_stepping_batches, 50
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0)))
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _grokking() -> Built:
     train, val = modular_addition_loaders()
     return ModularAdditionMLP(), train, val
 
@@ -95,7 +126,19 @@ SCENARIOS: list[Scenario] = [
         frozenset({"grokking.memorized"}),
         trainer={"max_steps": 1200},
     ),
+    Scenario("padding_leak", _text("mask_ignored"), frozenset({"batch.loss_mismatch", "batch.padding_dependence"})),
+    Scenario("batch_mixing", _text("batch_softmax"), frozenset({"batch.cross_sample_dependence"})),
+    Scenario(
+        "decode_score_bug",
+        _gpt2(off_by_one=True),
+        frozenset({"decode.score_mismatch"}),
+        metric="val_loss",
+        mode="min",
+        trainer={"max_epochs": 1, "limit_train_batches": 64},
+    ),
     Scenario("healthy_mlp", _digits(hidden=(128,), lr=3e-3)),
+    Scenario("healthy_text_attention", _text(), trainer={"max_epochs": 4}),
+    Scenario("healthy_transformer_warmup_cosine", _gpt2(), metric="val_loss", mode="min", trainer={"max_epochs": 4}),
     Scenario("healthy_batchnorm", _digits(hidden=(128, 128), lr=3e-3, batchnorm=True)),
     Scenario("healthy_dropout_small_batches", _digits(batch_size=8, hidden=(128,), lr=1e-3, dropout=0.3)),
 ]
