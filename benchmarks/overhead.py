@@ -73,6 +73,7 @@ class Case:
     name: str
     build: Callable[[], tuple[pl.LightningModule, Any, Any]]
     metric: str
+    mode: str
     epochs: int
 
 
@@ -83,7 +84,17 @@ def _mlp() -> tuple[pl.LightningModule, Any, Any]:
     return DigitsMLP(hidden=(128,), lr=3e-3), train, val
 
 
-CASES = {"mlp": Case("mlp", _mlp, "val_acc", epochs=4)}
+def _gpt2() -> tuple[pl.LightningModule, Any, Any]:
+    from lightning_debug.demos.lm import TinyGPT2LM, lm_loaders
+
+    train, val = lm_loaders(n_train=2048)
+    return TinyGPT2LM(), train, val
+
+
+CASES = {
+    "mlp": Case("mlp", _mlp, "val_acc", "max", epochs=4),
+    "gpt2": Case("gpt2", _gpt2, "val_loss", "min", epochs=3),
+}
 
 
 def run_once(case: Case, with_suite: bool, root: str) -> StepClock:
@@ -92,7 +103,7 @@ def run_once(case: Case, with_suite: bool, root: str) -> StepClock:
     clock = StepClock()
     callbacks: list[Callback] = [clock]
     if with_suite:
-        callbacks += debug_callbacks(metric=case.metric, report={"print_table": False})
+        callbacks += debug_callbacks(metric=case.metric, mode=case.mode, report={"print_table": False})
     trainer = pl.Trainer(
         max_epochs=case.epochs,
         accelerator="cpu",
