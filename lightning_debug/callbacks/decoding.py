@@ -285,9 +285,13 @@ class DecodingConsistencyCheck(DebugCallback):
         self.confidence = confidence
         self._val_checks = 0
         self._runs = 0
+        self._started = False  # the start-of-training check ran (once per run, also across checkpoint resume)
 
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._started:
+            return
+        self._started = True
         self.check(trainer, pl_module)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -298,12 +302,13 @@ class DecodingConsistencyCheck(DebugCallback):
             self.check(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "val_checks": self._val_checks, "runs": self._runs}
+        return {**super().state_dict(), "val_checks": self._val_checks, "runs": self._runs, "started": self._started}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._val_checks = int(state_dict.get("val_checks", 0))
         self._runs = int(state_dict.get("runs", 0))
+        self._started = bool(state_dict.get("started", False))
 
     # ------------------------------------------------------------------ the check
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -109,6 +109,10 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
         max_deferral: int | None = 50,
         stop_on: Sequence[str] = ("loss.nonfinite", "loss.diverging"),
     ) -> None:
+        if mode not in ("min", "max"):  # Lightning raises a MisconfigurationException; ours are ValueErrors
+            raise ValueError(f"`mode` must be 'min' or 'max', got {mode!r}")
+        if patience < 0:
+            raise ValueError(f"`patience` must be >= 0, got {patience}")
         super().__init__(
             monitor,
             min_delta=min_delta,
