@@ -61,6 +61,8 @@ class DebugReport(Callback):
     """
 
     def __init__(self, print_table: bool = True, min_severity: str = "info") -> None:
+        if min_severity not in {s.value for s in Severity}:
+            raise ValueError(f"`min_severity` must be one of {[s.value for s in Severity]}, got {min_severity!r}")
         self.print_table = print_table
         self.min_severity = Severity(min_severity)
         self.path: Path | None = None

@@ -93,12 +93,7 @@ INVALID = [
     (MetricEarlyStopping, {"monitor": "val_acc", "guard_window": 2}, "guard_window"),
     (MetricEarlyStopping, {"monitor": "val_acc", "smoothing": "mean"}, "smoothing"),
     (MetricEarlyStopping, {"monitor": "val_acc", "stop_on": ("loss.nope",)}, "stop_on"),
-    pytest.param(
-        DebugReport,
-        {"min_severity": "fatal"},
-        "min_severity",
-        marks=pytest.mark.xfail(strict=True, reason="report.py: Severity's ValueError does not name the argument"),
-    ),
+    (DebugReport, {"min_severity": "fatal"}, "min_severity"),
 ]
 
 

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 SLOW_BUT_LEARNING = 0.25  # a failed check that closed at least this much of the gap is a warning, not an error
+MOSTLY_MEMORISED = 0.75  # ...and one that closed this much is a pass: a healthy transformer memorises, just not in 100 steps
 
 
 @contextlib.contextmanager
@@ -58,7 +59,8 @@ class OverfitBatchCheck(DebugCallback):
     Passes when, within ``max_steps``, the loss closes at least ``1 - rel_tol`` of its gap to ``floor`` (95% by
     default: the scale-free test) or gets within ``abs_tol`` of ``floor`` (for losses that start close to it).
     A failure is an error when the loss closed less than a quarter of its gap (a bug or no capacity), a warning
-    when it got further (it learns, but too slowly for ``max_steps``: learning rate or optimizer).
+    when it got further (it learns, but too slowly for ``max_steps``: learning rate or optimizer); closing three
+    quarters counts as a pass (a healthy small transformer gets ~90% of the way in 100 steps).
     Runs once, on global rank zero only, at ``on_train_start``; the copy makes no collective calls
     (``SyncBatchNorm`` is reverted to ``BatchNorm`` in the copy), so other ranks simply wait in their first
     training step. Dropout modules are switched off in the copy (memorising needs a deterministic model), the
@@ -174,17 +176,18 @@ class OverfitBatchCheck(DebugCallback):
             "abs_tol": self.abs_tol,
             "curve": curve,
         }
-        if passed:
+        target = max(self.abs_tol, self.rel_tol * gap0) + self.floor if math.isfinite(gap0) else math.nan
+        closed = 1 - (curve[-1] - self.floor) / gap0 if gap0 > 0 and math.isfinite(curve[-1]) else 0.0
+        if passed or closed >= MOSTLY_MEMORISED:
+            how = "memorised one batch" if passed else f"closed {closed:.0%} of the gap to the floor on one batch"
             self.emit(
                 trainer,
                 "startup.overfit_ok",
-                f"A copy of the model memorised one batch: loss {curve[0]:.4g} -> {curve[-1]:.4g} in {steps} steps "
+                f"A copy of the model {how}: loss {curve[0]:.4g} -> {curve[-1]:.4g} in {steps} steps "
                 f"(floor {self.floor:g}; {seconds:.2f} s).",
-                data=data,
+                data={**data, "target": target, "closed": closed},
             )
             return
-        target = max(self.abs_tol, self.rel_tol * gap0) + self.floor if math.isfinite(gap0) else math.nan
-        closed = 1 - (curve[-1] - self.floor) / gap0 if gap0 > 0 and math.isfinite(curve[-1]) else 0.0
         slow = closed >= SLOW_BUT_LEARNING
         self.emit(
             trainer,
