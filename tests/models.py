@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +14,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lightning_debug.demos.digits import DigitsMLP, digits, loaders
 
-__all__ = ["DigitsMLP", "digits", "loaders", "make_trainer"]
+__all__ = ["DigitsMLP", "digits", "loaders", "make_trainer", "run_two_rank_script"]
 
 
 def make_trainer(root: Path | str, callbacks: list[Any], logger: Any = None, **kwargs: Any) -> pl.Trainer:
@@ -29,3 +33,18 @@ def make_trainer(root: Path | str, callbacks: list[Any], logger: Any = None, **k
     )
     defaults.update(kwargs)
     return pl.Trainer(callbacks=callbacks, **defaults)
+
+
+def run_two_rank_script(
+    script: Path | str, out: Path, timeout: float = 600
+) -> tuple[subprocess.CompletedProcess, list[Any]]:
+    """Run a 2-process DDP script (Lightning's "ddp" re-runs the script for rank 1, so it cannot run in-process).
+
+    The script takes ``out`` as its argument and writes ``out/rank<k>.json``; returns the process and both.
+    """
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(out)], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, f"DDP run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc, [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from lightning_debug.callbacks.batch_consistency import BatchConsistencyCheck
 from lightning_debug.demos.text import AttentionPoolingClassifier, MarkerDataset, pad_collate, text_loaders
 
-from models import DigitsMLP, loaders, make_trainer
+from models import DigitsMLP, loaders, make_trainer, run_two_rank_script
 
 B = 16
 
@@ -377,22 +377,9 @@ with open(f"{out}/rank{trainer.global_rank}.json", "w") as f:
 
 @pytest.mark.ddp
 def test_ddp_runs_on_local_rank_zero_only_and_does_not_hang(tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-
     script = tmp_path / "ddp_batch_consistency.py"
     script.write_text(DDP_SCRIPT)
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    _, (r0, r1) = run_two_rank_script(script, tmp_path, timeout=300)
     assert r0["step"] == r1["step"] == 4
     assert "batch.cross_sample_dependence" in r0["checks"] and r1["checks"] == []
 

@@ -5,9 +5,6 @@ MetricEarlyStopping stops on a ``val_acc`` threshold that each rank computes on 
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,7 @@ import torch
 
 from lightning_debug.metrics import StreamingCalibration
 
-from models import DigitsMLP, loaders
+from models import DigitsMLP, loaders, run_two_rank_script
 from wandb_reader import read_offline_run
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_suite.py"
@@ -27,10 +24,7 @@ MAX_EPOCHS = 8
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(out)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"DDP run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    proc, ranks = run_two_rank_script(SCRIPT, out)
     return out, proc, ranks
 
 

@@ -26,7 +26,7 @@ from lightning_debug.demos.lm import (
     reverse_loaders,
 )
 
-from models import DigitsMLP, loaders, make_trainer
+from models import DigitsMLP, loaders, make_trainer, run_two_rank_script
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -349,22 +349,9 @@ with open(f"{out}/rank{trainer.global_rank}.json", "w") as f:
 @pytest.mark.ddp
 def test_ddp_checks_on_rank_zero_and_does_not_hang(tmp_path: Any) -> None:
     """Two gloo ranks: rank 0 decodes at start and after each validation, rank 1 goes on; no deadlock."""
-    import json
-    import os
-    import subprocess
-    import sys
-
     script = tmp_path / "ddp_decoding.py"
     script.write_text(DDP_SCRIPT)
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    _, (r0, r1) = run_two_rank_script(script, tmp_path, timeout=300)
     assert r0["step"] == r1["step"] == 4
     assert r0["runs"] == 3 and r1["runs"] == 0, (r0, r1)
     assert "decode.score_mismatch" in r0["checks"] and r1["checks"] == [], (r0, r1)
