@@ -55,9 +55,9 @@ def test_loss_metric_divergence_reports_divergence_and_calibration(tmp_path):
     assert "val.loss_metric_divergence" in checks, [f"{f.check}: {f.message}" for f in result.findings]
     assert not [f for f in result.findings if f.severity is Severity.ERROR], result.findings
     acc, loss = result.history["val_acc"], result.history["val_loss"]
-    assert min(loss) < loss[-1] and max(acc[:10]) <= max(acc), "dev loss rises while dev accuracy holds"
-    stops = {p.monitor: p for p in result.stops}
-    assert stops["val_acc"].best_epoch != stops["val_loss"].best_epoch or stops["val_acc"].stop_epoch, stops
+    by_loss = {p.monitor: p for p in result.stops}["val_loss"]
+    assert loss[-1] > 1.01 * by_loss.best_value, f"dev loss rose after its best epoch {by_loss.best_epoch}: {loss}"
+    assert acc[-1] >= by_loss.val_acc_at_best - 0.01, f"dev accuracy held after the loss's best epoch: {acc}"
     images = list((tmp_path / "wandb").glob("offline-run-*/files/media/images/debug/calibration/*.png"))
     assert images, "reliability diagrams were logged to W&B"
 
