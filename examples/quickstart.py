@@ -14,6 +14,7 @@ import os
 
 import lightning.pytorch as pl
 import torch
+import wandb
 from lightning.pytorch.loggers import WandbLogger
 
 from lightning_debug import debug_callbacks
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> pl.Trainer:
         default_root_dir=args.out,
     )
     trainer.fit(DigitsMLP(hidden=(128,), lr=args.lr), train, val)
+    wandb.finish()  # flush the offline run; a later WandbLogger in this process starts a new one
     print(f"W&B offline run: {os.path.abspath(args.out)}/wandb/latest-run  (view with `wandb sync` + the web UI)")
     return trainer
 

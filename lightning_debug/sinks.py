@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -26,6 +27,7 @@ log = logging.getLogger("lightning_debug")
 
 ALERT_WAIT = timedelta(minutes=5)
 ALERT_LIMIT = 10  # per run: an alert storm helps nobody
+_ALERTS_SENT: Counter[str] = Counter()  # by W&B run id (a wandb Run accepts no new attributes)
 
 
 def output_dir(trainer: pl.Trainer) -> Path:
@@ -61,7 +63,7 @@ def _safe(fn: Any) -> Any:
 
 
 class Sink:
-    """Logging for one trainer. Cheap to build and stateless (the alert budget lives on the W&B run)."""
+    """Logging for one trainer. Cheap to build and stateless (the alert budget is kept per W&B run id)."""
 
     def __init__(self, trainer: pl.Trainer) -> None:
         self.trainer = trainer
@@ -151,11 +153,10 @@ class Sink:
         run = self.wandb_run
         if run is None:
             return
-        sent = getattr(run, "_lightning_debug_alerts", 0)
-        if sent >= ALERT_LIMIT:
+        if _ALERTS_SENT[run.id] >= ALERT_LIMIT:
             return
         run.alert(title=title[:63], text=text, level=level, wait_duration=ALERT_WAIT)
-        run._lightning_debug_alerts = sent + 1
+        _ALERTS_SENT[run.id] += 1
 
     def _file_for(self, key: str, ext: str, step: int | None = None) -> Path:
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", key.replace("debug/", "", 1))

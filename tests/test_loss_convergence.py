@@ -79,6 +79,24 @@ def test_one_unit_bottleneck_plateaus(tmp_path):
     assert not ids(monitor) & {"loss.diverging", "loss.nonfinite", "loss.converged"}, describe(monitor)
 
 
+class AnnealedBottleneck(DigitsMLP):
+    """The same bottleneck, with a schedule that cuts the learning rate 100x after 150 steps."""
+
+    def configure_optimizers(self):
+        opt = super().configure_optimizers()
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=150, gamma=0.01)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def test_a_flat_loss_under_an_annealed_learning_rate_is_not_a_plateau(tmp_path):
+    """A schedule that took the rate below half its peak explains the flat loss (cosine end, step decay)."""
+    import lightning.pytorch as pl
+
+    pl.seed_everything(2, verbose=False)
+    monitor = fit(tmp_path, AnnealedBottleneck(hidden=(1,)), epochs=25, seed=2)
+    assert "loss.plateau" not in ids(monitor), describe(monitor)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

@@ -42,6 +42,7 @@ BIN_STEPS = 10  # steps per bin: the median of 10 losses ignores single spikes a
 MAX_BINS = 1024  # older bins are merged pairwise beyond this, so memory and state stay bounded
 MAX_TREND_POINTS = 64  # Theil-Sen is O(n^2): the window is re-binned to at most this many points
 LEVELLED_OFF = 0.5  # a plateau falls at most this fraction of its average rate since the start (else: just slow)
+ANNEALED = 0.5  # a schedule that took the learning rate below this fraction of its peak explains a flat loss
 _RESERVED = ("smoothed", "slope")
 
 
@@ -182,6 +183,7 @@ class LossConvergenceMonitor(DebugCallback):
         self._steps: list[int] = []  # global step of each buffered row (host ints, no sync)
         self._step = 0
         self.last_trend: Trend | None = None
+        self.peak_lr = 0.0  # largest learning rate seen (a host float: reading it never syncs)
 
     @functools.cached_property
     def state_key(self) -> str:
@@ -207,6 +209,9 @@ class LossConvergenceMonitor(DebugCallback):
             self._buf = torch.empty(self.check_every_n_steps, len(self.series), device=values.device)
         self._buf[self._fill].copy_(values)
         self._steps.append(self._step)
+        lr = _current_lr(trainer)  # a host float: the peak must be seen before a schedule decays it
+        if lr is not None and lr > self.peak_lr:
+            self.peak_lr = lr
         self._fill += 1
         self.batches += 1
         if self._fill == self.check_every_n_steps:
@@ -344,7 +349,10 @@ class LossConvergenceMonitor(DebugCallback):
         assert series.start is not None and series.best is not None
         floor, start, level, t = series.floor, series.start, series.level, self.batches
         gap0, gap = start - floor, level - floor
+        lr = _current_lr(trainer)
         evidence: dict[str, Any] = {
+            "lr": lr,
+            "peak_lr": self.peak_lr,
             "level": level,
             "floor": floor,
             "start": start,
@@ -388,7 +396,10 @@ class LossConvergenceMonitor(DebugCallback):
                 return
             levelled = max(0.0, -tr.low) < LEVELLED_OFF * drop / t
             falling = self._falling_components(span, t)
-            if gap > self.plateau_level * gap0 and levelled and not falling:
+            # a loss that flattens while a schedule anneals the learning rate (cosine, step decay) has converged
+            # for that schedule: not a plateau to fix with capacity or a higher rate
+            annealed = lr is not None and lr < ANNEALED * self.peak_lr
+            if gap > self.plateau_level * gap0 and levelled and not falling and not annealed:
                 self.emit(
                     trainer,
                     "loss.plateau",
@@ -430,6 +441,7 @@ class LossConvergenceMonitor(DebugCallback):
         return {
             **super().state_dict(),
             "batches": self.batches,
+            "peak_lr": self.peak_lr,
             "series": [asdict(s) for s in self.series],
             "tail": [[step, row] for step, row in tail],
         }
@@ -437,7 +449,15 @@ class LossConvergenceMonitor(DebugCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.batches = int(state_dict.get("batches", 0))
+        self.peak_lr = float(state_dict.get("peak_lr", 0.0))
         saved = {d["name"]: d for d in state_dict.get("series", [])}
         self.series = [_Series(**saved[s.name]) if s.name in saved else s for s in self.series]
         self._tail = [(int(step), list(row)) for step, row in state_dict.get("tail", [])]
         self._fill, self._steps = 0, []
+
+
+def _current_lr(trainer: pl.Trainer) -> float | None:
+    """The first parameter group's learning rate, if it is a plain number (reading it never syncs a device)."""
+    optimizers = trainer.optimizers
+    lr = optimizers[0].param_groups[0].get("lr") if optimizers and optimizers[0].param_groups else None
+    return float(lr) if isinstance(lr, (int, float)) else None
