@@ -171,7 +171,7 @@ class Regularised(DigitsMLP):
 
 
 def test_components_keep_a_regularised_total_from_being_called_a_plateau(tmp_path):
-    bare = fit(tmp_path / "bare", Regularised())
+    bare = fit(tmp_path / "bare", Regularised(), epochs=20)  # a plateau must hold at two consecutive checks
     assert "loss.plateau" in ids(bare), "the scenario must look like a plateau from the total alone: " + describe(bare)
     monitor = LossConvergenceMonitor(components={"nll": "train_nll", "reg": "train_reg"})
     fit(tmp_path / "parts", Regularised(), monitor=monitor)

@@ -43,6 +43,7 @@ MAX_BINS = 1024  # older bins are merged pairwise beyond this, so memory and sta
 MAX_TREND_POINTS = 64  # Theil-Sen is O(n^2): the window is re-binned to at most this many points
 LEVELLED_OFF = 0.5  # a plateau falls at most this fraction of its average rate since the start (else: just slow)
 ANNEALED = 0.5  # a schedule that took the learning rate below this fraction of its peak explains a flat loss
+PLATEAU_CHECKS = 2  # consecutive checks a plateau must hold at: one flat window can be a pause before progress
 _RESERVED = ("smoothed", "slope")
 
 
@@ -184,6 +185,7 @@ class LossConvergenceMonitor(DebugCallback):
         self._step = 0
         self.last_trend: Trend | None = None
         self.peak_lr = 0.0  # largest learning rate seen (a host float: reading it never syncs)
+        self.plateau_checks = 0  # consecutive checks at which the plateau condition held
 
     @functools.cached_property
     def state_key(self) -> str:
@@ -381,6 +383,7 @@ class LossConvergenceMonitor(DebugCallback):
         reachable = max(0.0, -tr.low) * t
         flat = gap > 0 and reachable < self.min_progress * gap
         evidence["reachable_drop"] = reachable
+        previous_plateau_checks, self.plateau_checks = self.plateau_checks, 0
         if t >= self.warmup_steps and flat:
             drop = start - level
             if drop < self.min_drop * gap0:
@@ -399,7 +402,10 @@ class LossConvergenceMonitor(DebugCallback):
             # a loss that flattens while a schedule anneals the learning rate (cosine, step decay) has converged
             # for that schedule: not a plateau to fix with capacity or a higher rate
             annealed = lr is not None and lr < ANNEALED * self.peak_lr
-            if gap > self.plateau_level * gap0 and levelled and not falling and not annealed:
+            plateau = gap > self.plateau_level * gap0 and levelled and not falling and not annealed
+            self.plateau_checks = previous_plateau_checks + 1 if plateau else 0
+            evidence["plateau_checks"] = self.plateau_checks
+            if self.plateau_checks >= PLATEAU_CHECKS:
                 self.emit(
                     trainer,
                     "loss.plateau",
@@ -442,6 +448,7 @@ class LossConvergenceMonitor(DebugCallback):
             **super().state_dict(),
             "batches": self.batches,
             "peak_lr": self.peak_lr,
+            "plateau_checks": self.plateau_checks,
             "series": [asdict(s) for s in self.series],
             "tail": [[step, row] for step, row in tail],
         }
@@ -450,6 +457,7 @@ class LossConvergenceMonitor(DebugCallback):
         super().load_state_dict(state_dict)
         self.batches = int(state_dict.get("batches", 0))
         self.peak_lr = float(state_dict.get("peak_lr", 0.0))
+        self.plateau_checks = int(state_dict.get("plateau_checks", 0))
         saved = {d["name"]: d for d in state_dict.get("series", [])}
         self.series = [_Series(**saved[s.name]) if s.name in saved else s for s in self.series]
         self._tail = [(int(step), list(row)) for step, row in state_dict.get("tail", [])]
