@@ -13,7 +13,7 @@ import functools
 import logging
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -34,6 +34,28 @@ if not log.handlers:  # like Lightning's own logger: visible by default, configu
 
 _HOOK_PREFIXES = ("on_", "setup", "teardown")
 _UNGUARDED = {"on_exception", "on_save_checkpoint", "on_load_checkpoint"}
+_DISPATCHED_HOOKS = tuple(  # the hooks Lightning calls through `_call_callback_hooks`
+    name
+    for name, attr in vars(Callback).items()
+    if callable(attr) and name.startswith(_HOOK_PREFIXES) and name not in ("on_save_checkpoint", "on_load_checkpoint")
+)
+
+
+class LeanCallback(Callback):
+    """A callback whose hooks cost nothing where it does not define them.
+
+    Lightning's `_call_callback_hooks` calls a callback's hook only if it is callable, and pays a profiler
+    context and a ``state_key`` for each one it does call, no-op or not: about 2 us per hook per callback, six
+    hooks per training step. For the nine callbacks of the suite that alone was 3-6% of a 1.7 ms MLP step. So
+    the hooks a subclass does not define are set to ``None`` and never dispatched (a subclass that defines one
+    must not call ``super()`` for it: there is nothing to call).
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _DISPATCHED_HOOKS:
+            if getattr(cls, name) is getattr(Callback, name):
+                setattr(cls, name, None)
 
 
 def _guard(hook: Callable[..., Any]) -> Callable[..., Any]:
@@ -57,7 +79,7 @@ def _guard(hook: Callable[..., Any]) -> Callable[..., Any]:
     return guarded
 
 
-class DebugCallback(Callback):
+class DebugCallback(LeanCallback):
     """Base class: findings, de-duplication, guarded hooks and checkpointable state.
 
     Args:
@@ -65,11 +87,13 @@ class DebugCallback(Callback):
         verbose: print each new finding to the console (rank zero only).
     """
 
+    #: ``emit`` calls by every debug callback in this process, repeats included: a free per-batch "anything new?"
+    total_emissions: ClassVar[int] = 0
+
     def __init__(self, *, strict: bool = False, verbose: bool = True) -> None:
         self.strict = strict
         self.verbose = verbose
         self.findings: list[Finding] = []
-        self.emissions = 0  # emit() calls, repeats included: a cheap "anything new?" for other callbacks
         self._seen: dict[str, int] = {}  # dedup key -> index into findings
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -96,7 +120,7 @@ class DebugCallback(Callback):
     ) -> Finding:
         """Record a finding. A repeat of the same ``check`` and ``key`` is counted, not printed again."""
         info = check_info(check)
-        self.emissions += 1
+        DebugCallback.total_emissions += 1
         step = int(trainer.global_step) if trainer is not None else 0
         dedup = f"{check}|{key or ''}"
         if dedup in self._seen:

@@ -15,10 +15,9 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from lightning_debug.base import debug_callbacks_of
+from lightning_debug.base import LeanCallback, debug_callbacks_of
 from lightning_debug.findings import Finding, Severity
 from lightning_debug.sinks import Sink
 
@@ -52,7 +51,7 @@ def format_table(findings: list[Finding]) -> str:
     return "\n".join(lines)
 
 
-class DebugReport(Callback):
+class DebugReport(LeanCallback):
     """Writes the findings report at the end of a run and on an exception.
 
     Args:

@@ -263,8 +263,8 @@ def test_state_survives_weights_only_checkpoint_resume(tmp_path):
 def test_pending_rows_are_saved_mid_check():
     """A checkpoint between checks keeps the rows not yet pulled (they load as plain lists)."""
     monitor = LossConvergenceMonitor()
-    monitor._buf = torch.arange(100, dtype=torch.float32).reshape(100, 1)
-    monitor._fill, monitor._steps, monitor.batches = 3, [0, 1, 2], 3
+    monitor._pending = [torch.tensor(float(i)) for i in range(3)]
+    monitor._steps, monitor.batches = [0, 1, 2], 3
     state = monitor.state_dict()
     assert state["tail"] == [[0, [0.0]], [1, [1.0]], [2, [2.0]]]
     other = LossConvergenceMonitor()

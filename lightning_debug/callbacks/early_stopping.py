@@ -210,9 +210,7 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._should_skip_check(trainer):
-            return
-        step = trainer.global_step
+        step = trainer.global_step  # training batches run only while fitting, never in the sanity check
         if self.unit == "steps" and step % self.check_every == 0 and step != self._last_step_checked:
             self._last_step_checked = step  # several batches share a step under gradient accumulation
             self._check(trainer, pl_module, every=1)
@@ -394,11 +392,10 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
     # ---- stop on other findings ------------------------------------------------------------------------------
     def _new_stop_finding(self, trainer: pl.Trainer) -> str | None:
         """The first ``stop_on`` id whose count on another debug callback grew since the last look."""
-        others = [cb for cb in debug_callbacks_of(trainer) if cb is not self]
-        emissions = sum(cb.emissions for cb in others)
-        if emissions == self._emissions_seen:  # per batch: nothing was emitted anywhere, nothing to scan
+        if DebugCallback.total_emissions == self._emissions_seen:  # per batch: nothing was emitted, nothing to scan
             return None
-        self._emissions_seen = emissions
+        self._emissions_seen = DebugCallback.total_emissions
+        others = [cb for cb in debug_callbacks_of(trainer) if cb is not self]
         found = None
         for check in self.stop_on:
             count = sum(f.count for cb in others for f in cb.findings if f.check == check)

@@ -179,9 +179,8 @@ class LossConvergenceMonitor(DebugCallback):
         self.series = [_Series(key or "loss", self.floor)] + [_Series(name, 0.0) for name in components]
         self.batches = 0  # training batches recorded
         self._tail: list[tuple[int, list[float]]] = []  # (global step, values) pulled but not yet binned
-        self._buf: torch.Tensor | None = None  # (check_every_n_steps, n_series) on the loss's device
-        self._fill = 0
-        self._steps: list[int] = []  # global step of each buffered row (host ints, no sync)
+        self._pending: list[torch.Tensor] = []  # this step's values per batch, on the loss's device (no sync)
+        self._steps: list[int] = []  # global step of each pending row (host ints)
         self._step = 0
         self.last_trend: Trend | None = None
         self.peak_lr = 0.0  # largest learning rate seen (a host float: reading it never syncs)
@@ -206,17 +205,15 @@ class LossConvergenceMonitor(DebugCallback):
         values = self._read(trainer, pl_module, outputs)
         if values is None:
             return
-        if self._buf is None or self._buf.device != values.device:
-            self._pull(trainer)  # rows already written on the previous device (a no-op when empty)
-            self._buf = torch.empty(self.check_every_n_steps, len(self.series), device=values.device)
-        self._buf[self._fill].copy_(values)
+        if self._pending and values.device != self._pending[0].device:
+            self._pull()  # the rows pending on the previous device
+        self._pending.append(values)
         self._steps.append(self._step)
         lr = _current_lr(trainer)  # a host float: the peak must be seen before a schedule decays it
         if lr is not None and lr > self.peak_lr:
             self.peak_lr = lr
-        self._fill += 1
         self.batches += 1
-        if self._fill == self.check_every_n_steps:
+        if len(self._pending) == self.check_every_n_steps:
             self._check(trainer)
 
     def _read(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) -> torch.Tensor | None:
@@ -250,16 +247,19 @@ class LossConvergenceMonitor(DebugCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check(trainer, final=True)
 
-    def _pull(self, trainer: pl.Trainer) -> None:
-        """Move the buffered rows to the host tail (the one transfer per check)."""
-        if self._fill and self._buf is not None:
-            rows = self._buf[: self._fill].tolist()
-            self._tail.extend(zip(self._steps, rows, strict=True))
-        self._fill = 0
-        self._steps = []
+    def _pull(self) -> None:
+        """Move the pending rows to the host tail (the one transfer per check)."""
+        self._tail.extend(self._pending_rows())
+        self._pending, self._steps = [], []
+
+    def _pending_rows(self) -> list[tuple[int, list[float]]]:
+        if not self._pending:
+            return []
+        rows = torch.stack([v.reshape(-1) for v in self._pending]).tolist()
+        return list(zip(self._steps, rows, strict=True))
 
     def _check(self, trainer: pl.Trainer, final: bool = False) -> None:
-        self._pull(trainer)
+        self._pull()
         k = BIN_STEPS
         n = len(self._tail) if final else len(self._tail) // k * k
         if n:
@@ -442,8 +442,7 @@ class LossConvergenceMonitor(DebugCallback):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        pending = self._buf[: self._fill].tolist() if self._buf is not None and self._fill else []
-        tail = self._tail + list(zip(self._steps, pending, strict=True))
+        tail = self._tail + self._pending_rows()
         return {
             **super().state_dict(),
             "batches": self.batches,
@@ -461,7 +460,7 @@ class LossConvergenceMonitor(DebugCallback):
         saved = {d["name"]: d for d in state_dict.get("series", [])}
         self.series = [_Series(**saved[s.name]) if s.name in saved else s for s in self.series]
         self._tail = [(int(step), list(row)) for step, row in state_dict.get("tail", [])]
-        self._fill, self._steps = 0, []
+        self._pending, self._steps = [], []
 
 
 def _current_lr(trainer: pl.Trainer) -> float | None:
