@@ -129,6 +129,23 @@ def test_tiny_encoder_decoder_passes(tmp_path: Any, seq2seq_state: dict[str, tor
     _assert_healthy(data)
     assert data["settings"]["encoder_decoder"] is True
     assert data["beam"]["examples"] == 8 and data["beam"]["worse"] == 0, data["beam"]
+    labels = next(iter(reverse_loaders(n_train=256)[1]))["labels"][:8]
+    longest = int((labels != -100).sum(1).max())
+    assert data["settings"]["max_new_tokens"] == min(16, longest), (data["settings"], longest)
+
+
+def test_generation_stops_at_the_longest_continuation_in_the_data() -> None:
+    """Generating past the longest reference output adds cost, not evidence: the length follows the data."""
+    from lightning_debug.integrations.hf import HFTarget
+
+    model = TinyGPT2LM().model.eval()
+    batch = {k: v[:8] for k, v in next(iter(lm_loaders(n_train=256)[1])).items()}
+    target = HFTarget(model, batch, max_new_tokens=16, prompt_fraction=0.5)
+    rest = batch["attention_mask"].sum(1) - target.prompt_mask.sum(1)
+    assert target.new_tokens == min(16, int(rest.max())) < 16, (target.new_tokens, rest.tolist())
+    assert HFTarget(model, batch, max_new_tokens=3, prompt_fraction=0.5).new_tokens == 3
+    tokens, _ = target.decode(1)[0]
+    assert tokens.shape[1] <= target.new_tokens, tokens.shape
 
 
 def test_float64_training_passes(tmp_path: Any, gpt2_state: dict[str, torch.Tensor]) -> None:

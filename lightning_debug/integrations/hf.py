@@ -115,7 +115,6 @@ class HFTarget:
         if "input_ids" not in batch:
             raise KeyError("the batch has no `input_ids`")
         self.model: Any = model  # PreTrainedModel; Any because nn.Module's __getattr__ hides its methods
-        self.max_new_tokens = max_new_tokens
         self.prompt_fraction = prompt_fraction
         self.calls = calls if calls is not None else {"generate": 0, "forward": 0}
         self.encoder_decoder = bool(model.config.is_encoder_decoder)
@@ -129,10 +128,16 @@ class HFTarget:
             mask = torch.ones_like(ids)
         if self.encoder_decoder:
             self.prompt_ids, self.prompt_mask = ids, mask
+            labels = batch.get("labels")
+            reference = (labels != -100).sum(1) if isinstance(labels, torch.Tensor) and labels.dim() == 2 else None
         else:
             limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
             room = MAX_PROMPT_TOKENS if limit is None else max(1, min(MAX_PROMPT_TOKENS, int(limit) - max_new_tokens))
             self.prompt_ids, self.prompt_mask = prompt_prefixes(ids, mask, self.pad_token_id, prompt_fraction, room)
+            reference = mask.sum(1) - self.prompt_mask.sum(1)  # the rest of each row after its prompt
+        # Generating past the longest output the data itself has adds cost, not evidence.
+        longest = int(reference.max()) if reference is not None and reference.numel() else 0
+        self.new_tokens = min(max_new_tokens, longest) if longest > 0 else max_new_tokens
 
     @property
     def n_examples(self) -> int:
@@ -146,7 +151,7 @@ class HFTarget:
             "encoder_decoder": self.encoder_decoder,
             "eos_token_id": self.eos,
             "pad_token_id": self.pad_token_id,
-            "max_new_tokens": self.max_new_tokens,
+            "max_new_tokens": self.new_tokens,
             "prompt_tokens": self.prompt_mask.sum(1).tolist(),
             "generation_config": {k: v for k, v in diff.items() if k != "transformers_version"},
             "overridden_for_the_check": {"do_sample": False, "length_penalty": 0.0, **NEUTRAL_PROCESSORS},
@@ -157,7 +162,7 @@ class HFTarget:
             do_sample=False,
             num_beams=beam_size,
             num_return_sequences=1,
-            max_new_tokens=self.max_new_tokens,
+            max_new_tokens=self.new_tokens,
             pad_token_id=self.pad_token_id,
             return_dict_in_generate=True,
             output_logits=True,
