@@ -21,8 +21,11 @@ def test_overhead_benchmark_smoke(tmp_path):
     (result,) = overhead.main(
         ["--case", "mlp", "--reps", "1", "--root", str(tmp_path), "--json", str(tmp_path / "o.json")]
     )
-    for key in ("step_ratio", "epoch_ratio", "startup_ratio"):
+    for key in ("step_ratio", "separate_runs_step_ratio", "epoch_ratio", "startup_ratio"):
         assert math.isfinite(result[key]) and result[key] > 0, (key, result[key])
+    # the digits MLP has no decoder: the overfit and batch checks run, each with its own cost
+    assert set(result["checks"]) == {"OverfitBatchCheck", "BatchConsistencyCheck"}, result["checks"]
+    assert all(c["seconds"] > 0 and c["epoch_ratio"] > 0 for c in result["checks"].values()), result["checks"]
     assert (tmp_path / "o.json").exists()
 
 

@@ -178,7 +178,7 @@ class GrokkingMonitor(DebugCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if isinstance(outputs, Mapping):
+        if isinstance(outputs, Mapping) and ("logits" in outputs or "probs" in outputs):  # not a bare {"loss": ..}
             self._accumulate("train", outputs, batch)
         step = trainer.global_step
         if step % self.norm_every_n_steps == 0 and (not self._pending_norms or self._pending_norms[-1][0] != step):

@@ -194,21 +194,20 @@ class LossConvergenceMonitor(DebugCallback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         Sink(trainer).define_metric("debug/loss/smoothed", summary="min,last")
 
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._step = trainer.global_step  # the step training_step sees (on_train_batch_end sees it advanced)
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._step = trainer.global_step  # after a resume has restored it
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        step, self._step = self._step, trainer.global_step  # the step training_step saw; the next batch sees this
         values = self._read(trainer, pl_module, outputs)
         if values is None:
             return
         if self._pending and values.device != self._pending[0].device:
             self._pull()  # the rows pending on the previous device
         self._pending.append(values)
-        self._steps.append(self._step)
+        self._steps.append(step)
         lr = _current_lr(trainer)  # a host float: the peak must be seen before a schedule decays it
         if lr is not None and lr > self.peak_lr:
             self.peak_lr = lr
