@@ -2,6 +2,7 @@
 
     python benchmarks/overhead.py                 # all cases, 5 repetitions each
     python benchmarks/overhead.py --case mlp --reps 3 --json out/overhead.json
+    python benchmarks/overhead.py --case mlp --reps 1 --examples   # + a one-epoch run of each example
 
 For each case the same training run (fixed seed, same data) is timed bare and with
 ``debug_callbacks(metric="val_acc")``, alternating bare/suite to cancel drift. A step is timed from one
@@ -20,10 +21,14 @@ startup checks are excluded. Reported per case:
   as a fraction of one bare epoch;
 - ``checks``: each startup check's own time (from its finding's ``data``), as a fraction of one bare epoch
   and of a bare one-epoch run (``Trainer.fit`` with ``max_epochs=1``: sanity check, the epoch and its
-  validation).
+  validation);
+- with ``--examples``: a one-epoch run of each example that uses the suite, as its user runs it (its W&B
+  offline logger included), and each startup check's share of it.
 
-The cases are the examples' own runs: ``mlp`` is ``examples/quickstart.py`` (digits, 45 steps per epoch) and
-``gpt2`` is ``examples/transformer_lm.py`` (128 steps per epoch, with the example's loss floors).
+The cases are the runs of the examples that use ``debug_callbacks``: ``mlp`` is ``examples/quickstart.py``
+(digits, 45 steps per epoch), ``divergence`` is ``examples/loss_metric_divergence.py`` (a 512x512 MLP on 300
+digits: 19 steps per epoch) and ``gpt2`` is ``examples/transformer_lm.py`` (128 steps per epoch, with the
+example's loss floors).
 
 Targets (issue 7): step ratio <= 1.03 on the MLP (the worst case: a cheap model shows callback cost) and
 <= 1.02 on the tiny GPT-2; startup <= 5% of one epoch.
@@ -32,11 +37,14 @@ Targets (issue 7): step ratio <= 1.03 on the MLP (the worst case: a cheap model 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -99,6 +107,13 @@ def _mlp() -> tuple[pl.LightningModule, Any, Any]:
     return DigitsMLP(hidden=(128,), lr=3e-3), train, val
 
 
+def _divergence() -> tuple[pl.LightningModule, Any, Any]:
+    from lightning_debug.demos.digits import DigitsMLP, loaders
+
+    train, val = loaders(batch_size=16, n_train=300)
+    return DigitsMLP(hidden=(512, 512), lr=1e-3), train, val
+
+
 def _gpt2() -> tuple[pl.LightningModule, Any, Any]:
     from lightning_debug.demos.lm import TinyGPT2LM, lm_loaders
 
@@ -109,6 +124,9 @@ def _gpt2() -> tuple[pl.LightningModule, Any, Any]:
 CASES = {
     # A second thread buys a 32x64 MLP nothing, and its scheduling noise (+-5% per run) drowns a 3% effect.
     "mlp": Case("mlp", _mlp, "val_acc", "max", epochs=4, threads=1),
+    "divergence": Case(
+        "divergence", _divergence, "val_acc", "max", epochs=4, threads=1, suite_options={"early_stopping": False}
+    ),
     "gpt2": Case(
         "gpt2", _gpt2, "val_loss", "min", epochs=3, suite_options={"overfit": {"floor": 0.3}, "loss": {"floor": 1.32}}
     ),
@@ -255,12 +273,44 @@ def _measure(case: Case, reps: int, root: str) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+# One epoch of each example that runs the startup checks, run as its user runs it (W&B offline logger included).
+EXAMPLE_RUNS = {
+    "quickstart": ["--epochs", "1"],
+    "loss_metric_divergence": ["--epochs", "1"],
+    "transformer_lm": ["--steps", "128"],  # 4096 sentences in batches of 32
+}
+
+
+def example_run(name: str, root: str) -> dict[str, Any]:
+    """Wall time of a one-epoch run of ``examples/<name>.py`` and each startup check's share of it."""
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    start = time.perf_counter()
+    result = module.main([*EXAMPLE_RUNS[name], "--out", f"{root}/{name}"])
+    seconds = time.perf_counter() - start
+    import wandb
+
+    wandb.finish()  # an example may leave its run open; the next example's WandbLogger would reuse it
+    checks = _check_seconds(getattr(result, "trainer", result))
+    without = seconds - sum(checks.values())
+    return {
+        "example": name,
+        "run_seconds": seconds,
+        "checks": {k: {"seconds": v, "run_ratio": v / without} for k, v in checks.items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", choices=sorted(CASES), action="append")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--root", default="out/overhead")
     parser.add_argument("--json")
+    parser.add_argument("--examples", action="store_true", help="also time a one-epoch run of each example")
     args = parser.parse_args(argv)
     torch.set_flush_denormal(True)
     results = [measure(CASES[name], args.reps, args.root) for name in args.case or sorted(CASES)]
@@ -277,10 +327,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 f"{'':>8}{name}: {c['seconds']:.3f} s = {100 * c['epoch_ratio']:.1f}% of one epoch, "
                 f"{100 * c['one_epoch_run_ratio']:.1f}% of a one-epoch run ({r['one_epoch_run_seconds']:.2f} s)"
             )
+    examples = [example_run(name, args.root) for name in EXAMPLE_RUNS] if args.examples else []
+    for e in examples:
+        shares = ", ".join(
+            f"{name} {c['seconds']:.3f} s = {100 * c['run_ratio']:.1f}%" for name, c in e["checks"].items()
+        )
+        print(f"{e['example']}: one-epoch run {e['run_seconds']:.1f} s; {shares}")
+    out = {"cases": results, "examples": examples}
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=2)
-    return results
+            json.dump(out, fh, indent=2)
+    return out
 
 
 if __name__ == "__main__":

@@ -18,9 +18,8 @@ def _load(name):
 
 def test_overhead_benchmark_smoke(tmp_path):
     overhead = _load("overhead")
-    (result,) = overhead.main(
-        ["--case", "mlp", "--reps", "1", "--root", str(tmp_path), "--json", str(tmp_path / "o.json")]
-    )
+    out = overhead.main(["--case", "mlp", "--reps", "1", "--root", str(tmp_path), "--json", str(tmp_path / "o.json")])
+    (result,) = out["cases"]
     for key in ("step_ratio", "separate_runs_step_ratio", "epoch_ratio", "startup_ratio"):
         assert math.isfinite(result[key]) and result[key] > 0, (key, result[key])
     # the digits MLP has no decoder: the overfit and batch checks run, each with its own cost
