@@ -25,8 +25,9 @@ _SUM = torch.float64  # sums of up to ~1e15 confidences stay exact to ~1e-9
 
 def per_prediction(
     preds: Tensor, target: Tensor, input_format: InputFormat, ignore_index: int | None
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Flattened top-label confidence, correctness, NLL, Brier, validity weight and non-finite flag.
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Flattened top-label confidence, correctness, NLL, Brier, validity weight, and the non-finite and
+    out-of-range flags (rows left out because their scores are NaN/Inf, or their target is not a class).
 
     ``preds`` is ``(..., C)`` for C >= 2 classes, or ``target``-shaped (or ``(..., 1)``) for a binary task
     (probability or logit of class 1). Nothing here reads a value on the host: masked-out rows get weight 0.
@@ -39,9 +40,10 @@ def per_prediction(
     x = preds.float().reshape(-1) if binary else preds.float().reshape(-1, preds.shape[-1])
     t = target.reshape(-1).long()
     finite = torch.isfinite(x) if binary else torch.isfinite(x).all(-1)
-    valid = finite if ignore_index is None else finite & (t != ignore_index)
+    kept = finite if ignore_index is None else finite & (t != ignore_index)
     n_classes = 2 if binary else x.shape[-1]
-    valid = valid & (t >= 0) & (t < n_classes)
+    in_range = (t >= 0) & (t < n_classes)
+    valid = kept & in_range
     t = torch.where(valid, t, torch.zeros_like(t))
     x = torch.where(finite.unsqueeze(-1) if not binary else finite, x, torch.zeros_like(x))
     if binary:
@@ -69,7 +71,7 @@ def per_prediction(
     nonfinite = ~finite
     if ignore_index is not None:
         nonfinite = nonfinite & (target.reshape(-1) != ignore_index)
-    return conf, correct, nll, brier, valid, nonfinite
+    return conf, correct, nll, brier, valid, nonfinite, kept & ~in_range
 
 
 class StreamingCalibration(Metric):
@@ -78,13 +80,14 @@ class StreamingCalibration(Metric):
     ``update(preds, target)`` takes logits (default) or probabilities: ``(N, C)`` / ``(N, T, C)`` with integer
     targets ``(N,)`` / ``(N, T)``, or binary ``(N,)`` scores (class-1 probability or logit; the confidence is
     that of the predicted label, ``max(p, 1 - p)``; torchmetrics' binary metric instead calibrates P(y=1)).
-    Rows whose target is ``ignore_index`` are skipped, rows with NaN/Inf scores are skipped and counted.
+    Rows whose target is ``ignore_index`` are skipped; rows with NaN/Inf scores, and rows whose target is not
+    one of the classes (e.g. a padding label other than ``ignore_index``), are skipped and counted.
 
     ``compute()`` returns a dict of tensors: ``ece``, ``mce``, ``rms_ce`` (equal-width ``n_bins``, as Guo et al.
     and torchmetrics), ``adaptive_ece``, ``brier`` (binary: ``(p - y)^2``; multiclass: summed over classes),
     ``nll``, ``accuracy``, ``confidence``, ``gap`` (mean confidence - accuracy: > 0 is overconfident) and its
-    standard error ``gap_se``, ``count``, ``nonfinite``, and the per-bin ``bin_count`` / ``bin_confidence`` /
-    ``bin_accuracy`` / ``bin_edges`` and ``fine_count`` (the confidence histogram).
+    standard error ``gap_se``, ``count``, ``nonfinite``, ``out_of_range``, and the per-bin ``bin_count`` /
+    ``bin_confidence`` / ``bin_accuracy`` / ``bin_edges`` and ``fine_count`` (the confidence histogram).
 
     Adaptive (equal-mass) ECE is approximated in bounded memory: confidences are also counted in ``fine_bins``
     equal-width bins, and the equal-mass bins are unions of consecutive fine bins, so their edges are quantised
@@ -109,6 +112,7 @@ class StreamingCalibration(Metric):
     nll_sum: Tensor
     gap_sq_sum: Tensor
     nonfinite: Tensor
+    out_of_range: Tensor
 
     def __init__(
         self,
@@ -136,11 +140,11 @@ class StreamingCalibration(Metric):
         for name, size in (("bin", n_bins), ("fine", fine_bins)):
             for part in ("count", "conf", "correct"):
                 self.add_state(f"{name}_{part}", torch.zeros(size, dtype=_SUM), dist_reduce_fx="sum")
-        for name in ("total", "correct", "conf_sum", "brier_sum", "nll_sum", "gap_sq_sum", "nonfinite"):
+        for name in ("total", "correct", "conf_sum", "brier_sum", "nll_sum", "gap_sq_sum", "nonfinite", "out_of_range"):
             self.add_state(name, torch.zeros((), dtype=_SUM), dist_reduce_fx="sum")
 
     def update(self, preds: Tensor, target: Tensor) -> None:
-        conf, correct, nll, brier, valid, nonfinite = per_prediction(
+        conf, correct, nll, brier, valid, nonfinite, out_of_range = per_prediction(
             preds, target, self.input_format, self.ignore_index
         )
         w = valid.to(_SUM)
@@ -161,6 +165,7 @@ class StreamingCalibration(Metric):
         self.nll_sum += (nll.to(_SUM) * w).sum()
         self.gap_sq_sum += ((conf64 - correct64) ** 2).sum()
         self.nonfinite += nonfinite.to(_SUM).sum()
+        self.out_of_range += out_of_range.to(_SUM).sum()
 
     def compute(self) -> dict[str, Tensor]:
         total = self.total
@@ -190,6 +195,7 @@ class StreamingCalibration(Metric):
             "gap_se": ((self.gap_sq_sum / total - (confidence - accuracy) ** 2).clamp_min(0) / total).sqrt(),
             "count": total,
             "nonfinite": self.nonfinite,
+            "out_of_range": self.out_of_range,
             "bin_count": count,
             "bin_confidence": conf_b,
             "bin_accuracy": acc_b,

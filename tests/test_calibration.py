@@ -134,6 +134,37 @@ def test_nonfinite_scores_are_counted_and_left_out():
     assert math.isclose(float(out["ece"]), float(want["ece"]), abs_tol=1e-12)
 
 
+def test_targets_that_are_not_a_class_are_counted_and_left_out():
+    x, y = _logits(100)
+    y[:5], y[5:8] = -1, 10  # a padding label other than ignore_index, and one class too many
+    ours = StreamingCalibration(ignore_index=-100)
+    ours.update(x, y)
+    clean = StreamingCalibration()
+    clean.update(x[8:], y[8:])
+    out, want = ours.compute(), clean.compute()
+    assert float(out["out_of_range"]) == 8 and float(out["count"]) == 92, (out["out_of_range"], out["count"])
+    assert math.isclose(float(out["ece"]), float(want["ece"]), abs_tol=1e-12)
+
+
+class PaddedTargetsMLP(DigitsMLP):
+    """Validation targets padded with -1 where the monitor expects -100: they must be reported, not hidden."""
+
+    def validation_step(self, batch, batch_idx):
+        out = super().validation_step(batch, batch_idx)
+        out["target"] = torch.cat([out["target"][:-4], torch.full((4,), -1)])
+        return out
+
+
+def test_monitor_reports_targets_it_left_out(tmp_path):
+    train, val = loaders(batch_size=32)
+    monitor = CalibrationMonitor(plot_every_n_epochs=0)
+    make_trainer(tmp_path, [monitor], max_epochs=1).fit(PaddedTargetsMLP(), train, val)
+    (finding,) = [f for f in monitor.findings if f.data.get("out_of_range")]
+    assert finding.check == "check.skipped" and "ignore_index" in finding.message, finding.message
+    assert finding.data["out_of_range"] == 4 * len(val), finding.data
+    assert len(monitor.history) == 1, "the other predictions are still measured"
+
+
 def test_find_predictions_reads_dicts_hf_outputs_and_xy_batches():
     logits, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
     assert find_predictions({"logits": logits, "target": y}, None)[1] is y

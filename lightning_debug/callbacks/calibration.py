@@ -192,7 +192,8 @@ class CalibrationMonitor(DebugCallback):
             return
         result = used[0].compute()
         scalars = dict(zip(SCALARS, torch.stack([result[k] for k in SCALARS]).tolist(), strict=True))
-        scalars["gap_se"], nonfinite = float(result["gap_se"]), float(result["nonfinite"])
+        scalars["gap_se"] = float(result["gap_se"])
+        nonfinite, out_of_range = float(result["nonfinite"]), float(result["out_of_range"])
         if self._sample:
             x, t, w = (torch.cat(parts) for parts in zip(*self._sample, strict=True))
             scalars["temperature"] = fit_temperature(x, t, w)
@@ -203,6 +204,16 @@ class CalibrationMonitor(DebugCallback):
                 f"{nonfinite:.0f} validation predictions had NaN/Inf scores; calibration leaves them out.",
                 key="calibration:nonfinite",
                 data={"nonfinite": nonfinite, "epoch": trainer.current_epoch},
+            )
+        if out_of_range:
+            self.emit(
+                trainer,
+                "check.skipped",
+                f"{out_of_range:.0f} validation targets are not a class of the scores (ignore_index="
+                f"{self.ignore_index}); calibration leaves them out. If they are padding labels, pass their "
+                "value as `ignore_index`; otherwise the scores have fewer classes than the labels.",
+                key="calibration:out-of-range",
+                data={"out_of_range": out_of_range, "ignore_index": self.ignore_index, "epoch": trainer.current_epoch},
             )
         if scalars["count"] == 0:
             return

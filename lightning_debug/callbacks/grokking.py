@@ -48,7 +48,7 @@ def log_spaced_steps(per_decade: int, max_step: int) -> set[int]:
 
 def prediction_sums(scores: Tensor, target: Tensor, fmt: Any, ignore_index: int | None) -> Tensor:
     """On-device ``[correct, tokens, nll, seq_correct, seqs]``; sequences when ``target`` has a time axis."""
-    _, correct, nll, _, valid, _ = per_prediction(scores, target, fmt, ignore_index)
+    _, correct, nll, _, valid, _, _ = per_prediction(scores, target, fmt, ignore_index)
     w = valid.to(torch.float64)
     rows = target.reshape(target.shape[0], -1) if target.ndim >= 2 else None
     if rows is None:
