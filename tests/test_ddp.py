@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_debug.metrics import StreamingCalibration
+from lightning_debug.metrics import StreamingCalibration, fit_temperature
 
 from models import DigitsMLP, loaders, run_two_rank_script
 from wandb_reader import read_offline_run
@@ -68,14 +68,23 @@ def test_calibration_is_reduced_across_ranks_and_equals_one_process(ddp_run):
     model.eval()
     metric = StreamingCalibration(15)
     _, val = loaders(batch_size=32, n_train=640, n_val=320)
+    logits, targets = [], []
     with torch.no_grad():
         for x, y in val:
             metric.update(model(x), y)
+            logits.append(model(x))
+            targets.append(y)
     single = {k: float(v) for k, v in metric.compute().items() if v.numel() == 1}
     for key in ("ece", "mce", "adaptive_ece", "brier", "nll", "accuracy", "confidence", "count"):
         for r in (r0, r1):
             diff = abs(r["calibration"][key] - single[key])
             assert diff <= 1e-6, f"{key}: rank {r['rank']} {r['calibration'][key]} vs one process {single[key]}"
+    # the temperature is fitted on every rank's sample together: one value on both ranks, that of the whole set
+    # (to the bounded search's resolution: the NLL is flat near its minimum, so float-order noise moves T ~1e-4)
+    temperature = fit_temperature(torch.cat(logits), torch.cat(targets))
+    assert r0["calibration"]["temperature"] == r1["calibration"]["temperature"], (r0["calibration"], r1["calibration"])
+    got = r0["calibration"]["temperature"]
+    assert abs(got - temperature) <= 1e-3 * temperature, f"T {got} on the ranks vs {temperature} in one process"
 
 
 def test_startup_checks_run_once_on_rank_zero(ddp_run):

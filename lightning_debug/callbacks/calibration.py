@@ -176,6 +176,17 @@ class CalibrationMonitor(DebugCallback):
         self._sample.append((x, torch.where(valid, t, torch.zeros_like(t)), valid.float()))
         self._sample_rows += len(t)
 
+    def _gathered(self, trainer: pl.Trainer, *rows: Tensor) -> list[Tensor]:
+        """Every rank's sample, each padded with weight-0 rows to the sample budget so ``all_gather`` can stack
+        them (ranks may keep different numbers of rows)."""
+        width = 1 if rows[0].dim() == 1 else rows[0].shape[-1]
+        budget = min(self.temperature_samples, _SAMPLE_ELEMENTS // width)
+        out = []
+        for r in rows:
+            padded = torch.cat([r, r.new_zeros((budget - r.shape[0], *r.shape[1:]))])
+            out.append(trainer.strategy.all_gather(padded).reshape(-1, *r.shape[1:]))
+        return out
+
     # -- judging (once per epoch) ---------------------------------------------------------------------------
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -196,6 +207,8 @@ class CalibrationMonitor(DebugCallback):
         nonfinite, out_of_range = float(result["nonfinite"]), float(result["out_of_range"])
         if self._sample:
             x, t, w = (torch.cat(parts) for parts in zip(*self._sample, strict=True))
+            if trainer.world_size > 1:  # one temperature for the whole validation set, the same on every rank
+                x, t, w = self._gathered(trainer, x, t, w)
             scalars["temperature"] = fit_temperature(x, t, w)
         if nonfinite:
             self.emit(
