@@ -1,6 +1,6 @@
 """Grokking on modular addition, watched by GrokkingMonitor and logged to W&B offline.
 
-    python examples/grokking.py                 # half the pairs for training: groks near step 900, ~30 s
+    python examples/grokking.py                 # half the pairs for training: groks near step 900, ~40 s
     python examples/grokking.py --frac 0.3      # 30%: memorised by step ~300, groks near 13k (~3 min)
 
 The model (embedding + MLP, AdamW, weight decay 1.0, full batch) memorises the training pairs within ~100

@@ -1,6 +1,6 @@
 """The lecture's experiment: dev loss rises while dev accuracy holds or rises, so stop on the metric.
 
-    python examples/loss_metric_divergence.py               # 60 epochs, ~1 minute on 2 CPU cores
+    python examples/loss_metric_divergence.py               # 60 epochs, ~15 s on 2 CPU cores
     python examples/loss_metric_divergence.py --epochs 30   # shorter
 
 A wide MLP (512-512) trained with Adam on 300 digits memorises its training set within a few epochs. From then

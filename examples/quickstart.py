@@ -1,6 +1,6 @@
 """Quick start: a digits MLP with the default debug suite, logging to W&B offline.
 
-    python examples/quickstart.py            # ~1 minute on 2 CPU cores
+    python examples/quickstart.py            # ~10 s on 2 CPU cores
     python examples/quickstart.py --lr 3.0   # a learning rate far too high: watch the findings
 
 Prints the findings report at the end; the W&B run is under ./out/quickstart/wandb (offline: `wandb sync` it

@@ -1,6 +1,6 @@
 """A tiny GPT-2 on a synthetic language with padded batches, and the classic bugs the startup checks catch.
 
-    python examples/transformer_lm.py                     # healthy: batch and decode checks pass, ~1 min
+    python examples/transformer_lm.py                     # healthy: batch and decode checks pass, ~15 s
     python examples/transformer_lm.py --bug padding       # loss counted on padding -> batch.padding_dependence
     python examples/transformer_lm.py --bug batch-mix     # examples mixed in the batch -> cross_sample_dependence
     python examples/transformer_lm.py --bug decode-score  # decoder scores off by one -> decode.score_mismatch
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> pl.Trainer:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--n-train", type=int, default=4096)
     parser.add_argument("--val-every", type=int, default=50, help="validate every N training steps")
-    parser.add_argument("--no-overfit", action="store_true", help="skip the one-batch memorisation check (~10 s)")
+    parser.add_argument("--no-overfit", action="store_true", help="skip the one-batch memorisation check (~0.5 s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="out/transformer_lm")
     args = parser.parse_args(argv)
