@@ -225,8 +225,9 @@ _CHECKS: tuple[CheckInfo, ...] = (
         "startup.cannot_overfit",
         "error",
         "The model cannot overfit one batch",
-        "On a copy of the model, repeated training on a single fixed batch did not drive the loss near its "
-        "floor. A correct model of reasonable size memorises one batch easily. A warning instead of an error "
+        "On a copy of the model (before the first step, or once the loss stalls with `when='stall'`), repeated "
+        "training on a single fixed batch did not drive the loss near its floor. A correct model of reasonable "
+        "size memorises one batch easily. A warning instead of an error "
         "when the loss got at least a quarter of the way (it learns, but too slowly).",
         (
             "model capacity far too low for even one batch",
@@ -245,7 +246,8 @@ _CHECKS: tuple[CheckInfo, ...] = (
         "startup.overfit_ok",
         "info",
         "The model can overfit one batch",
-        "On a copy of the model, the loss on one fixed batch fell to near its floor.",
+        "On a copy of the model (before the first step, or once the loss stalls with `when='stall'`), the "
+        "loss on one fixed batch fell to near its floor.",
         ("healthy model and loss",),
         ("nothing to do",),
         "OverfitBatchCheck",

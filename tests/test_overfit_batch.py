@@ -8,6 +8,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lightning_debug.callbacks.loss import LossConvergenceMonitor
 from lightning_debug.callbacks.overfit import OverfitBatchCheck
 from lightning_debug.findings import Severity
 
@@ -58,6 +59,29 @@ def test_slow_learner_is_a_warning_not_an_error(tmp_path):
     (f,) = check(tmp_path, DigitsMLP(optimizer="sgd", lr=0.05)).findings
     assert f.check == "startup.cannot_overfit" and f.severity is Severity.WARNING, f.message
     assert 0.25 <= f.data["closed"] < 0.95 and "learning rate" in f.message, f.data
+
+
+def _stalled_run(tmp_path, module):
+    stall, monitor = OverfitBatchCheck(when="stall"), LossConvergenceMonitor()
+    train, _ = loaders(batch_size=32)
+    make_trainer(tmp_path, [monitor, stall], max_steps=450, max_epochs=20).fit(module, train)
+    return stall, monitor
+
+
+def test_stall_mode_costs_nothing_while_the_loss_falls(tmp_path):
+    stall, _ = _stalled_run(tmp_path, DigitsMLP())
+    assert not stall.findings and not stall.done, [f.message for f in stall.findings]
+
+
+def test_stall_mode_diagnoses_a_loss_that_does_not_fall(tmp_path):
+    """The loss monitor reports `loss.not_decreasing` at step 200; at that epoch's end a copy of the model
+    trained on one batch says why: it cannot memorise even that (a bug, here detached logits)."""
+    stall, monitor = _stalled_run(tmp_path, DigitsMLP(detach_logits=True))
+    assert [f.check for f in monitor.findings if f.severity is not Severity.INFO] == ["loss.not_decreasing"]
+    (f,) = stall.findings
+    assert f.check == "startup.cannot_overfit" and f.severity is Severity.ERROR, f.message
+    assert f.data["trigger"] == "loss.not_decreasing" and "because of loss.not_decreasing" in f.message, f.message
+    assert 200 <= f.step < 250, f"run at the end of the epoch holding step 200, not at step {f.step}"
 
 
 class Snapshot(Callback):
@@ -153,6 +177,7 @@ def test_manual_optimization_is_skipped(tmp_path):
         ({"floor": float("inf")}, "floor"),
         ({"rel_tol": 1}, "rel_tol"),
         ({"abs_tol": -1}, "abs_tol"),
+        ({"when": "later"}, "when"),
     ],
 )
 def test_arguments_are_validated(kwargs, name):

@@ -1,7 +1,7 @@
 """``LossConvergenceMonitor``: is the training loss going down, and towards a good value?
 
 The debugging lecture's first rule: before looking at dev accuracy, look at the training loss. This callback
-reads the loss every step into a buffer on the loss's own device (no host-device sync), pulls it to the host
+keeps the loss of every step on the loss's own device (no host-device sync), pulls it to the host
 once every ``check_every_n_steps`` and summarises it into bins (the median of every 10 steps: robust to spikes
 and to small-batch noise). Decisions use those bins only:
 

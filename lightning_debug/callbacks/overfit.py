@@ -22,12 +22,13 @@ from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch.utils.data import DataLoader
 
-from lightning_debug.base import DebugCallback
+from lightning_debug.base import DebugCallback, debug_callbacks_of
 from lightning_debug.isolation import isolated, silenced_logging
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
+STALL_FINDINGS = ("loss.not_decreasing", "loss.plateau")  # with when="stall", the findings that run the check
 SLOW_BUT_LEARNING = 0.25  # a failed check that closed at least this much of the gap is a warning, not an error
 MOSTLY_MEMORISED = 0.75  # ...and this much is a pass: a healthy small transformer gets ~90% of the way in 100 steps
 
@@ -61,7 +62,11 @@ class OverfitBatchCheck(DebugCallback):
     A failure is an error when the loss closed less than a quarter of its gap (a bug or no capacity), a warning
     when it got further (it learns, but too slowly for ``max_steps``: learning rate or optimizer); closing three
     quarters counts as a pass (a healthy small transformer gets ~90% of the way in 100 steps).
-    Runs once, on global rank zero only, at ``on_train_start``; the copy makes no collective calls
+    Runs once, on global rank zero only: at ``on_train_start`` (``when="start"``), or with ``when="stall"`` at
+    the end of the first epoch in which another debug callback reported ``loss.not_decreasing`` or
+    ``loss.plateau``: nothing at start, and the lecture's next question once the loss stalls (can the model
+    memorise anything at all?). The default catches a broken loss before the first step; ``"stall"`` finds
+    it when the loss monitor does (a few hundred steps in). The copy makes no collective calls
     (``SyncBatchNorm`` is reverted to ``BatchNorm`` in the copy), so other ranks simply wait in their first
     training step. Dropout modules are switched off in the copy (memorising needs a deterministic model), the
     base learning rate is used (schedulers are created but not stepped) and ``gradient_clip_val`` is applied.
@@ -71,6 +76,7 @@ class OverfitBatchCheck(DebugCallback):
         floor: the best achievable loss (0 for a likelihood).
         rel_tol: pass when ``loss - floor <= rel_tol * (first loss - floor)``.
         abs_tol: or when ``loss - floor <= abs_tol``.
+        when: ``"start"`` (before the first training step) or ``"stall"`` (once the training loss stalls).
     """
 
     def __init__(
@@ -80,6 +86,7 @@ class OverfitBatchCheck(DebugCallback):
         floor: float = 0.0,
         rel_tol: float = 0.05,
         abs_tol: float = 0.02,
+        when: str = "start",
         strict: bool = False,
         verbose: bool = True,
     ) -> None:
@@ -92,13 +99,27 @@ class OverfitBatchCheck(DebugCallback):
             raise ValueError(f"`rel_tol` must be in (0, 1), got {rel_tol}")
         if abs_tol < 0:
             raise ValueError(f"`abs_tol` must be >= 0, got {abs_tol}")
+        if when not in ("start", "stall"):
+            raise ValueError(f"`when` must be 'start' or 'stall', got {when!r}")
         self.max_steps = max_steps
         self.floor = float(floor)
         self.rel_tol = rel_tol
         self.abs_tol = abs_tol
+        self.when = when
         self.done = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.when == "start":
+            self._check(trainer, pl_module, trigger=None)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.when == "stall" and not self.done:
+            seen = (f.check for cb in debug_callbacks_of(trainer) if cb is not self for f in cb.findings)
+            trigger = next((check for check in seen if check in STALL_FINDINGS), None)
+            if trigger is not None:
+                self._check(trainer, pl_module, trigger)
+
+    def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, trigger: str | None) -> None:
         if self.done:
             return
         self.done = True
@@ -114,12 +135,12 @@ class OverfitBatchCheck(DebugCallback):
         with isolated(pl_module):
             batch = apply_to_collection(loaders, DataLoader, _first_batch)
             batch = trainer.strategy.batch_to_device(batch)
-            self._run(trainer, pl_module, batch)
+            self._run(trainer, pl_module, batch, trigger)
 
     def _skip(self, trainer: pl.Trainer, why: str) -> None:
         self.emit(trainer, "check.skipped", f"OverfitBatchCheck: {why}", data={"reason": why}, key=why)
 
-    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, trigger: str | None) -> None:
         began = time.perf_counter()
         model = copy.deepcopy(pl_module)  # a deep copy drops the trainer reference...
         model._trainer = trainer  # ...which training_step may read; its self.log is silenced below
@@ -157,15 +178,20 @@ class OverfitBatchCheck(DebugCallback):
                 elif clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), float(clip))
                 optimizer.step()
-        self._report(trainer, curve, gap0, passed, time.perf_counter() - began)
+        self._report(trainer, curve, gap0, passed, time.perf_counter() - began, trigger)
         del model, optimizer
 
     def _passes(self, gap: float, gap0: float) -> bool:
         return gap <= self.abs_tol or (gap0 > 0 and gap <= self.rel_tol * gap0)
 
-    def _report(self, trainer: pl.Trainer, curve: list[float], gap0: float, passed: bool, seconds: float) -> None:
+    def _report(
+        self, trainer: pl.Trainer, curve: list[float], gap0: float, passed: bool, seconds: float, trigger: str | None
+    ) -> None:
         steps = len(curve) - 1
+        model = "A copy of the model" if trigger is None else f"A copy of the model at step {trainer.global_step}"
+        why = "" if trigger is None else f" (run because of {trigger})"
         data = {
+            "trigger": trigger,
             "steps": steps,
             "max_steps": self.max_steps,
             "seconds": seconds,
@@ -184,8 +210,8 @@ class OverfitBatchCheck(DebugCallback):
             self.emit(
                 trainer,
                 "startup.overfit_ok",
-                f"A copy of the model {how}: loss {curve[0]:.4g} -> {curve[-1]:.4g} in {steps} steps "
-                f"(floor {self.floor:g}; {seconds:.2f} s).",
+                f"{model} {how}: loss {curve[0]:.4g} -> {curve[-1]:.4g} in {steps} steps "
+                f"(floor {self.floor:g}; {seconds:.2f} s){why}.",
                 data={**data, "target": target, "closed": closed},
             )
             return
@@ -193,7 +219,7 @@ class OverfitBatchCheck(DebugCallback):
         self.emit(
             trainer,
             "startup.cannot_overfit",
-            f"A copy of the model could not memorise one batch: loss {curve[0]:.4g} -> {curve[-1]:.4g} after "
+            f"{model} could not memorise one batch{why}: loss {curve[0]:.4g} -> {curve[-1]:.4g} after "
             f"{steps} steps, {closed:.0%} of the way to the floor {self.floor:g} (needed <= {target:.4g})"
             + ("; it learns, but slowly: raise the learning rate or `max_steps`" if slow else "")
             + f". Check took {seconds:.2f} s.",
