@@ -179,7 +179,7 @@ class Run:
     clock: StepClock
     fit_seconds: float
     check_seconds: dict[str, float]  # startup check -> its own time
-    first_callback: Callback
+    interleave: Interleave | None  # set for an interleaved run
 
 
 def _check_seconds(trainer: pl.Trainer) -> dict[str, float]:
@@ -198,10 +198,12 @@ def run_once(case: Case, with_suite: bool, root: str, epochs: int | None = None,
     module, train, val = case.build()
     clock = StepClock()
     callbacks: list[Callback] = [clock]
+    alternator = None
     if with_suite:
         options = {"report": {"print_table": False}, **case.suite_options}
         suite = debug_callbacks(metric=case.metric, mode=case.mode, **options)
-        callbacks = [Interleave(suite), *suite] if interleave else [clock, *suite]
+        alternator = Interleave(suite) if interleave else None
+        callbacks = [alternator or clock, *suite]
     trainer = pl.Trainer(
         max_epochs=epochs or case.epochs,
         accelerator="cpu",
@@ -215,7 +217,7 @@ def run_once(case: Case, with_suite: bool, root: str, epochs: int | None = None,
     )
     start = time.perf_counter()
     trainer.fit(module, train, val)
-    return Run(clock, time.perf_counter() - start, _check_seconds(trainer), callbacks[0])
+    return Run(clock, time.perf_counter() - start, _check_seconds(trainer), alternator)
 
 
 def measure(case: Case, reps: int, root: str) -> dict[str, Any]:
@@ -235,8 +237,8 @@ def _measure(case: Case, reps: int, root: str) -> dict[str, Any]:
         bare_runs.append(run_once(case, False, root))
         suite_runs.append(run_once(case, True, root))
         one_epoch_runs.append(run_once(case, False, root, epochs=1).fit_seconds)
-        alternating = run_once(case, True, root, epochs=2 * case.epochs, interleave=True).first_callback
-        assert isinstance(alternating, Interleave)
+        alternating = run_once(case, True, root, epochs=2 * case.epochs, interleave=True).interleave
+        assert alternating is not None
         interleaved.append(alternating.ratio)
     bare, suite = [r.clock for r in bare_runs], [r.clock for r in suite_runs]
     ratios = [s.seconds_per_step / b.seconds_per_step for b, s in zip(bare, suite, strict=True)]

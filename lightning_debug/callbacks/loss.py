@@ -165,6 +165,7 @@ class LossConvergenceMonitor(DebugCallback):
                 raise ValueError(f"`components` name {name!r} is reserved; pick another name")
         self.key = key
         self.components = components
+        self._logged_keys = ([key] if key is not None else []) + list(components.values())  # read every step
         self.floor = float(floor)
         self.check_every_n_steps = check_every_n_steps
         self.window = window
@@ -226,7 +227,7 @@ class LossConvergenceMonitor(DebugCallback):
             if pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
                 loss = loss * trainer.accumulate_grad_batches  # Lightning divides it for accumulation
             parts.append(loss)
-        wanted = ([self.key] if self.key is not None else []) + list(self.components.values())
+        wanted = self._logged_keys
         if wanted:
             metrics = trainer.callback_metrics
             missing = [k for k in wanted if not isinstance(metrics.get(k), torch.Tensor)]
