@@ -225,7 +225,8 @@ _CHECKS: tuple[CheckInfo, ...] = (
         "startup.cannot_overfit",
         "error",
         "The model cannot overfit one batch",
-        "On a copy of the model (before the first step, or once the loss stalls with `when='stall'`), repeated "
+        "On a copy of the model (before the first step, or once the loss stalls with `when='stall'` or a deferred "
+        "`when='auto'`), repeated "
         "training on a single fixed batch did not drive the loss near its floor. A correct model of reasonable "
         "size memorises one batch easily. A warning instead of an error "
         "when the loss got at least a quarter of the way (it learns, but too slowly).",
@@ -246,10 +247,24 @@ _CHECKS: tuple[CheckInfo, ...] = (
         "startup.overfit_ok",
         "info",
         "The model can overfit one batch",
-        "On a copy of the model (before the first step, or once the loss stalls with `when='stall'`), the "
-        "loss on one fixed batch fell to near its floor.",
+        "On a copy of the model (before the first step, or once the loss stalls with `when='stall'` or a "
+        "deferred `when='auto'`), the loss on one fixed batch fell to near its floor.",
         ("healthy model and loss",),
         ("nothing to do",),
+        "OverfitBatchCheck",
+    ),
+    _c(
+        "startup.overfit_deferred",
+        "info",
+        "The one-batch memorisation test waits for a stall",
+        "With `when='auto'` (the default) the test runs before the first step only when its `max_steps` are at "
+        "most 5% of an epoch's steps. In shorter epochs it would cost more than the budget, so it runs instead "
+        "if the loss monitor reports `loss.not_decreasing` or `loss.plateau`, as the diagnosis of the stall.",
+        ("short epochs: the test would cost a large share of one",),
+        (
+            "nothing to do on a healthy run",
+            "pass `when='start'` to run it before the first step anyway (up to `max_steps` steps on a copy)",
+        ),
         "OverfitBatchCheck",
     ),
     _c(

@@ -84,6 +84,41 @@ def test_stall_mode_diagnoses_a_loss_that_does_not_fall(tmp_path):
     assert 200 <= f.step < 250, f"run at the end of the epoch holding step 200, not at step {f.step}"
 
 
+def test_auto_defers_on_a_short_epoch_and_diagnoses_the_stall(tmp_path):
+    """The default `when="auto"`: up to 100 steps would be 263% of a 38-step epoch, over the 5% budget, so the
+    check says so at start and runs when the loss monitor reports the stall, as in `when="stall"`."""
+    auto, monitor = OverfitBatchCheck(), LossConvergenceMonitor()
+    train, _ = loaders(batch_size=32)
+    make_trainer(tmp_path, [monitor, auto], max_steps=450, max_epochs=20).fit(DigitsMLP(detach_logits=True), train)
+    deferred, diagnosis = auto.findings
+    assert deferred.check == "startup.overfit_deferred" and deferred.step == 0, deferred.message
+    assert deferred.data["epoch_steps"] == 38 and deferred.data["share"] == pytest.approx(100 / 38), deferred.data
+    assert "263% of a 38-step epoch" in deferred.message, deferred.message
+    assert diagnosis.check == "startup.cannot_overfit" and diagnosis.data["trigger"] == "loss.not_decreasing"
+    assert 200 <= diagnosis.step < 250, diagnosis.step
+
+
+class StopAfterOneStep(Callback):
+    def on_train_batch_end(self, trainer, *args):
+        trainer.should_stop = True
+
+
+def test_auto_runs_at_start_when_the_epoch_is_long(tmp_path):
+    """Batch 1: 1200 steps per epoch, so 50 steps are 4.2% of it, within the 5% budget: run before step 1."""
+    auto = OverfitBatchCheck(max_steps=50)
+    train, _ = loaders(batch_size=1)
+    callbacks = [LossConvergenceMonitor(), auto, StopAfterOneStep()]
+    make_trainer(tmp_path, callbacks, max_epochs=1).fit(DigitsMLP(), train)
+    (f,) = auto.findings
+    assert f.check == "startup.overfit_ok" and f.step == 0 and f.data["trigger"] is None, f.message
+
+
+def test_auto_runs_at_start_without_a_loss_monitor_to_wait_for(tmp_path):
+    """Nothing on the trainer would ever report a stall: the check runs at start whatever it costs."""
+    (f,) = check(tmp_path, DigitsMLP()).findings
+    assert f.check == "startup.overfit_ok" and f.step == 0, f.message
+
+
 class Snapshot(Callback):
     """Everything the check must leave untouched, captured at on_train_start (before or after the check)."""
 

@@ -1,10 +1,11 @@
 """``OverfitBatchCheck``: can the model memorise one batch? (a startup check)
 
 The lecture's bug test: a correct model of reasonable size drives the loss of a tiny training set to ~0. Before
-the first training step, on a deep copy of the module and a fresh optimizer from the copy's
-``configure_optimizers``, this trains on the first batch of the train dataloader for up to ``max_steps`` and
-checks the loss fell near ``floor``. The real run is untouched: parameters, optimizer state, RNG streams
-(global and the dataloader's own generators), train/eval modes and ``self.log`` results are as before.
+the first training step (or, when that would cost more than 5% of an epoch, once the loss stalls), on a deep
+copy of the module and a fresh optimizer from the copy's ``configure_optimizers``, this trains on the first
+batch of the train dataloader for up to ``max_steps`` and checks the loss fell near ``floor``. The real run is
+untouched: parameters, optimizer state, RNG streams (global and the dataloader's own generators), train/eval
+modes and ``self.log`` results are as before.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch.utils.data import DataLoader
 
 from lightning_debug.base import DebugCallback, debug_callbacks_of
+from lightning_debug.callbacks.loss import LossConvergenceMonitor
 from lightning_debug.isolation import isolated, silenced_logging
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-STALL_FINDINGS = ("loss.not_decreasing", "loss.plateau")  # with when="stall", the findings that run the check
+STALL_FINDINGS = ("loss.not_decreasing", "loss.plateau")  # with when="stall"/"auto", the findings that run the check
+START_BUDGET = 0.05  # with when="auto", run at start only if max_steps is at most this share of an epoch's steps
 SLOW_BUT_LEARNING = 0.25  # a failed check that closed at least this much of the gap is a warning, not an error
 MOSTLY_MEMORISED = 0.75  # ...and this much is a pass: a healthy small transformer gets ~90% of the way in 100 steps
 
@@ -62,11 +65,14 @@ class OverfitBatchCheck(DebugCallback):
     A failure is an error when the loss closed less than a quarter of its gap (a bug or no capacity), a warning
     when it got further (it learns, but too slowly for ``max_steps``: learning rate or optimizer); closing three
     quarters counts as a pass (a healthy small transformer gets ~90% of the way in 100 steps).
-    Runs once, on global rank zero only: at ``on_train_start`` (``when="start"``), or with ``when="stall"`` at
-    the end of the first epoch in which another debug callback reported ``loss.not_decreasing`` or
-    ``loss.plateau``: nothing at start, and the lecture's next question once the loss stalls (can the model
-    memorise anything at all?). The default catches a broken loss before the first step; ``"stall"`` finds
-    it when the loss monitor does (a few hundred steps in). The copy makes no collective calls
+    Runs once, on global rank zero only, on a copy of the model: at ``on_train_start`` (``when="start"``), or
+    with ``when="stall"`` at the end of the first epoch in which another debug callback reported
+    ``loss.not_decreasing`` or ``loss.plateau``: nothing at start, and the lecture's next question once the
+    loss stalls (can the model memorise anything at all?). ``"auto"`` (the default) is ``"start"`` when
+    ``max_steps`` is at most 5% of an epoch's steps (or no :class:`LossConvergenceMonitor` is on the trainer to
+    report a stall), else ``"stall"``, with a ``startup.overfit_deferred`` note: the test costs up to
+    ``max_steps`` training steps, too much before a short epoch, and a broken loss is then found when the loss
+    monitor finds it (a few hundred steps in). The copy makes no collective calls
     (``SyncBatchNorm`` is reverted to ``BatchNorm`` in the copy), so other ranks simply wait in their first
     training step. Dropout modules are switched off in the copy (memorising needs a deterministic model), the
     base learning rate is used (schedulers are created but not stepped) and ``gradient_clip_val`` is applied.
@@ -76,7 +82,8 @@ class OverfitBatchCheck(DebugCallback):
         floor: the best achievable loss (0 for a likelihood).
         rel_tol: pass when ``loss - floor <= rel_tol * (first loss - floor)``.
         abs_tol: or when ``loss - floor <= abs_tol``.
-        when: ``"start"`` (before the first training step) or ``"stall"`` (once the training loss stalls).
+        when: ``"start"`` (before the first training step), ``"stall"`` (once the training loss stalls) or
+            ``"auto"`` (at start if that is cheap next to an epoch, else on a stall).
     """
 
     def __init__(
@@ -86,7 +93,7 @@ class OverfitBatchCheck(DebugCallback):
         floor: float = 0.0,
         rel_tol: float = 0.05,
         abs_tol: float = 0.02,
-        when: str = "start",
+        when: str = "auto",
         strict: bool = False,
         verbose: bool = True,
     ) -> None:
@@ -99,8 +106,8 @@ class OverfitBatchCheck(DebugCallback):
             raise ValueError(f"`rel_tol` must be in (0, 1), got {rel_tol}")
         if abs_tol < 0:
             raise ValueError(f"`abs_tol` must be >= 0, got {abs_tol}")
-        if when not in ("start", "stall"):
-            raise ValueError(f"`when` must be 'start' or 'stall', got {when!r}")
+        if when not in ("start", "stall", "auto"):
+            raise ValueError(f"`when` must be 'start', 'stall' or 'auto', got {when!r}")
         self.max_steps = max_steps
         self.floor = float(floor)
         self.rel_tol = rel_tol
@@ -109,11 +116,28 @@ class OverfitBatchCheck(DebugCallback):
         self.done = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.when == "start":
+        if self.done or self.when == "stall":
+            return
+        epoch_steps = min(trainer.num_training_batches, trainer.max_steps if trainer.max_steps >= 0 else math.inf)
+        share = self.max_steps / epoch_steps if epoch_steps > 0 else math.inf
+        monitored = any(isinstance(cb, LossConvergenceMonitor) for cb in trainer.callbacks)  # type: ignore[attr-defined]
+        if self.when == "start" or share <= START_BUDGET or not monitored:
             self._check(trainer, pl_module, trigger=None)
+        elif trainer.global_rank == 0 and not self.has_finding("startup.overfit_deferred"):  # once, also on resume
+            self._defer(trainer, epoch_steps, share)
+
+    def _defer(self, trainer: pl.Trainer, epoch_steps: float, share: float) -> None:
+        self.emit(
+            trainer,
+            "startup.overfit_deferred",
+            f"One-batch memorisation test deferred: up to {self.max_steps} steps on one batch would be {share:.0%} "
+            f"of a {epoch_steps:g}-step epoch (budget {START_BUDGET:.0%}). It runs if the training loss stalls "
+            f"({' or '.join(STALL_FINDINGS)}).",
+            data={"max_steps": self.max_steps, "epoch_steps": epoch_steps, "share": share, "budget": START_BUDGET},
+        )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.when == "stall" and not self.done:
+        if self.when != "start" and not self.done:
             seen = (f.check for cb in debug_callbacks_of(trainer) if cb is not self for f in cb.findings)
             trigger = next((check for check in seen if check in STALL_FINDINGS), None)
             if trigger is not None:

@@ -34,7 +34,10 @@ def main(out: str, lr: float) -> None:
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
     train, val = loaders(batch_size=32, n_train=640, n_val=320)
-    callbacks = [OneRankProbe(), *debug_callbacks(metric="val_acc", early_stopping={"stopping_threshold": STOP_AT})]
+    callbacks = [
+        OneRankProbe(),
+        *debug_callbacks(metric="val_acc", early_stopping={"stopping_threshold": STOP_AT}, overfit={"when": "start"}),
+    ]
     trainer = pl.Trainer(
         strategy="ddp",
         accelerator="cpu",
