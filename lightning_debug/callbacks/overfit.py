@@ -118,20 +118,21 @@ class OverfitBatchCheck(DebugCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.done or self.when == "stall":
             return
-        epoch_steps = min(trainer.num_training_batches, trainer.max_steps if trainer.max_steps >= 0 else math.inf)
+        run_steps = trainer.max_steps if trainer.max_steps >= 0 else math.inf
+        epoch_steps = min(trainer.num_training_batches, run_steps)
         share = self.max_steps / epoch_steps if epoch_steps > 0 else math.inf
         monitored = any(isinstance(cb, LossConvergenceMonitor) for cb in trainer.callbacks)  # type: ignore[attr-defined]
         if self.when == "start" or share <= START_BUDGET or not monitored:
             self._check(trainer, pl_module, trigger=None)
         elif trainer.global_rank == 0 and not self.has_finding("startup.overfit_deferred"):  # once, also on resume
-            self._defer(trainer, epoch_steps, share)
+            self._defer(trainer, epoch_steps, share, "run" if run_steps < trainer.num_training_batches else "epoch")
 
-    def _defer(self, trainer: pl.Trainer, epoch_steps: float, share: float) -> None:
+    def _defer(self, trainer: pl.Trainer, epoch_steps: float, share: float, span: str) -> None:
         self.emit(
             trainer,
             "startup.overfit_deferred",
             f"One-batch memorisation test deferred: up to {self.max_steps} steps on one batch would be {share:.0%} "
-            f"of a {epoch_steps:g}-step epoch (budget {START_BUDGET:.0%}). It runs if the training loss stalls "
+            f"of a {epoch_steps:g}-step {span} (budget {START_BUDGET:.0%}). It runs if the training loss stalls "
             f"({' or '.join(STALL_FINDINGS)}).",
             data={"max_steps": self.max_steps, "epoch_steps": epoch_steps, "share": share, "budget": START_BUDGET},
         )
