@@ -21,7 +21,7 @@ from lightning_debug.demos.text import AttentionPoolingClassifier, MarkerDataset
 
 from models import DigitsMLP, loaders, make_trainer, run_two_rank_script
 
-B = 16
+B = 6  # the check's default batch_size
 
 
 def run_check(model: pl.LightningModule, train: DataLoader, tmp_path: Any, **kwargs: Any) -> BatchConsistencyCheck:
