@@ -10,6 +10,8 @@ absurdly tight tolerance vanishes in float64 and is not reported; a broken beam 
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -391,3 +393,21 @@ def test_first_eos_rule_and_left_padded_prompts() -> None:
     assert position_ids(pmask).tolist() == [[0, 1, 2], [0, 0, 0]]
     capped, _ = prompt_prefixes(ids, mask, pad_token_id=1, fraction=1.0, max_tokens=2)
     assert capped.tolist() == [[0, 4], [0, 8]]
+
+
+def test_a_model_without_transformers_classes_does_not_import_transformers(tmp_path: Any) -> None:
+    """Lightning imports transformers lazily whenever it is installed; the check must not trigger the full import
+    (~0.1 s, more than an epoch of a small MLP) for a module that holds no transformers class."""
+    code = (
+        "import sys, lightning.pytorch as pl\n"
+        "from lightning_debug.callbacks.decoding import DecodingConsistencyCheck\n"
+        "from lightning_debug.demos.digits import DigitsMLP, loaders\n"
+        "cb = DecodingConsistencyCheck()\n"
+        f"pl.Trainer(max_steps=1, logger=False, enable_progress_bar=False, default_root_dir={str(tmp_path)!r},\n"
+        "           enable_checkpointing=False, callbacks=[cb]).fit(DigitsMLP(), *loaders())\n"
+        "assert [f.check for f in cb.findings] == ['check.skipped'], cb.findings\n"
+        "print('transformers.modeling_utils' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False", "the check imported transformers' modeling code"
