@@ -318,10 +318,19 @@ class DecodingConsistencyCheck(DebugCallback):
         if type(trainer.strategy).__name__ in _SHARDED:
             self._skip(trainer, f"a sharded strategy ({type(trainer.strategy).__name__}) needs every rank to decode")
             return
+        protocol, generator = self._decoder(pl_module)
+        if not protocol and generator is None:  # decided before any isolation work: a model without a decoder is free
+            self._skip(
+                trainer,
+                "the module neither defines `decode_with_scores`/`score_outputs` nor holds a Hugging Face model "
+                "that can `generate()`",
+            )
+            return
+        attribute = generator[0] if generator is not None else None
         start = time.perf_counter()
         with isolated(pl_module), torch.no_grad():
             pl_module.eval()
-            target, attribute = self._target(trainer, pl_module)
+            target = self._target(trainer, pl_module, generator)
             if isinstance(target, str):
                 self._skip(trainer, target)
                 return
@@ -397,36 +406,38 @@ class DecodingConsistencyCheck(DebugCallback):
         )
         return (self.rtol if self.rtol is not None else rtol), (self.atol if self.atol is not None else atol)
 
-    def _target(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[DecodeTarget | str, str | None]:
-        """What to decode with, or the reason why nothing can be."""
-        protocol = callable(getattr(pl_module, "decode_with_scores", None)) and callable(
+    @staticmethod
+    def _decoder(pl_module: pl.LightningModule) -> tuple[bool, tuple[str, Any] | None]:
+        """Whether the module speaks the protocol; else the Hugging Face model it holds (attribute path, model)."""
+        if callable(getattr(pl_module, "decode_with_scores", None)) and callable(
             getattr(pl_module, "score_outputs", None)
-        )
-        generator = None
+        ):
+            return True, None
         # Lightning itself imports transformers (lazily) when it is installed; the full import costs ~0.1 s, so it
         # happens only for a module that holds a transformers class, which has imported it already.
-        if not protocol and any(type(m).__module__.startswith("transformers.") for m in pl_module.modules()):
-            try:
-                from lightning_debug.integrations import hf
-            except ImportError:  # a transformers too old or broken to use: no zero-config path
-                hf = None  # type: ignore[assignment]
-            generator = hf.find_generator(pl_module) if hf is not None else None
-        if not protocol and generator is None:
-            return (
-                "the module neither defines `decode_with_scores`/`score_outputs` nor holds a Hugging Face model "
-                "that can `generate()`",
-                None,
-            )
+        if not any(type(m).__module__.startswith("transformers.") for m in pl_module.modules()):
+            return False, None
+        try:
+            from lightning_debug.integrations import hf
+        except ImportError:  # a transformers too old or broken to use: no zero-config path
+            return False, None
+        return False, hf.find_generator(pl_module)
+
+    def _target(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, generator: tuple[str, Any] | None
+    ) -> DecodeTarget | str:
+        """What to decode with (the protocol when ``generator`` is None), or the reason why nothing can be."""
         batch = first_examples(trainer, self.n_examples)
         if batch is None:
-            return "no validation or training dataloader to take prompts from", None
+            return "no validation or training dataloader to take prompts from"
         batch = move_data_to_device(batch, pl_module.device)
-        if protocol:
-            return ProtocolTarget(pl_module, batch), None
-        assert generator is not None
+        if generator is None:
+            return ProtocolTarget(pl_module, batch)
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
-            return "the batch is not a mapping with `input_ids` (define `decode_with_scores`/`score_outputs`)", None
-        return hf.HFTarget(generator[1], batch, self.max_new_tokens, self.prompt_fraction), generator[0]
+            return "the batch is not a mapping with `input_ids` (define `decode_with_scores`/`score_outputs`)"
+        from lightning_debug.integrations import hf
+
+        return hf.HFTarget(generator[1], batch, self.max_new_tokens, self.prompt_fraction)
 
     def _float64(self, target: DecodeTarget, beams: list[int], rtol: float, atol: float) -> dict[str, Any] | str:
         """Re-run the failing beam sizes in float64 on the CPU (reference §4): noise vanishes, a bug stays."""
