@@ -21,7 +21,7 @@ from lightning_debug.demos.text import AttentionPoolingClassifier, MarkerDataset
 
 from models import DigitsMLP, loaders, make_trainer, run_two_rank_script
 
-B = 6  # the check's default batch_size
+B = 4  # the check's default batch_size
 
 
 def run_check(model: pl.LightningModule, train: DataLoader, tmp_path: Any, **kwargs: Any) -> BatchConsistencyCheck:
@@ -398,3 +398,20 @@ def test_random_collate_is_skipped_unless_split_fn_cuts_the_batch(tmp_path):
     assert checks(skipped) == {"check.skipped"} and "random" in skipped.findings[0].message
     split = run_check(AttentionPoolingClassifier(), train, tmp_path / "b", split_fn=unpad_split)
     assert checks(split) == {"batch.ok"}, [f.message for f in split.findings]
+
+
+def test_a_user_transfer_hook_is_applied_to_the_batch_and_every_single(tmp_path):
+    """Without overridden transfer hooks the check moves batches itself (cheaper); with one, the user's hook runs
+    on the batch and each example alone, as the training loop would run it."""
+
+    class Transferring(DigitsMLP):
+        transfers = 0
+
+        def on_after_batch_transfer(self, batch, dataloader_idx):
+            self.transfers += 1
+            return batch
+
+    module = Transferring()
+    check = run_check(module, loaders()[0], tmp_path)
+    assert checks(check) == {"batch.ok"}, [f.message for f in check.findings]
+    assert module.transfers == (B + 1) + 1, f"{module.transfers} transfers: the batch, B singles, 1 training step"
