@@ -1,6 +1,6 @@
 """Fault-injection benchmark: what the default suite catches, and what it says about healthy runs.
 
-    python benchmarks/detection.py                    # every scenario (~10 minutes on 2 CPU cores)
+    python benchmarks/detection.py                    # every scenario (~70 s on 2 CPU cores)
     python benchmarks/detection.py --only lr_too_high healthy_mlp --json out/detection.json
 
 Each scenario is a small real training run with a known fault (or known healthy), trained with
