@@ -5,7 +5,10 @@ keeps the loss of every step on the loss's own device (no host-device sync), pul
 once every ``check_every_n_steps`` and summarises it into bins (the median of every 10 steps: robust to spikes
 and to small-batch noise). Decisions use those bins only:
 
-- ``loss.nonfinite``: a NaN/Inf value in any tracked series (the exact step is in the buffer).
+- ``loss.nonfinite``: a NaN/Inf value in any tracked series (the exact step is in the buffer). Before the first
+  check, at batches 1, 2, 4, 8, ... the pending values are also tested for NaN/Inf on the device (one sync
+  each, ``log2(check_every_n_steps)`` in all): a learning rate far too high overflows within a few steps, and
+  is then reported within twice the steps it took instead of at the first check.
 - ``loss.diverging``: a bin sits ``diverge_factor`` times further from the floor than the best level so far
   (and by a margin that matters), or the smoothed loss rises with a significant trend (Theil-Sen CI above 0,
   Mann-Kendall p-value below ``1 - confidence``).
@@ -186,6 +189,7 @@ class LossConvergenceMonitor(DebugCallback):
         self.last_trend: Trend | None = None
         self.peak_lr = 0.0  # largest learning rate seen (a host float: reading it never syncs)
         self.plateau_checks = 0  # consecutive checks at which the plateau condition held
+        self._finite_upto = 0  # batches whose values were already tested for NaN/Inf (each is reported once)
 
     @functools.cached_property
     def state_key(self) -> str:
@@ -215,6 +219,17 @@ class LossConvergenceMonitor(DebugCallback):
         self.batches += 1
         if len(self._pending) == self.check_every_n_steps:
             self._check(trainer)
+        elif self.batches < self.check_every_n_steps and self.batches & (self.batches - 1) == 0:
+            self._probe_finite(trainer)
+
+    def _probe_finite(self, trainer: pl.Trainer) -> None:
+        """Early in the run, one sync: are the pending values finite? Reported now if not."""
+        if bool(torch.stack([v.reshape(-1) for v in self._pending]).isfinite().all()):
+            return
+        rows = self._pending_rows()
+        self._report_nonfinite(
+            trainer, [step for step, _ in rows], np.asarray([row for _, row in rows]), self.batches - len(rows)
+        )
 
     def _read(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) -> torch.Tensor | None:
         """This step's values as one device tensor, without reading them."""
@@ -281,17 +296,8 @@ class LossConvergenceMonitor(DebugCallback):
             medians = median(masked[:full].reshape(-1, k, values.shape[1]), axis=1).tolist()
             if full < len(values):
                 medians.append(median(masked[full:], axis=0).tolist())
+        self._report_nonfinite(trainer, steps, values, first_batch)
         for j, series in enumerate(self.series):
-            if not finite[:, j].all():
-                i = int(np.argmin(finite[:, j]))
-                self.emit(
-                    trainer,
-                    "loss.nonfinite",
-                    f"The training {'loss' if j == 0 else f'loss component {series.name!r}'} is {values[i, j]} at "
-                    f"step {steps[i]} (first non-finite value).",
-                    data={"series": series.name, "step": steps[i], "batch": first_batch + i + 1, "value": values[i, j]},
-                    key=series.name,
-                )
             if series.start is None and finite[:, j].any():
                 series.start = float(values[np.argmax(finite[:, j]), j])  # the first loss, before any update acted
                 series.best = series.start
@@ -302,6 +308,24 @@ class LossConvergenceMonitor(DebugCallback):
                 if j == 0:
                     self._check_jump(trainer, series, row[j], steps[hi - 1])
                 series.add(row[j], x)
+
+    def _report_nonfinite(self, trainer: pl.Trainer, steps: list[int], values: np.ndarray, first_batch: int) -> None:
+        """``loss.nonfinite`` for the first NaN/Inf of each series among rows not tested before (an early probe
+        may have reported them already)."""
+        fresh = max(0, self._finite_upto - first_batch)
+        self._finite_upto = max(self._finite_upto, first_batch + len(values))
+        finite = np.isfinite(values[fresh:])
+        for j, series in enumerate(self.series):
+            if not finite[:, j].all():
+                i = fresh + int(np.argmin(finite[:, j]))
+                self.emit(
+                    trainer,
+                    "loss.nonfinite",
+                    f"The training {'loss' if j == 0 else f'loss component {series.name!r}'} is {values[i, j]} at "
+                    f"step {steps[i]} (first non-finite value).",
+                    data={"series": series.name, "step": steps[i], "batch": first_batch + i + 1, "value": values[i, j]},
+                    key=series.name,
+                )
 
     def _check_jump(self, trainer: pl.Trainer, series: _Series, median: float, step: int) -> None:
         """A bin far above the best level so far (before it is added)."""
@@ -448,6 +472,7 @@ class LossConvergenceMonitor(DebugCallback):
             "batches": self.batches,
             "peak_lr": self.peak_lr,
             "plateau_checks": self.plateau_checks,
+            "finite_upto": self._finite_upto,
             "series": [asdict(s) for s in self.series],
             "tail": [[step, row] for step, row in tail],
         }
@@ -457,6 +482,7 @@ class LossConvergenceMonitor(DebugCallback):
         self.batches = int(state_dict.get("batches", 0))
         self.peak_lr = float(state_dict.get("peak_lr", 0.0))
         self.plateau_checks = int(state_dict.get("plateau_checks", 0))
+        self._finite_upto = int(state_dict.get("finite_upto", 0))
         saved = {d["name"]: d for d in state_dict.get("series", [])}
         self.series = [_Series(**saved[s.name]) if s.name in saved else s for s in self.series]
         self._tail = [(int(step), list(row)) for step, row in state_dict.get("tail", [])]
