@@ -19,6 +19,7 @@ startup checks are excluded. Reported per case:
   figures, trend tests) included: what per-epoch work costs on a model whose epoch takes well under a second;
 - ``startup_ratio``: time of the startup checks (everything the suite adds before the first training batch)
   as a fraction of one bare epoch;
+- ``deferred``: startup checks that did not run at start (``OverfitBatchCheck`` in epochs under 2000 steps);
 - ``checks``: each startup check's own time (from its finding's ``data``), as a fraction of one bare epoch
   and of a bare one-epoch run (``Trainer.fit`` with ``max_epochs=1``: sanity check, the epoch and its
   validation);
@@ -179,7 +180,15 @@ class Run:
     clock: StepClock
     fit_seconds: float
     check_seconds: dict[str, float]  # startup check -> its own time
+    deferred: list[str]  # startup checks deferred until the loss stalls
     interleave: Interleave | None  # set for an interleaved run
+
+
+def _deferred(trainer: pl.Trainer) -> list[str]:
+    """Startup checks that did not run at start (the overfit check in short epochs)."""
+    return sorted(
+        {f.source for cb in debug_callbacks_of(trainer) for f in cb.findings if f.check.endswith("_deferred")}
+    )
 
 
 def _check_seconds(trainer: pl.Trainer) -> dict[str, float]:
@@ -217,7 +226,7 @@ def run_once(case: Case, with_suite: bool, root: str, epochs: int | None = None,
     )
     start = time.perf_counter()
     trainer.fit(module, train, val)
-    return Run(clock, time.perf_counter() - start, _check_seconds(trainer), alternator)
+    return Run(clock, time.perf_counter() - start, _check_seconds(trainer), _deferred(trainer), alternator)
 
 
 def measure(case: Case, reps: int, root: str) -> dict[str, Any]:
@@ -272,6 +281,7 @@ def _measure(case: Case, reps: int, root: str) -> dict[str, Any]:
         "bare_epoch_seconds": bare_epoch,
         "one_epoch_run_seconds": one_epoch_run,
         "checks": checks,
+        "deferred": sorted({name for r in suite_runs for name in r.deferred}),
     }
 
 
@@ -329,6 +339,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
                 f"{'':>8}{name}: {c['seconds']:.3f} s = {100 * c['epoch_ratio']:.1f}% of one epoch, "
                 f"{100 * c['one_epoch_run_ratio']:.1f}% of a one-epoch run ({r['one_epoch_run_seconds']:.2f} s)"
             )
+        for name in r["deferred"]:
+            print(f"{'':>8}{name}: deferred until the loss stalls (nothing at start)")
     examples = [example_run(name, args.root) for name in EXAMPLE_RUNS] if args.examples else []
     for e in examples:
         shares = ", ".join(

@@ -23,7 +23,7 @@ def test_overhead_benchmark_smoke(tmp_path):
     for key in ("step_ratio", "separate_runs_step_ratio", "epoch_ratio", "startup_ratio"):
         assert math.isfinite(result[key]) and result[key] > 0, (key, result[key])
     # the digits MLP has no decoder, and its 45-step epoch defers the overfit check: the batch check runs alone
-    assert set(result["checks"]) == {"BatchConsistencyCheck"}, result["checks"]
+    assert set(result["checks"]) == {"BatchConsistencyCheck"} and result["deferred"] == ["OverfitBatchCheck"], result
     assert all(c["seconds"] > 0 and c["epoch_ratio"] > 0 for c in result["checks"].values()), result["checks"]
     assert (tmp_path / "o.json").exists()
 
