@@ -27,7 +27,7 @@ startup checks are excluded. Reported per case:
   offline logger included), and each startup check's share of it.
 
 The cases are the runs of the examples that use ``debug_callbacks``: ``mlp`` is ``examples/quickstart.py``
-(digits, 45 steps per epoch), ``divergence`` is ``examples/loss_metric_divergence.py`` (a 512x512 MLP on 300
+(digits, 38 steps per epoch), ``divergence`` is ``examples/loss_metric_divergence.py`` (a 512x512 MLP on 300
 digits: 19 steps per epoch) and ``gpt2`` is ``examples/transformer_lm.py`` (128 steps per epoch, with the
 example's loss floors).
 
