@@ -5,10 +5,11 @@ keeps the loss of every step on the loss's own device (no host-device sync), pul
 once every ``check_every_n_steps`` and summarises it into bins (the median of every 10 steps: robust to spikes
 and to small-batch noise). Decisions use those bins only:
 
-- ``loss.nonfinite``: a NaN/Inf value in any tracked series (the exact step is in the buffer). Before the first
-  check, at batches 1, 2, 4, 8, ... the pending values are also tested for NaN/Inf on the device (one sync
-  each, ``log2(check_every_n_steps)`` in all): a learning rate far too high overflows within a few steps, and
-  is then reported within twice the steps it took instead of at the first check.
+- ``loss.nonfinite``: a NaN/Inf value in any tracked series (the exact step is in the buffer).
+
+Before the first check the values are also pulled at batches 1, 2, 4, 8, ... (``log2(check_every_n_steps)``
+transfers in all) for NaN/Inf and for a jump in a complete bin: a learning rate far too high blows up within a
+few steps, and is then reported within about twice the steps it took instead of at the first check.
 - ``loss.diverging``: a bin sits ``diverge_factor`` times further from the floor than the best level so far
   (and by a margin that matters), or the smoothed loss rises with a significant trend (Theil-Sen CI above 0,
   Mann-Kendall p-value below ``1 - confidence``).
@@ -217,19 +218,21 @@ class LossConvergenceMonitor(DebugCallback):
         if lr is not None and lr > self.peak_lr:
             self.peak_lr = lr
         self.batches += 1
-        if len(self._pending) == self.check_every_n_steps:
+        if self.batches % self.check_every_n_steps == 0:
             self._check(trainer)
         elif self.batches < self.check_every_n_steps and self.batches & (self.batches - 1) == 0:
-            self._probe_finite(trainer)
+            self._probe(trainer)
 
-    def _probe_finite(self, trainer: pl.Trainer) -> None:
-        """Early in the run, one sync: are the pending values finite? Reported now if not."""
-        if bool(torch.stack([v.reshape(-1) for v in self._pending]).isfinite().all()):
-            return
-        rows = self._pending_rows()
-        self._report_nonfinite(
-            trainer, [step for step, _ in rows], np.asarray([row for _, row in rows]), self.batches - len(rows)
-        )
+    def _probe(self, trainer: pl.Trainer) -> None:
+        """Early in the run, one transfer: NaN/Inf in any value so far, and a jump in any complete bin. A learning
+        rate far too high blows up within a few steps; trend verdicts still wait for the checks."""
+        self._pull()
+        if self._tail:
+            first_batch = self.batches - len(self._tail)
+            self._report_nonfinite(
+                trainer, [step for step, _ in self._tail], np.asarray([row for _, row in self._tail]), first_batch
+            )
+            self._bin(trainer)
 
     def _read(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) -> torch.Tensor | None:
         """This step's values as one device tensor, without reading them."""
@@ -275,14 +278,18 @@ class LossConvergenceMonitor(DebugCallback):
 
     def _check(self, trainer: pl.Trainer, final: bool = False) -> None:
         self._pull()
+        self._bin(trainer, final)
+        if self.series[0].values:
+            self._evaluate(trainer)
+
+    def _bin(self, trainer: pl.Trainer, final: bool = False) -> None:
+        """Bin the complete blocks of BIN_STEPS rows of the tail (every row at the end of training)."""
         k = BIN_STEPS
         n = len(self._tail) if final else len(self._tail) // k * k
         if n:
             first_batch = self.batches - len(self._tail)  # batches seen before the tail's first row
             chunk, self._tail = self._tail[:n], self._tail[n:]
             self._add_bins(trainer, [step for step, _ in chunk], np.asarray([row for _, row in chunk]), first_batch)
-        if self.series[0].values:
-            self._evaluate(trainer)
 
     def _add_bins(self, trainer: pl.Trainer, steps: list[int], values: np.ndarray, first_batch: int) -> None:
         """Bin ``values`` (n_rows, n_series) into medians of BIN_STEPS rows (the last bin may be short)."""
