@@ -188,6 +188,25 @@ def test_hand_written_greedy_decoder_passes(tmp_path: Any, gpt2_state: dict[str,
     assert data["unsupported_beam_sizes"] == [4]
 
 
+def test_prompts_go_through_the_modules_transfer_hook(tmp_path: Any, gpt2_state: dict[str, torch.Tensor]) -> None:
+    """The prompts reach the decoder the way training batches reach `training_step`: through a transfer hook the
+    module overrides (here one that only counts, in eval mode: the decode check's call)."""
+
+    class Counting(GreedyGPT2LM):
+        eval_transfers = 0
+
+        def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+            self.eval_transfers += not self.training
+            return batch
+
+    module = Counting()
+    module.load_state_dict(gpt2_state)
+    cb = DecodingConsistencyCheck(strict=True)
+    make_trainer(tmp_path, [cb], max_steps=1, limit_val_batches=0).fit(module, *lm_loaders(n_train=256))
+    _assert_healthy(_only(cb, "decode.ok"))
+    assert module.eval_transfers == 1, f"{module.eval_transfers} transfers of the prompts, expected 1"
+
+
 def test_off_by_one_score_accumulation_is_a_mismatch(tmp_path: Any, gpt2_state: dict[str, torch.Tensor]) -> None:
     module = GreedyGPT2LM(off_by_one=True)
     module.load_state_dict(gpt2_state)

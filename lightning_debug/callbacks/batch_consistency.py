@@ -15,17 +15,13 @@ the working precision is re-run in float64 on the CPU, where noise shrinks by ~1
 
 from __future__ import annotations
 
-import functools
 import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import move_data_to_device
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning_utilities.core.apply_func import apply_to_collection
 from scipy.stats import kendalltau
 from torch.utils.data import DataLoader, IterableDataset
@@ -34,6 +30,7 @@ from lightning_debug.base import DebugCallback
 from lightning_debug.batching import (
     ForwardFn,
     batch_dim,
+    batch_mover,
     batch_size_of,
     default_forward,
     dependency_matrix,
@@ -45,6 +42,9 @@ from lightning_debug.batching import (
     token_counts,
 )
 from lightning_debug.isolation import batch_stat_modules, isolated
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 SplitFn = Callable[[Any], Sequence[Any]]
 # Aggregations tried, in the order reported when several match (equal weights make them indistinguishable).
@@ -64,16 +64,6 @@ def _identity(batch: Any) -> Any:
 def _same(a: Any, b: Any) -> bool:
     ta, tb = tensors_of(a), tensors_of(b)
     return len(ta) == len(tb) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(ta, tb, strict=True))
-
-
-def _mover(trainer: pl.Trainer, module: pl.LightningModule) -> Callable[[Any], Any]:
-    """The module's batch transfer hooks, or a plain device move when neither it nor the datamodule overrides them
-    (the hook dispatch costs ~50 µs a batch, a sizeable part of the check on a small model)."""
-    owners = ((module, pl.LightningModule), (getattr(trainer, "datamodule", None), pl.LightningDataModule))
-    hooks = ("transfer_batch_to_device", "on_after_batch_transfer")
-    if any(owner is not None and is_overridden(h, owner, parent) for owner, parent in owners for h in hooks):
-        return module._apply_batch_transfer_handler
-    return functools.partial(move_data_to_device, device=module.device)
 
 
 class _Skip(Exception):
@@ -254,7 +244,7 @@ class BatchConsistencyCheck(DebugCallback):
         b = batch_size_of(batch)
         if b is None or b < 2 or b != len(singles):
             raise _Skip(f"could not build a batch of >= 2 examples (batch size {b}, {len(singles)} singles)")
-        move = _mover(trainer, pl_module)
+        move = batch_mover(trainer, pl_module)
         return _Examples(move(batch), [move(s) for s in singles], items, collate if items is not None else None, move)
 
     def _rtol(self, pl_module: pl.LightningModule) -> float:

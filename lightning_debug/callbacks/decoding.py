@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from lightning.pytorch.utilities import move_data_to_device
 from lightning_utilities.core.apply_func import apply_to_collection
 from scipy.stats import binomtest
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_debug.base import DebugCallback
-from lightning_debug.batching import to_float64_cpu
+from lightning_debug.batching import batch_mover, to_float64_cpu
 from lightning_debug.isolation import isolated
 from lightning_debug.sinks import Sink
 
@@ -430,7 +429,7 @@ class DecodingConsistencyCheck(DebugCallback):
         batch = first_examples(trainer, self.n_examples)
         if batch is None:
             return "no validation or training dataloader to take prompts from"
-        batch = move_data_to_device(batch, pl_module.device)
+        batch = batch_mover(trainer, pl_module)(batch)
         if generator is None:
             return ProtocolTarget(pl_module, batch)
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
