@@ -6,10 +6,6 @@ once every ``check_every_n_steps`` and summarises it into bins (the median of ev
 and to small-batch noise). Decisions use those bins only:
 
 - ``loss.nonfinite``: a NaN/Inf value in any tracked series (the exact step is in the buffer).
-
-Before the first check the values are also pulled at batches 1, 2, 4, 8, ... (``log2(check_every_n_steps)``
-transfers in all) for NaN/Inf and for a jump in a complete bin: a learning rate far too high blows up within a
-few steps, and is then reported within about twice the steps it took instead of at the first check.
 - ``loss.diverging``: a bin sits ``diverge_factor`` times further from the floor than the best level so far
   (and by a margin that matters), or the smoothed loss rises with a significant trend (Theil-Sen CI above 0,
   Mann-Kendall p-value below ``1 - confidence``).
@@ -18,6 +14,10 @@ few steps, and is then reported within about twice the steps it took instead of 
   of the remaining gap to ``floor`` if training ran as long again. Flat near the start level is
   not-decreasing; flat far above the floor, and falling at most half as fast as on average since the start,
   is a plateau (a steady slow descent is not); a level near the floor is converged.
+
+Before the first check the values are also pulled at batches 1, 2, 4, 8, ... (``log2(check_every_n_steps)``
+transfers in all) for NaN/Inf and for a jump in a complete bin: a learning rate far too high blows up within a
+few steps, and is then reported within about twice the steps it took instead of at the first check.
 
 Thresholds are fractions of the starting gap (first loss minus ``floor``), so they do not depend on the
 loss's scale, and the flatness horizon grows with the run, so slow-but-steady training is not a plateau.
