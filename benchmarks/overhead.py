@@ -187,7 +187,7 @@ class Run:
 def _deferred(trainer: pl.Trainer) -> list[str]:
     """Startup checks that did not run at start (the overfit check in short epochs)."""
     return sorted(
-        {f.source for cb in debug_callbacks_of(trainer) for f in cb.findings if f.check.endswith("_deferred")}
+        {f.source for cb in debug_callbacks_of(trainer) for f in cb.findings if f.check == "startup.overfit_deferred"}
     )
 
 

@@ -118,14 +118,17 @@ class OverfitBatchCheck(DebugCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.done or self.when == "stall":
             return
-        run_steps = trainer.max_steps if trainer.max_steps >= 0 else math.inf
-        epoch_steps = min(trainer.num_training_batches, run_steps)
-        share = self.max_steps / epoch_steps if epoch_steps > 0 else math.inf
-        monitored = any(isinstance(cb, LossConvergenceMonitor) for cb in trainer.callbacks)  # type: ignore[attr-defined]
-        if self.when == "start" or share <= START_BUDGET or not monitored:
-            self._check(trainer, pl_module, trigger=None)
-        elif trainer.global_rank == 0 and not self.has_finding("startup.overfit_deferred"):  # once, also on resume
-            self._defer(trainer, epoch_steps, share, "run" if run_steps < trainer.num_training_batches else "epoch")
+        if self.when == "auto":
+            run_steps = trainer.max_steps if trainer.max_steps >= 0 else math.inf
+            epoch_steps = min(trainer.num_training_batches, run_steps)
+            share = self.max_steps / epoch_steps if epoch_steps > 0 else math.inf
+            monitored = any(isinstance(cb, LossConvergenceMonitor) for cb in trainer.callbacks)  # type: ignore[attr-defined]
+            if share > START_BUDGET and monitored:
+                if trainer.global_rank == 0 and not self.has_finding("startup.overfit_deferred"):  # once, on resume too
+                    span = "run" if run_steps < trainer.num_training_batches else "epoch"
+                    self._defer(trainer, epoch_steps, share, span)
+                return
+        self._check(trainer, pl_module, trigger=None)
 
     def _defer(self, trainer: pl.Trainer, epoch_steps: float, share: float, span: str) -> None:
         self.emit(
