@@ -290,3 +290,17 @@ class LogitSample:
         """Padded with weight-0 rows to the budget so ``all_gather`` can stack ranks that kept different counts."""
         padded = torch.cat([rows, rows.new_zeros((budget - rows.shape[0], *rows.shape[1:]))])
         return all_gather(padded).reshape(-1, *rows.shape[1:])
+
+
+def prediction_sums(scores: Tensor, target: Tensor, fmt: InputFormat, ignore_index: int | None) -> Tensor:
+    """On-device ``[correct, tokens, nll, seq_correct, seqs]``; sequences when ``target`` has a time axis."""
+    _, correct, nll, _, valid, _, _ = per_prediction(scores, target, fmt, ignore_index)
+    w = valid.to(torch.float64)
+    rows = target.reshape(target.shape[0], -1) if target.ndim >= 2 else None
+    if rows is None:
+        seq_correct = seqs = torch.zeros((), dtype=torch.float64, device=w.device)
+    else:
+        ok = (correct | ~valid).reshape(rows.shape)
+        has = valid.reshape(rows.shape).any(-1)
+        seq_correct, seqs = (ok.all(-1) & has).sum().double(), has.sum().double()
+    return torch.stack([(correct.double() * w).sum(), w.sum(), (nll.double() * w).sum(), seq_correct, seqs])
