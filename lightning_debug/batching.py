@@ -24,6 +24,10 @@ from torch import nn
 ForwardFn = Callable[[nn.Module, Any], Any]
 
 
+class CannotCheck(Exception):
+    """The batch check cannot judge this setup; the text is the reason."""
+
+
 def tensors_of(batch: Any) -> list[torch.Tensor]:
     """Every tensor in a (nested) batch, in a stable order."""
     found: list[torch.Tensor] = []
@@ -172,6 +176,53 @@ def dependency_matrix(
         per_input = grad.movedim(dim + 1, 1).reshape(b, b, -1).double()
         matrix += per_input.pow(2).sum(-1).cpu()
     return matrix.sqrt(), method
+
+
+def output_dependence(
+    module: nn.Module, batch: Any, b: int, forward_fn: ForwardFn, seed: int = 0
+) -> tuple[torch.Tensor, str]:
+    """:func:`dependency_matrix` of ``forward_fn(module, batch)`` through the input embedding (integer inputs)
+    and the floating inputs. Raises :class:`CannotCheck` when there is nothing differentiable to measure."""
+    leaves: list[tuple[torch.Tensor, int]] = []
+
+    def as_leaf(t: torch.Tensor) -> torch.Tensor:
+        dim = batch_dim(t, b)
+        if not t.is_floating_point() or dim is None:
+            return t
+        leaf = t.detach().clone().requires_grad_()
+        leaves.append((leaf, dim))
+        return leaf
+
+    batch = apply_to_collection(batch, torch.Tensor, as_leaf)
+    handle = None
+    embedding = input_embedding(module)
+    if embedding is not None and any(not t.is_floating_point() for t in tensors_of(batch)):
+        captured: list[bool] = []
+
+        def capture(_: torch.nn.Module, __: Any, out: Any) -> Any:
+            dim = batch_dim(out, b) if isinstance(out, torch.Tensor) and not captured else None
+            if dim is None:  # only the first call embeds the token inputs
+                return None
+            captured.append(True)
+            leaf = out.detach().requires_grad_()
+            leaves.insert(0, (leaf, dim))
+            return leaf
+
+        handle = embedding.register_forward_hook(capture)
+    try:
+        with torch.enable_grad():
+            outputs = per_example_outputs(forward_fn(module, batch), b)
+    except Exception as err:
+        raise CannotCheck(f"the forward pass raised {type(err).__name__}: {err}; pass `forward_fn`") from err
+    finally:
+        if handle is not None:
+            handle.remove()
+    if outputs is None or not outputs.requires_grad or not leaves:
+        raise CannotCheck(
+            "no differentiable per-example inputs or outputs (integer inputs without an embedding layer, "
+            "or no floating output with one row per example); pass `forward_fn`"
+        )
+    return dependency_matrix(outputs, leaves, seed)
 
 
 def batch_mover(trainer: pl.Trainer, module: pl.LightningModule) -> Callable[[Any], Any]:
