@@ -444,27 +444,7 @@ class BatchConsistencyCheck(DebugCallback):
             data["loss"]["aggregation"] = best64.name
             data["loss"]["note"] = "the working-precision difference vanished in float64: float noise"
             return
-        check, detail = "batch.loss_mismatch", ""
-        if "attribution" in loss:
-            data["loss"]["attribution_aggregation"], rows = loss["attribution"]
-            rows.sort(key=lambda r: -r["ratio"])
-            data["loss"]["worst_examples"] = rows[:_WORST]
-            padding = padding_verdict(rows, leaking)
-            data["loss"]["padding_kendall_tau"] = padding.tau
-            if padding.padding_only:
-                check = "batch.padding_dependence"
-                tau = padding.tau if padding.tau is not None else float("nan")
-                detail = (
-                    f" Re-collated next to the longest example, only padded examples change their loss (padding "
-                    f"{padding.amounts} positions; unpadded ones match; Kendall tau of |difference| vs padding "
-                    f"{tau:.2f}): worst "
-                )
-            else:
-                detail = " Worst examples: "
-            detail += ", ".join(
-                f"#{r['index']} (padding {r['padding']}: alone {r['loss_alone']:.4g}, difference {r['delta']:.3g})"
-                for r in rows[:3]
-            )
+        check, detail = self._attribution(loss, data, leaking) if "attribution" in loss else ("batch.loss_mismatch", "")
         if leaking:
             detail += " Consistent with the cross-sample dependence reported alongside."
         if best64.ratio <= 1:
@@ -479,6 +459,27 @@ class BatchConsistencyCheck(DebugCallback):
                 f"working precision, {best64.residual:.3g} in float64, tolerance {fits[0].tol:.2g})."
             )
         self.emit(trainer, check, head + detail, data=data)
+
+    @staticmethod
+    def _attribution(loss: dict[str, Any], data: dict[str, Any], leaking: bool) -> tuple[str, str]:
+        """Which finding the pair re-runs point to (padding dependence or a plain mismatch), and its detail."""
+        data["loss"]["attribution_aggregation"], rows = loss["attribution"]
+        rows.sort(key=lambda r: -r["ratio"])
+        data["loss"]["worst_examples"] = rows[:_WORST]
+        padding = padding_verdict(rows, leaking)
+        data["loss"]["padding_kendall_tau"] = padding.tau
+        worst = ", ".join(
+            f"#{r['index']} (padding {r['padding']}: alone {r['loss_alone']:.4g}, difference {r['delta']:.3g})"
+            for r in rows[:3]
+        )
+        if not padding.padding_only:
+            return "batch.loss_mismatch", " Worst examples: " + worst
+        tau = padding.tau if padding.tau is not None else float("nan")
+        return "batch.padding_dependence", (
+            f" Re-collated next to the longest example, only padded examples change their loss (padding "
+            f"{padding.amounts} positions; unpadded ones match; Kendall tau of |difference| vs padding "
+            f"{tau:.2f}): worst " + worst
+        )
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -94,8 +94,8 @@ class DecodingConsistencyCheck(DebugCallback):
                 raise ValueError(f"`{name}` must be None or >= 0, got {value}")
         if not 0.0 <= beam_violation_rate < 1.0:
             raise ValueError(f"`beam_violation_rate` must be in [0, 1), got {beam_violation_rate}")
-        if not 0.5 <= confidence < 1.0:
-            raise ValueError(f"`confidence` must be in [0.5, 1), got {confidence}")
+        if not 0.5 < confidence < 1:  # the same range as every other `confidence` argument
+            raise ValueError(f"`confidence` must be in (0.5, 1), got {confidence}")
         self.beam_sizes = beams
         self.n_examples = n_examples
         self.max_new_tokens = max_new_tokens
