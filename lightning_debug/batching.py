@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections.abc import Callable, Mapping
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -20,6 +22,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 
@@ -223,6 +226,70 @@ def output_dependence(
             "or no floating output with one row per example); pass `forward_fn`"
         )
     return dependency_matrix(outputs, leaves, seed)
+
+
+@dataclass
+class Examples:
+    """A batch and its examples alone, for the batch-consistency check."""
+
+    batch: Any
+    singles: list[Any]
+    items: list[Any] | None  # dataset items, when pairs can be re-collated
+    collate: Callable[[list[Any]], Any] | None
+    move: Callable[[Any], Any]  # a collated batch to the module's device, as the training loop moves it
+
+
+def _same(a: Any, b: Any) -> bool:
+    ta, tb = tensors_of(a), tensors_of(b)
+    return len(ta) == len(tb) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(ta, tb, strict=True))
+
+
+def draw_examples(
+    loader: DataLoader,
+    batch_size: int,
+    seed: int,
+    split_fn: Callable[[Any], Sequence[Any]] | None,
+    move: Callable[[Any], Any],
+) -> Examples:
+    """``batch_size`` examples of ``loader``'s dataset (drawn with a private generator seeded by ``seed``),
+    collated as one batch and one by one (or cut by ``split_fn``), moved by ``move``. Raises
+    :class:`CannotCheck` when the data cannot be split into single examples that match the batch."""
+    dataset, collate = loader.dataset, loader.collate_fn
+    per_item = loader.batch_size is not None
+    items: list[Any] | None = None
+    if per_item and not isinstance(dataset, IterableDataset):
+        n = len(dataset)  # type: ignore[arg-type]
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:batch_size]
+        items = [dataset[int(i)] for i in idx]
+    elif per_item:
+        items = list(itertools.islice(iter(dataset), batch_size))
+    if items is not None:
+        if len(items) < 2:
+            raise CannotCheck(f"the train dataset has {len(items)} example(s); a batch of 1 has nothing to compare")
+        batch = collate(items)
+        if not _same(batch, collate(items)):  # e.g. MLM masking: a batch and its singles get different masks
+            if split_fn is None:
+                raise CannotCheck(
+                    "the collate_fn is random (two collations of the same examples differ, e.g. MLM masking), "
+                    "so examples collated alone would not match the batch; pass `split_fn` to cut the batch "
+                    "into unpadded single examples instead"
+                )
+            items = None
+            singles = list(split_fn(batch))
+        else:
+            singles = [collate([it]) for it in items]
+    elif split_fn is not None:
+        batch = next(iter(loader))
+        singles = list(split_fn(batch))
+    else:
+        raise CannotCheck(
+            "the train loader yields ready-made batches (batch_size=None or no per-item collate_fn), so "
+            "examples cannot be re-collated alone; pass `split_fn`"
+        )
+    b = batch_size_of(batch)
+    if b is None or b < 2 or b != len(singles):
+        raise CannotCheck(f"could not build a batch of >= 2 examples (batch size {b}, {len(singles)} singles)")
+    return Examples(move(batch), [move(s) for s in singles], items, collate if items is not None else None, move)
 
 
 def batch_mover(trainer: pl.Trainer, module: pl.LightningModule) -> Callable[[Any], Any]:

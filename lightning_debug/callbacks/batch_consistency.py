@@ -15,22 +15,21 @@ the working precision is re-run in float64 on the CPU, where noise shrinks by ~1
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.data import IterableDataset
 
 from lightning_debug.base import DebugCallback
 from lightning_debug.batching import (
     CannotCheck,
+    Examples,
     ForwardFn,
     batch_mover,
-    batch_size_of,
     default_forward,
+    draw_examples,
     output_dependence,
     padding_of,
     tensors_of,
@@ -61,24 +60,10 @@ def _identity(batch: Any) -> Any:
     return batch
 
 
-def _same(a: Any, b: Any) -> bool:
-    ta, tb = tensors_of(a), tensors_of(b)
-    return len(ta) == len(tb) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(ta, tb, strict=True))
-
-
 def _usable(rel: torch.Tensor | str) -> torch.Tensor:
     if isinstance(rel, str):
         raise CannotCheck(rel)
     return rel
-
-
-@dataclass
-class _Examples:
-    batch: Any
-    singles: list[Any]
-    items: list[Any] | None  # dataset items, when pairs can be re-collated
-    collate: Callable[[list[Any]], Any] | None
-    move: Callable[[Any], Any]  # a collated batch to the module's device, as the training loop moves it
 
 
 @dataclass
@@ -190,7 +175,7 @@ class BatchConsistencyCheck(DebugCallback):
         self._report(trainer, pl_module, ex, loss, dep, data)
 
     # ------------------------------------------------------------------ inputs
-    def _examples(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> _Examples:
+    def _examples(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Examples:
         if not pl_module.automatic_optimization:
             raise CannotCheck(
                 "manual optimization: `training_step` steps the optimizer itself, so it cannot be replayed"
@@ -198,43 +183,7 @@ class BatchConsistencyCheck(DebugCallback):
         loader = first_dataloader(trainer.train_dataloader)
         if loader is None:
             raise CannotCheck("no train DataLoader to draw examples from")
-        dataset, collate = loader.dataset, loader.collate_fn
-        per_item = loader.batch_size is not None
-        items: list[Any] | None = None
-        if per_item and not isinstance(dataset, IterableDataset):
-            n = len(dataset)  # type: ignore[arg-type]
-            idx = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[: self.batch_size]
-            items = [dataset[int(i)] for i in idx]
-        elif per_item:
-            items = list(itertools.islice(iter(dataset), self.batch_size))
-        if items is not None:
-            if len(items) < 2:
-                raise CannotCheck(f"the train dataset has {len(items)} example(s); a batch of 1 has nothing to compare")
-            batch = collate(items)
-            if not _same(batch, collate(items)):  # e.g. MLM masking: a batch and its singles get different masks
-                if self.split_fn is None:
-                    raise CannotCheck(
-                        "the collate_fn is random (two collations of the same examples differ, e.g. MLM masking), "
-                        "so examples collated alone would not match the batch; pass `split_fn` to cut the batch "
-                        "into unpadded single examples instead"
-                    )
-                items = None
-                singles = list(self.split_fn(batch))
-            else:
-                singles = [collate([it]) for it in items]
-        elif self.split_fn is not None:
-            batch = next(iter(loader))
-            singles = list(self.split_fn(batch))
-        else:
-            raise CannotCheck(
-                "the train loader yields ready-made batches (batch_size=None or no per-item collate_fn), so "
-                "examples cannot be re-collated alone; pass `split_fn`"
-            )
-        b = batch_size_of(batch)
-        if b is None or b < 2 or b != len(singles):
-            raise CannotCheck(f"could not build a batch of >= 2 examples (batch size {b}, {len(singles)} singles)")
-        move = batch_mover(trainer, pl_module)
-        return _Examples(move(batch), [move(s) for s in singles], items, collate if items is not None else None, move)
+        return draw_examples(loader, self.batch_size, self.seed, self.split_fn, batch_mover(trainer, pl_module))
 
     def _rtol(self, pl_module: pl.LightningModule) -> float:
         return self.rtol if self.rtol is not None else module_tolerance(pl_module)[0]
@@ -258,7 +207,7 @@ class BatchConsistencyCheck(DebugCallback):
             )
 
     def _loss_part(
-        self, trainer: pl.Trainer, module: pl.LightningModule, ex: _Examples, cost: _Cost
+        self, trainer: pl.Trainer, module: pl.LightningModule, ex: Examples, cost: _Cost
     ) -> dict[str, Any] | None:
         if self.coupled_loss:
             self.skip(
@@ -306,7 +255,7 @@ class BatchConsistencyCheck(DebugCallback):
         return result
 
     def _pair_total(
-        self, module: pl.LightningModule, ex: _Examples, i: int, ref: int, convert: Callable[[Any], Any]
+        self, module: pl.LightningModule, ex: Examples, i: int, ref: int, convert: Callable[[Any], Any]
     ) -> float:
         assert ex.items is not None and ex.collate is not None
         with torch.no_grad():
@@ -315,7 +264,7 @@ class BatchConsistencyCheck(DebugCallback):
 
     # ------------------------------------------------------------------ cross-sample dependence
     def _dependence_part(
-        self, trainer: pl.Trainer, module: pl.LightningModule, ex: _Examples, cost: _Cost
+        self, trainer: pl.Trainer, module: pl.LightningModule, ex: Examples, cost: _Cost
     ) -> dict[str, Any] | None:
         b = len(ex.singles)
         try:
@@ -338,7 +287,7 @@ class BatchConsistencyCheck(DebugCallback):
         self,
         trainer: pl.Trainer,
         module: pl.LightningModule,
-        ex: _Examples,
+        ex: Examples,
         loss: dict[str, Any] | None,
         dep: dict[str, Any] | None,
         data: dict[str, Any],
@@ -410,7 +359,7 @@ class BatchConsistencyCheck(DebugCallback):
     def _report_loss(
         self,
         trainer: pl.Trainer,
-        ex: _Examples,
+        ex: Examples,
         loss: dict[str, Any],
         data: dict[str, Any],
         leaking: bool,
