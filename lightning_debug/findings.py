@@ -146,7 +146,7 @@ _CHECKS: tuple[CheckInfo, ...] = (
         (
             "read the exception text in `data`",
             "pass the offending argument explicitly",
-            "report it with the traceback; `strict=True` on the callback re-raises",
+            "report it with the traceback; `raise_errors=True` on the callback re-raises",
         ),
         "every DebugCallback",
     ),
