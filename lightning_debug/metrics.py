@@ -11,15 +11,15 @@ torchmetrics does (``bucketize(right=True)`` on ``linspace(0, 1, n_bins + 1)``),
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
-InputFormat = Literal["logits", "probs"]
+from lightning_debug.signals import InputFormat
+
 _SUM = torch.float64  # sums of up to ~1e15 confidences stay exact to ~1e-9
 
 
@@ -231,43 +231,3 @@ def fit_temperature(logits: Tensor, target: Tensor, weight: Tensor | None = None
     bound = math.log(50.0)
     res = minimize_scalar(nll, bounds=(-bound, bound), method="bounded", options={"xatol": 1e-3})
     return math.exp(float(res.x))
-
-
-def find_predictions(
-    outputs: Any,
-    batch: Any,
-    *,
-    logits_key: str = "logits",
-    probs_key: str = "probs",
-    target_key: str = "target",
-) -> tuple[Tensor, Tensor, InputFormat] | str:
-    """``(scores, target, input_format)`` from a step's outputs and batch, or why none were found.
-
-    Scores: ``outputs[logits_key]`` (a dict or a Hugging Face ``ModelOutput``), ``outputs.logits``, then
-    ``outputs[probs_key]``. Target: ``outputs[target_key]`` or ``outputs["labels"]``, then ``batch[target_key]``
-    or ``batch["labels"]`` for a dict batch, then the second element of an ``(x, y)`` batch whose shape fits.
-    """
-    scores: Any = None
-    fmt: InputFormat = "logits"
-    if isinstance(outputs, Mapping):
-        if outputs.get(logits_key) is not None:
-            scores = outputs[logits_key]
-        elif outputs.get(probs_key) is not None:
-            scores, fmt = outputs[probs_key], "probs"
-    elif getattr(outputs, logits_key, None) is not None:
-        scores = getattr(outputs, logits_key)
-    if not isinstance(scores, Tensor) or not scores.is_floating_point():
-        return f"no floating `{logits_key}` or `{probs_key}` in what validation_step returned"
-    target: Any = None
-    for source in (outputs, batch):
-        if isinstance(source, Mapping):
-            target = next((source[k] for k in (target_key, "labels") if source.get(k) is not None), None)
-            if target is not None:
-                break
-    if target is None and isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], Tensor):
-        y = batch[1]
-        if y.shape == scores.shape or y.shape == scores.shape[:-1]:
-            target = y
-    if not isinstance(target, Tensor):
-        return f"no `{target_key}` in what validation_step returned, and no `labels` or (x, y) target in the batch"
-    return scores, target, fmt

@@ -9,14 +9,18 @@ diagram and the confidence histogram, and warns when the model is clearly over- 
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from lightning_debug import media
 from lightning_debug.base import DebugCallback
-from lightning_debug.metrics import StreamingCalibration, find_predictions, fit_temperature
+from lightning_debug.integrations.hf import is_causal_lm
+from lightning_debug.metrics import StreamingCalibration, fit_temperature
+from lightning_debug.signals import predictions
 from lightning_debug.sinks import Sink
 
 if TYPE_CHECKING:
@@ -24,13 +28,7 @@ if TYPE_CHECKING:
 
 PREFIX = "debug/calibration/"
 SCALARS = ("ece", "mce", "rms_ce", "adaptive_ece", "brier", "nll", "gap", "accuracy", "confidence", "count")
-_CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 _SAMPLE_ELEMENTS = 1 << 22  # the temperature sample never holds more than 4M floats (16 MiB), whatever the vocab
-
-
-def is_causal_lm(module: torch.nn.Module) -> bool:
-    """A Hugging Face causal LM inside ``module``: its logits at position t predict the label at t + 1."""
-    return any(type(m).__name__.endswith(_CAUSAL_LM_SUFFIXES) for m in module.modules())
 
 
 class CalibrationMonitor(DebugCallback):
@@ -80,10 +78,12 @@ class CalibrationMonitor(DebugCallback):
         temperature_samples: int = 4096,
         plot_every_n_epochs: int = 5,
         dataloader_idx: int = 0,
-        strict: bool = False,
-        verbose: bool = True,
+        raise_errors: bool = False,
+        print_findings: bool = True,
+        strict: bool | None = None,
+        verbose: bool | None = None,
     ) -> None:
-        super().__init__(strict=strict, verbose=verbose)
+        super().__init__(raise_errors=raise_errors, print_findings=print_findings, strict=strict, verbose=verbose)
         if not 0 < ece_threshold < 1:
             raise ValueError(f"ece_threshold must be in (0, 1), got {ece_threshold!r}")
         if min_samples < 1:
@@ -146,14 +146,11 @@ class CalibrationMonitor(DebugCallback):
     ) -> None:
         if trainer.sanity_checking or dataloader_idx != self.dataloader_idx:
             return
-        found = find_predictions(outputs, batch, **self.keys)
+        found = predictions(outputs, batch, shift=self._shift, **self.keys)
         if isinstance(found, str):
             self._missing = found
             return
         scores, target, fmt = found
-        scores, target = scores.detach(), target.detach()
-        if self._shift:
-            scores, target = scores[..., :-1, :], target[..., 1:]
         self.metrics[fmt].update(scores, target)
         self._keep_sample(scores if fmt == "logits" else scores.clamp_min(1e-12).log(), target)
 
@@ -193,12 +190,10 @@ class CalibrationMonitor(DebugCallback):
             return
         used = [m for m in self.metrics.values() if m.update_count > 0]
         if not used:
-            self.emit(
+            self.skip(
                 trainer,
-                "check.skipped",
-                f"CalibrationMonitor found nothing to measure: {self._missing or 'no validation batches'}.",
+                f"nothing to measure: {self._missing or 'no validation batches'}.",
                 key="calibration:no-predictions",
-                data={"reason": self._missing},
             )
             return
         result = used[0].compute()
@@ -211,17 +206,15 @@ class CalibrationMonitor(DebugCallback):
                 x, t, w = self._gathered(trainer, x, t, w)
             scalars["temperature"] = fit_temperature(x, t, w)
         if nonfinite:
-            self.emit(
+            self.skip(
                 trainer,
-                "check.skipped",
                 f"{nonfinite:.0f} validation predictions had NaN/Inf scores; calibration leaves them out.",
                 key="calibration:nonfinite",
                 data={"nonfinite": nonfinite, "epoch": trainer.current_epoch},
             )
         if out_of_range:
-            self.emit(
+            self.skip(
                 trainer,
-                "check.skipped",
                 f"{out_of_range:.0f} validation targets are not a class of the scores (ignore_index="
                 f"{self.ignore_index}); calibration leaves them out. If they are padding labels, pass their "
                 "value as `ignore_index`; otherwise the scores have fewer classes than the labels.",
@@ -298,70 +291,24 @@ class CalibrationMonitor(DebugCallback):
         sink = Sink(trainer)
         sink.log_table(PREFIX + "reliability", ["bin_low", "bin_high", "confidence", "accuracy", "gap", "count"], rows)
         epoch = trainer.current_epoch
-        if sink.wandb_run is not None:
-            import wandb
-
-            centers = [(r[0] + r[1]) / 2 for r in rows]
-            sink.log_chart(
-                PREFIX + "reliability_diagram",
-                wandb.plot.line_series(
-                    xs=[centers, centers, [0.0, 1.0]],
-                    ys=[[r[3] for r in rows], [r[2] for r in rows], [0.0, 1.0]],
-                    keys=["accuracy", "mean confidence", "perfect calibration"],
-                    title=f"Reliability diagram, epoch {epoch} (ECE {s['ece']:.3f})",
-                    xname="confidence bin",
-                ),
-            )
-            total = max(sum(counts), 1.0)
-            hist = wandb.Table(
-                columns=["confidence", "fraction"],
-                data=[
-                    [f"{lo:.2f}-{hi:.2f}", c / total] for lo, hi, c in zip(edges[:-1], edges[1:], counts, strict=True)
-                ],
-            )
-            sink.log_chart(
-                PREFIX + "confidence_histogram",
-                wandb.plot.bar(hist, "confidence", "fraction", title=f"Confidence histogram, epoch {epoch}"),
-            )
-        try:
-            import matplotlib  # noqa: F401  (the `plots` extra)
-        except ImportError:
-            return
-        sink.log_figure(PREFIX + "reliability_figure", reliability_figure(edges, counts, accs, confs, s, epoch))
-
-
-def reliability_figure(
-    edges: list[float], counts: list[float], accs: list[float], confs: list[float], s: dict[str, float], epoch: int
-) -> Any:
-    """Guo et al.'s Fig. 1 for one epoch: confidence histogram above, reliability diagram below."""
-    import matplotlib.pyplot as plt
-
-    width = edges[1] - edges[0]
-    lefts = edges[:-1]
-    total = max(sum(counts), 1.0)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5, 7), sharex=True, gridspec_kw={"height_ratios": [1, 2]})
-    top.bar(lefts, [c / total for c in counts], width=width, align="edge", edgecolor="black", color="tab:blue")
-    top.axvline(s["accuracy"], color="black", linestyle="--", label=f"accuracy {s['accuracy']:.3f}")
-    top.axvline(s["confidence"], color="tab:red", linestyle="--", label=f"avg confidence {s['confidence']:.3f}")
-    top.set_ylabel("fraction of predictions")
-    top.legend(loc="upper left", fontsize=8)
-    top.set_title(f"Calibration, epoch {epoch}")
-    filled = [c > 0 for c in counts]
-    bar_acc = [a if f else 0.0 for a, f in zip(accs, filled, strict=True)]
-    bottom.bar(lefts, bar_acc, width=width, align="edge", edgecolor="black", color="tab:blue", label="accuracy")
-    gap_base = [min(a, c) if f else 0.0 for a, c, f in zip(accs, confs, filled, strict=True)]
-    gap_h = [abs(c - a) if f else 0.0 for a, c, f in zip(accs, confs, filled, strict=True)]
-    bottom.bar(
-        lefts, gap_h, bottom=gap_base, width=width, align="edge", color="tab:red", alpha=0.3, hatch="//", label="gap"
-    )
-    bottom.plot([0, 1], [0, 1], color="gray", linestyle="--", label="perfect calibration")
-    for left, acc, c in zip(lefts, accs, counts, strict=True):
-        if c > 0:
-            bottom.text(left + width / 2, min(acc, 0.97) + 0.01, f"{int(c)}", ha="center", fontsize=6)
-    bottom.set_xlim(0, 1)
-    bottom.set_ylim(0, 1.05)
-    bottom.set_xlabel("confidence")
-    bottom.set_ylabel("accuracy")
-    bottom.legend(loc="upper left", fontsize=8, title=f"ECE {s['ece']:.3f}  MCE {s['mce']:.3f}")
-    fig.tight_layout()
-    return fig
+        centers = [(r[0] + r[1]) / 2 for r in rows]
+        sink.log_line_series(
+            PREFIX + "reliability_diagram",
+            [centers, centers, [0.0, 1.0]],
+            [[r[3] for r in rows], [r[2] for r in rows], [0.0, 1.0]],
+            ["accuracy", "mean confidence", "perfect calibration"],
+            title=f"Reliability diagram, epoch {epoch} (ECE {s['ece']:.3f})",
+            x_name="confidence bin",
+        )
+        total = max(sum(counts), 1.0)
+        sink.log_bar(
+            PREFIX + "confidence_histogram",
+            [f"{lo:.2f}-{hi:.2f}" for lo, hi in itertools.pairwise(edges)],
+            [c / total for c in counts],
+            label_name="confidence",
+            value_name="fraction",
+            title=f"Confidence histogram, epoch {epoch}",
+        )
+        sink.log_figure(
+            PREFIX + "reliability_figure", lambda: media.reliability_figure(edges, counts, accs, confs, s, epoch)
+        )

@@ -9,40 +9,29 @@ validation checks; everything it touches is restored.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from scipy.stats import binomtest
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 
 from lightning_debug.base import DebugCallback
-from lightning_debug.batching import batch_mover, to_float64_cpu
+from lightning_debug.batching import batch_mover
+from lightning_debug.integrations import hf
 from lightning_debug.isolation import isolated
+from lightning_debug.precision import float64_on_cpu, module_tolerance
+from lightning_debug.signals import first_dataloader
 from lightning_debug.sinks import Sink
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
-
-
-def default_tolerance(dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
-    """``(rtol, atol per token)`` for comparing summed log-probabilities (reference §4, measured).
-
-    KV-cached decoding and a full forward use different kernels and shapes: bit-equality is not expected.
-    """
-    if dtype in (torch.float16, torch.bfloat16):
-        return 3e-2, 1e-3
-    if dtype == torch.float64 or device.type == "cpu":  # float64 too: HF generate() upcasts logits to fp32 only
-        return 1e-5, 1e-6
-    if torch.get_float32_matmul_precision() != "highest" or torch.backends.cuda.matmul.allow_tf32:
-        return 5e-3, 1e-5
-    return 1e-4, 1e-6
 
 
 class DecodeTarget(Protocol):
@@ -57,8 +46,8 @@ class DecodeTarget(Protocol):
     def score(self, outputs: Any) -> torch.Tensor:
         """Teacher-forced summed log-likelihood of ``outputs`` [B]."""
 
-    def in_float64(self) -> DecodeTarget:
-        """The same target on a float64 CPU copy of the model."""
+    def in_float64(self) -> contextlib.AbstractContextManager[DecodeTarget]:
+        """The same target, its model run in float64 on the CPU (see ``precision.float64_on_cpu``)."""
 
 
 def _as_scores(scores: Any, what: str) -> torch.Tensor:
@@ -98,9 +87,10 @@ class ProtocolTarget:
         self.calls["forward"] += 1
         return _as_scores(scores, "score_outputs")
 
-    def in_float64(self) -> ProtocolTarget:
-        module = copy.deepcopy(self.module).double().cpu()  # LightningModule pickling drops the trainer
-        return ProtocolTarget(module, to_float64_cpu(self.batch), self.calls)
+    @contextlib.contextmanager
+    def in_float64(self) -> Iterator[ProtocolTarget]:
+        with float64_on_cpu(self.module) as convert:
+            yield ProtocolTarget(self.module, convert(self.batch), self.calls)
 
 
 @dataclass
@@ -172,16 +162,6 @@ def _mismatches(run: _Run, rtol: float, atol: float) -> dict[str, Any]:
     }
 
 
-def _first_loader(loaders: Any) -> DataLoader | None:
-    if isinstance(loaders, DataLoader):
-        return loaders
-    if isinstance(loaders, Mapping):
-        loaders = list(loaders.values())
-    if isinstance(loaders, (list, tuple)):
-        return next((dl for dl in loaders if isinstance(dl, DataLoader)), None)
-    return None
-
-
 def _slice(batch: Any, n: int) -> Any:
     """The first ``n`` rows of every tensor whose first dimension is the batch size."""
     sizes: list[int] = []
@@ -197,7 +177,7 @@ def first_examples(trainer: pl.Trainer, n: int) -> Any | None:
     Map-style datasets are indexed directly, so a shuffling sampler's generator is never advanced.
     """
     for loaders in (trainer.val_dataloaders, trainer.train_dataloader):
-        loader = _first_loader(loaders)
+        loader = first_dataloader(loaders)
         if loader is None:
             continue
         data: Any = loader.dataset
@@ -251,10 +231,12 @@ class DecodingConsistencyCheck(DebugCallback):
         beam_violation_rate: float = 0.02,
         confidence: float = 0.99,
         *,
-        strict: bool = False,
-        verbose: bool = True,
+        raise_errors: bool = False,
+        print_findings: bool = True,
+        strict: bool | None = None,
+        verbose: bool | None = None,
     ) -> None:
-        super().__init__(strict=strict, verbose=verbose)
+        super().__init__(raise_errors=raise_errors, print_findings=print_findings, strict=strict, verbose=verbose)
         beams = tuple(int(k) for k in beam_sizes)
         if not beams or any(k < 1 for k in beams) or list(beams) != sorted(set(beams)):
             raise ValueError(f"`beam_sizes` must be distinct positive integers in increasing order, got {beam_sizes}")
@@ -315,11 +297,11 @@ class DecodingConsistencyCheck(DebugCallback):
         if trainer.global_rank != 0:
             return
         if type(trainer.strategy).__name__ in _SHARDED:
-            self._skip(trainer, f"a sharded strategy ({type(trainer.strategy).__name__}) needs every rank to decode")
+            self.skip(trainer, f"a sharded strategy ({type(trainer.strategy).__name__}) needs every rank to decode")
             return
         protocol, generator = self._decoder(pl_module)
         if not protocol and generator is None:  # decided before any isolation work: a model without a decoder is free
-            self._skip(
+            self.skip(
                 trainer,
                 "the module neither defines `decode_with_scores`/`score_outputs` nor holds a Hugging Face model "
                 "that can `generate()`",
@@ -331,11 +313,11 @@ class DecodingConsistencyCheck(DebugCallback):
             pl_module.eval()
             target = self._target(trainer, pl_module, generator)
             if isinstance(target, str):
-                self._skip(trainer, target)
+                self.skip(trainer, target)
                 return
             run, unsupported = _run(target, self.beam_sizes)
             if not run.decoder:
-                self._skip(trainer, f"the decoder supports none of the beam sizes {list(self.beam_sizes)}")
+                self.skip(trainer, f"the decoder supports none of the beam sizes {list(self.beam_sizes)}")
                 return
             rtol, atol = self._tolerance(pl_module)
             mismatch = _mismatches(run, rtol, atol)
@@ -388,21 +370,9 @@ class DecodingConsistencyCheck(DebugCallback):
         if not confirmed and not beam_alarm:
             self._report_ok(trainer, mismatch, data)
 
-    def _skip(self, trainer: pl.Trainer, reason: str) -> None:
-        self.emit(
-            trainer,
-            "check.skipped",
-            f"DecodingConsistencyCheck skipped: {reason}.",
-            data={"reason": reason},
-            key="DecodingConsistencyCheck",
-        )
-
     def _tolerance(self, pl_module: pl.LightningModule) -> tuple[float, float]:
-        param = next((p for p in pl_module.parameters() if p.is_floating_point()), None)
-        rtol, atol = default_tolerance(
-            param.dtype if param is not None else torch.float32,
-            param.device if param is not None else torch.device("cpu"),
-        )
+        # the scores pass through float32 even for a float64 model (HF generate() upcasts logits to fp32 only)
+        rtol, atol = module_tolerance(pl_module, scores_in_float32=True)
         return (self.rtol if self.rtol is not None else rtol), (self.atol if self.atol is not None else atol)
 
     @staticmethod
@@ -412,15 +382,13 @@ class DecodingConsistencyCheck(DebugCallback):
             getattr(pl_module, "score_outputs", None)
         ):
             return True, None
-        # Lightning itself imports transformers (lazily) when it is installed; the full import costs ~0.1 s, so it
-        # happens only for a module that holds a transformers class, which has imported it already.
-        if not any(type(m).__module__.startswith("transformers.") for m in pl_module.modules()):
+        # the full transformers import costs ~0.1 s: it happens only for a module that holds a transformers class
+        if not hf.holds_transformers(pl_module):
             return False, None
         try:
-            from lightning_debug.integrations import hf
+            return False, hf.find_generator(pl_module)
         except ImportError:  # a transformers too old or broken to use: no zero-config path
             return False, None
-        return False, hf.find_generator(pl_module)
 
     def _target(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, generator: tuple[str, Any] | None
@@ -434,14 +402,13 @@ class DecodingConsistencyCheck(DebugCallback):
             return ProtocolTarget(pl_module, batch)
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
             return "the batch is not a mapping with `input_ids` (define `decode_with_scores`/`score_outputs`)"
-        from lightning_debug.integrations import hf
-
         return hf.HFTarget(generator[1], batch, self.max_new_tokens, self.prompt_fraction)
 
     def _float64(self, target: DecodeTarget, beams: list[int], rtol: float, atol: float) -> dict[str, Any] | str:
         """Re-run the failing beam sizes in float64 on the CPU (reference §4): noise vanishes, a bug stays."""
         try:
-            run64, _ = _run(target.in_float64(), beams)
+            with target.in_float64() as target64:
+                run64, _ = _run(target64, beams)
         except Exception as err:  # a model that cannot run in float64: alarm on the float32 evidence
             return f"float64 re-check unavailable ({type(err).__name__}: {err})"
         mism = _mismatches(run64, rtol, atol)

@@ -10,92 +10,21 @@ classic growing generalisation gap (training loss falling while dev loss rises).
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
 from lightning_debug.base import DebugCallback
+from lightning_debug.signals import ChanceLevel, check_mode, metric_value, mode_sign
 from lightning_debug.sinks import Sink
 from lightning_debug.stats import MIN_TREND_POINTS, Trend, robust_scale, trend_autocorrelated
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-_MODES = ("min", "max")
 NOISE_MULTIPLE = 2.0  # the loss rise must also exceed this many step-to-step noise sigmas
-
-
-def metric_value(metrics: Mapping[str, Any], key: str) -> float | None:
-    """``key`` from ``trainer.callback_metrics`` as a float, preferring its epoch aggregate ``<key>_epoch``."""
-    value = metrics.get(f"{key}_epoch", metrics.get(key))
-    if value is None:
-        return None
-    return float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
-
-
-class ChanceLevel:
-    """The chance level of a classification metric, for "is the model better than guessing yet?".
-
-    Given explicitly, or, for an accuracy-like metric (``from_targets``), inferred from the ``target`` tensor
-    that ``validation_step`` returns (the majority class rate over the first validation epoch), or else the
-    metric's first observed value (the sanity check when it runs, i.e. the untrained model).
-    """
-
-    def __init__(self, explicit: float | None, from_targets: bool = True) -> None:
-        self.explicit = explicit
-        self.from_targets = from_targets
-        self.inferred: float | None = None
-        self.start: float | None = None
-        self._counts: torch.Tensor | None = None
-
-    @property
-    def level(self) -> float | None:
-        for v in (self.explicit, self.inferred, self.start):
-            if v is not None:
-                return v
-        return None
-
-    @property
-    def source(self) -> str:
-        if self.explicit is not None:
-            return "argument"
-        return "majority class of validation targets" if self.inferred is not None else "first validation"
-
-    def observe_outputs(self, outputs: Any) -> None:
-        """Count validation targets on the device until the first epoch ends (then never again)."""
-        if not self.from_targets or self.explicit is not None or self.inferred is not None:
-            return
-        if not isinstance(outputs, Mapping):
-            return
-        target = outputs.get("target")
-        if not isinstance(target, torch.Tensor) or target.is_floating_point():
-            return
-        t = target.detach().flatten()
-        counts = torch.bincount(t.clamp(min=0), weights=(t >= 0).to(torch.float32))
-        if self._counts is None:
-            self._counts = counts
-        else:
-            n = max(len(counts), len(self._counts))
-            self._counts = torch.nn.functional.pad(self._counts, (0, n - len(self._counts)))
-            self._counts = self._counts + torch.nn.functional.pad(counts, (0, n - len(counts)))
-
-    def end_epoch(self, metric: float | None) -> None:
-        if self._counts is not None and float(self._counts.sum()) > 0:
-            self.inferred = float(self._counts.max() / self._counts.sum())
-        self._counts = None
-        if self.start is None and metric is not None and np.isfinite(metric):
-            self.start = metric
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"inferred": self.inferred, "start": self.start}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inferred = state.get("inferred")
-        self.start = state.get("start")
 
 
 @dataclass(frozen=True)
@@ -135,7 +64,7 @@ def assess_divergence(
     than chance. Overfitting needs the same dev-loss rise and a training loss whose slope interval is below
     zero.
     """
-    sign = 1.0 if mode == "max" else -1.0
+    sign = mode_sign(mode)
     lt = trend_autocorrelated(loss, confidence=confidence)
     mt = trend_autocorrelated(metric, confidence=confidence)
     tt = None
@@ -205,12 +134,13 @@ class LossMetricDivergence(DebugCallback):
         chance: float | None = None,
         confidence: float = 0.95,
         *,
-        strict: bool = False,
-        verbose: bool = True,
+        raise_errors: bool = False,
+        print_findings: bool = True,
+        strict: bool | None = None,
+        verbose: bool | None = None,
     ) -> None:
-        super().__init__(strict=strict, verbose=verbose)
-        if mode not in _MODES:
-            raise ValueError(f"`mode` must be 'min' or 'max', got {mode!r}")
+        super().__init__(raise_errors=raise_errors, print_findings=print_findings, strict=strict, verbose=verbose)
+        check_mode(mode)
         if window < MIN_TREND_POINTS:
             raise ValueError(
                 f"`window` must be at least {MIN_TREND_POINTS} validation checks (the minimum for a trend test "
@@ -272,16 +202,16 @@ class LossMetricDivergence(DebugCallback):
         missing = [keys[name] for name, v in values.items() if v is None]
         if missing:
             text = f"{missing} not logged; available: {sorted(metrics)}"
-            if self.strict:
+            if self.raise_errors:
                 raise RuntimeError(f"LossMetricDivergence monitors {text}")
-            self.emit(trainer, "check.skipped", f"LossMetricDivergence: {text}", data={"missing": missing})
+            self.skip(trainer, text, data={"missing": missing})
             return
         loss, metric = float(values["loss"]), float(values["metric"])  # type: ignore[arg-type]
         train = metric_value(metrics, self.train_loss) if self.train_loss else None
         self.checks += 1
         if np.isfinite(loss) and loss < self.loss_min:
             self.loss_min, self.loss_min_step = loss, trainer.global_step
-        sign = 1.0 if self.mode == "max" else -1.0
+        sign = mode_sign(self.mode)
         if np.isfinite(metric) and not sign * (self.metric_best - metric) >= 0:  # also replaces the initial NaN
             self.metric_best = metric
         for name, v in (("loss", loss), ("metric", metric), ("train", train), ("step", trainer.global_step)):

@@ -45,6 +45,10 @@ class MisconfiguredArgument(MisconfigurationException, ValueError):
     """A bad argument: Lightning's exception type, and a ``ValueError``, so both ``except`` clauses catch it."""
 
 
+class MonitorMissing(MisconfigurationException, RuntimeError):
+    """``strict=True`` and the monitor is not logged: Lightning's ``RuntimeError``, raised through the hook guard."""
+
+
 def _scalar(value: Tensor) -> Any:
     """A 0-d tensor as a numpy scalar of the same precision, so the rules round as torch does."""
     value = value.detach().cpu()
@@ -288,7 +292,11 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
         logs = trainer.callback_metrics
         found = lookup_metric(logs, self.monitor)
         if found.key is None:
-            self._validate_condition_metric(logs)  # raises when strict, as Lightning's does
+            if self.strict:  # Lightning's RuntimeError, which the hook guard lets through
+                try:
+                    self._validate_condition_metric(logs)
+                except RuntimeError as err:
+                    raise MonitorMissing(str(err)) from None
             self.emit(
                 trainer,
                 "check.metric_missing",
