@@ -103,7 +103,7 @@ def default_forward(module: nn.Module, batch: Any) -> Any:
     """
     target = _forward_target(module)
     if target is None:
-        raise TypeError("the module defines no forward and holds no Hugging Face model; pass `forward_fn`")
+        raise TypeError("the module defines no forward and holds no Hugging Face model")  # the caller names the fix
     params = inspect.signature(target.forward).parameters.values()
     if isinstance(batch, Mapping):
         if any(p.kind is p.VAR_KEYWORD for p in params):

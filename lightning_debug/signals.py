@@ -1,7 +1,8 @@
 """The signals every callback reads, written once.
 
 - :func:`metric_value`: a logged metric as a float (its epoch aggregate when there is one);
-- :func:`train_key`: the training counterpart of a validation key (``val_acc`` -> ``train_acc``);
+- :func:`train_key`: the training counterpart of a validation key (``val_acc`` -> ``train_acc``); :func:`loss_key`:
+  the dev loss named like a metric (``val/acc`` -> ``val/loss``);
 - :func:`check_mode` / :func:`mode_sign`: ``"min"`` / ``"max"`` and the sign that makes "better" positive;
 - :func:`infer_mode` / :func:`resolve_mode`: whether a metric is better low or high, from its name;
 - :func:`lookup_metric`: a metric in ``trainer.callback_metrics`` under Lightning's naming (several validation
@@ -48,6 +49,13 @@ def train_key(key: str) -> str | None:
     """``val_acc`` -> ``train_acc``, ``val/acc`` -> ``train/acc``; ``None`` if ``key`` is no validation key."""
     train, n = re.subn(r"^(val|valid|validation)(?=[_/.\-])", "train", key)
     return train if n else None
+
+
+def loss_key(metric: str) -> str:
+    """The dev loss logged next to ``metric`` under the same naming: ``val/acc`` -> ``val/loss``, ``val_acc`` ->
+    ``val_loss`` (``val_loss`` when ``metric`` has no ``val`` prefix)."""
+    found = re.match(r"^(val|valid|validation)([_/.\-])", metric)
+    return f"{found.group(1)}{found.group(2)}loss" if found else "val_loss"
 
 
 def check_mode(mode: str, name: str = "mode") -> str:

@@ -18,7 +18,7 @@ from lightning_debug.callbacks.grokking import GrokkingMonitor
 from lightning_debug.callbacks.loss import LossConvergenceMonitor
 from lightning_debug.callbacks.overfit import OverfitBatchCheck
 from lightning_debug.report import DebugReport
-from lightning_debug.signals import close_names, resolve_mode, train_key
+from lightning_debug.signals import close_names, loss_key, resolve_mode, train_key
 
 Linked = Callable[[str, str], dict[str, Any]]  # (metric, mode) -> the arguments debug_callbacks sets itself
 
@@ -26,15 +26,21 @@ Linked = Callable[[str, str], dict[str, Any]]  # (metric, mode) -> the arguments
 @dataclass(frozen=True)
 class Component:
     """One callback of the suite: its class, the arguments taken from ``metric``/``mode`` (``None``: it needs
-    no metric), and the suite's own defaults (which the user's overrides replace)."""
+    no metric), the key names derived from ``metric`` and the suite's own defaults (overrides replace both)."""
 
     cls: type[Callback]
     linked: Linked | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
+    names: Callable[[str], dict[str, Any]] | None = None
 
 
 def _grokking_metrics(metric: str, mode: str) -> dict[str, Any]:
-    return {"val_metric": metric, "train_metric": train_key(metric) or f"train_{metric}"}
+    return {"val_metric": metric}
+
+
+def _grokking_names(metric: str) -> dict[str, Any]:
+    loss = loss_key(metric)
+    return {"train_metric": train_key(metric) or f"train_{metric}", "val_loss": loss, "train_loss": train_key(loss)}
 
 
 # Order = order on the trainer; the report last. Early stopping: Lightning's patience of 3 checks stops noisy
@@ -45,12 +51,17 @@ _SUITE: dict[str, Component] = {
     "decoding": Component(DecodingConsistencyCheck),
     "loss": Component(LossConvergenceMonitor),
     "calibration": Component(CalibrationMonitor),
-    "divergence": Component(LossMetricDivergence, lambda metric, mode: {"metric": metric, "mode": mode}),
-    "grokking": Component(GrokkingMonitor, _grokking_metrics),
+    "divergence": Component(
+        LossMetricDivergence,
+        lambda metric, mode: {"metric": metric, "mode": mode},
+        names=lambda m: {"loss": loss_key(m)},
+    ),
+    "grokking": Component(GrokkingMonitor, _grokking_metrics, names=_grokking_names),
     "early_stopping": Component(
         MetricEarlyStopping,
         lambda metric, mode: {"monitor": metric, "mode": mode},
         {"patience": 10, "strict": False, "respect_min_epochs": True},
+        names=lambda m: {"loss_monitor": loss_key(m)},
     ),
     "report": Component(DebugReport),
 }
@@ -82,8 +93,11 @@ def debug_callbacks(metric: str | None = None, mode: str | None = None, **overri
         options = overrides.get(name, {})
         if options is False or (component.linked is not None and metric is None):
             continue
-        linked = component.linked(metric, resolved) if component.linked is not None and metric and resolved else {}
-        callbacks.append(component.cls(**{**component.defaults, **options, **linked}))
+        linked, names = {}, {}
+        if component.linked is not None and metric is not None and resolved is not None:
+            linked = component.linked(metric, resolved)
+            names = component.names(metric) if component.names is not None else {}
+        callbacks.append(component.cls(**{**component.defaults, **names, **options, **linked}))
     return callbacks
 
 

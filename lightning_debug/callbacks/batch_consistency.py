@@ -15,7 +15,6 @@ the working precision is re-run in float64 on the CPU, where noise shrinks by ~1
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -210,14 +209,16 @@ class BatchConsistencyCheck(DebugCallback):
         if loader is None:
             raise _Skip("no train DataLoader to draw examples from")
         dataset, collate = loader.dataset, loader.collate_fn
+        if isinstance(dataset, IterableDataset):  # iter() on it could advance the user's stream (issue 16)
+            raise _Skip(
+                "the train dataset is an IterableDataset: drawing examples from it could change what training sees"
+            )
         per_item = loader.batch_size is not None
         items: list[Any] | None = None
-        if per_item and not isinstance(dataset, IterableDataset):
+        if per_item:
             n = len(dataset)  # type: ignore[arg-type]
             idx = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[: self.batch_size]
             items = [dataset[int(i)] for i in idx]
-        elif per_item:
-            items = list(itertools.islice(iter(dataset), self.batch_size))
         if items is not None:
             if len(items) < 2:
                 raise _Skip(f"the train dataset has {len(items)} example(s); a batch of 1 has nothing to compare")
