@@ -252,3 +252,37 @@ def test_module_without_forward_gets_one_hint(tmp_path):
     make_trainer(tmp_path, [check], max_epochs=1, limit_train_batches=1).fit(NoForward(), train)
     (skip,) = [f for f in check.findings if f.check == "check.skipped"]
     assert "defines no forward" in skip.message and skip.message.count("forward_fn") == 1, skip.message
+
+
+class ReturnsProbabilities(DigitsMLP):
+    """Returns softmax probabilities under the ``logits`` key, as many modules do."""
+
+    def validation_step(self, batch, batch_idx):
+        out = super().validation_step(batch, batch_idx)
+        return {"logits": out["logits"].softmax(-1), "target": out["target"]}
+
+
+def test_calibration_detects_probabilities_like_torchmetrics(tmp_path, caplog):
+    """The same model returning probabilities or logits gets the same ECE, and the monitor says which it
+    assumed; forcing ``input_format="logits"`` on probabilities (e2b2395's behaviour) gives a wrong ECE."""
+    from lightning_debug.callbacks.calibration import CalibrationMonitor
+
+    ece = {}
+    for name, cls, fmt in (
+        ("logits", DigitsMLP, "auto"),
+        ("probs", ReturnsProbabilities, "auto"),
+        ("forced", ReturnsProbabilities, "logits"),
+    ):
+        pl.seed_everything(0)
+        train, val = loaders(batch_size=64, n_train=512)
+        monitor = CalibrationMonitor(plot_every_n_epochs=0, input_format=fmt)
+        with caplog.at_level(logging.INFO, logger="lightning_debug"):
+            make_trainer(tmp_path / name, [monitor], max_epochs=4).fit(cls(hidden=(64,), lr=1e-2), train, val)
+        ece[name] = monitor.history[-1]["ece"]
+    assert ece["probs"] == pytest.approx(ece["logits"], abs=1e-4), ece
+    assert abs(ece["forced"] - ece["logits"]) > 0.1, ece
+    said = [r.getMessage() for r in caplog.records if "CalibrationMonitor: treating" in r.getMessage()]
+    assert said == [
+        "CalibrationMonitor: treating `logits` as logits (not all probabilities; set input_format)",
+        "CalibrationMonitor: treating `logits` as probs (all in [0, 1], rows summing to 1; set input_format)",
+    ], said
