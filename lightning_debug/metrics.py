@@ -246,3 +246,76 @@ def fit_temperature(logits: Tensor, target: Tensor, weight: Tensor | None = None
     bound = math.log(50.0)
     res = minimize_scalar(nll, bounds=(-bound, bound), method="bounded", options={"xatol": 1e-3})
     return math.exp(float(res.x))
+
+
+class LogitSample:
+    """The first rows of logits (and targets) of an evaluation, up to a budget, kept on the device to fit a
+    temperature: the same rows every epoch, so temperatures compare across epochs.
+
+    ``rows``: predictions kept (0: none); a wide vocabulary keeps fewer, so at most ``max_elements`` floats are
+    held (4M floats, 16 MiB by default). Rows with non-finite scores, targets outside the classes or equal to
+    ``ignore_index`` are kept with weight 0.
+    """
+
+    def __init__(self, rows: int, ignore_index: int | None, max_elements: int = 1 << 22) -> None:
+        self.rows = rows
+        self.ignore_index = ignore_index
+        self.max_elements = max_elements
+        self.parts: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.kept = 0
+
+    def reset(self) -> None:
+        self.parts, self.kept = [], 0
+
+    def _budget(self, width: int) -> int:
+        return min(self.rows, self.max_elements // width)
+
+    def add(self, logits: Tensor, target: Tensor) -> None:
+        """Keep rows of ``logits`` (``target``-shaped or ``(..., 1)`` for binary, else ``(..., C)``)."""
+        binary = logits.shape == target.shape or (logits.shape[-1] == 1 and logits.shape[:-1] == target.shape)
+        width = 1 if binary else logits.shape[-1]
+        budget = self._budget(width) - self.kept
+        if budget <= 0:
+            return
+        x = logits.reshape(-1) if binary else logits.reshape(-1, width)
+        t = target.reshape(-1)[:budget]
+        x = x[:budget].float()
+        finite = torch.isfinite(x) if binary else torch.isfinite(x).all(-1)
+        valid = finite & (t >= 0) & (t < max(width, 2))
+        if self.ignore_index is not None:
+            valid &= t != self.ignore_index
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        x = torch.where(finite if binary else finite.unsqueeze(-1), x, zero)
+        self.parts.append((x, torch.where(valid, t, torch.zeros_like(t)), valid.float()))
+        self.kept += len(t)
+
+    def temperature(self, all_gather: Any = None) -> float:
+        """:func:`fit_temperature` on the sample (NaN when empty). ``all_gather`` (the strategy's, under DDP)
+        pools every rank's sample first, so all ranks fit the same temperature on the whole validation set."""
+        if not self.parts:
+            return float("nan")
+        x, t, w = (torch.cat(parts) for parts in zip(*self.parts, strict=True))
+        if all_gather is not None:
+            budget = self._budget(1 if x.dim() == 1 else x.shape[-1])
+            x, t, w = (self._gather(all_gather, r, budget) for r in (x, t, w))
+        return fit_temperature(x, t, w)
+
+    @staticmethod
+    def _gather(all_gather: Any, rows: Tensor, budget: int) -> Tensor:
+        """Padded with weight-0 rows to the budget so ``all_gather`` can stack ranks that kept different counts."""
+        padded = torch.cat([rows, rows.new_zeros((budget - rows.shape[0], *rows.shape[1:]))])
+        return all_gather(padded).reshape(-1, *rows.shape[1:])
+
+
+def prediction_sums(scores: Tensor, target: Tensor, fmt: InputFormat, ignore_index: int | None) -> Tensor:
+    """On-device ``[correct, tokens, nll, seq_correct, seqs]``; sequences when ``target`` has a time axis."""
+    _, correct, nll, _, valid, _, _ = per_prediction(scores, target, fmt, ignore_index)
+    w = valid.to(torch.float64)
+    rows = target.reshape(target.shape[0], -1) if target.ndim >= 2 else None
+    if rows is None:
+        seq_correct = seqs = torch.zeros((), dtype=torch.float64, device=w.device)
+    else:
+        ok = (correct | ~valid).reshape(rows.shape)
+        has = valid.reshape(rows.shape).any(-1)
+        seq_correct, seqs = (ok.all(-1) & has).sum().double(), has.sum().double()
+    return torch.stack([(correct.double() * w).sum(), w.sum(), (nll.double() * w).sum(), seq_correct, seqs])

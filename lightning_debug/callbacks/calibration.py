@@ -20,7 +20,9 @@ from torch import Tensor
 from lightning_debug import media
 from lightning_debug.base import DebugCallback
 from lightning_debug.integrations.hf import is_causal_lm
-from lightning_debug.metrics import StreamingCalibration, fit_temperature, looks_like_probabilities
+from lightning_debug.metrics import LogitSample, StreamingCalibration, looks_like_probabilities
+from lightning_debug.rules.calibration import assess_calibration
+from lightning_debug.rules.persistence import streak
 from lightning_debug.signals import predictions
 from lightning_debug.sinks import Sink
 
@@ -31,7 +33,6 @@ if TYPE_CHECKING:
 
 PREFIX = "debug/calibration/"
 SCALARS = ("ece", "mce", "rms_ce", "adaptive_ece", "brier", "nll", "gap", "accuracy", "confidence", "count")
-_SAMPLE_ELEMENTS = 1 << 22  # the temperature sample never holds more than 4M floats (16 MiB), whatever the vocab
 
 
 class CalibrationMonitor(DebugCallback):
@@ -127,8 +128,7 @@ class CalibrationMonitor(DebugCallback):
         self.history: list[dict[str, float]] = []  # one row of scalars per judged validation epoch
         self._over = 0  # consecutive overconfident evaluations
         self._under = 0
-        self._sample: list[tuple[Tensor, Tensor, Tensor]] = []
-        self._sample_rows = 0
+        self.sample = LogitSample(temperature_samples, ignore_index)
         self._missing: str | None = None
         self._shift = False
 
@@ -145,7 +145,8 @@ class CalibrationMonitor(DebugCallback):
         for metric in self.metrics.values():
             metric.to(pl_module.device)
             metric.reset()
-        self._sample, self._sample_rows, self._missing = [], 0, None
+        self.sample.reset()
+        self._missing = None
 
     def on_validation_batch_end(
         self,
@@ -166,7 +167,7 @@ class CalibrationMonitor(DebugCallback):
         if fmt == "logits":  # found under logits_key: probabilities may hide there (a module returning softmax)
             fmt = self._format or self._detect_format(trainer, scores, target)
         self.metrics[fmt].update(scores, target)
-        self._keep_sample(scores if fmt == "logits" else scores.clamp_min(1e-12).log(), target)
+        self.sample.add(scores if fmt == "logits" else scores.clamp_min(1e-12).log(), target)
 
     def _detect_format(self, trainer: pl.Trainer, scores: Tensor, target: Tensor) -> str:
         self._format = "probs" if looks_like_probabilities(scores, target) else "logits"
@@ -177,57 +178,32 @@ class CalibrationMonitor(DebugCallback):
         Sink(trainer).set_summary({PREFIX + "input_format": self._format})
         return self._format
 
-    def _keep_sample(self, logits: Tensor, target: Tensor) -> None:
-        """The first rows of each epoch, up to the budget: a fixed sample, so temperatures compare over epochs."""
-        binary = logits.shape == target.shape or (logits.shape[-1] == 1 and logits.shape[:-1] == target.shape)
-        width = 1 if binary else logits.shape[-1]
-        budget = min(self.temperature_samples, _SAMPLE_ELEMENTS // width) - self._sample_rows
-        if budget <= 0:
-            return
-        x = logits.reshape(-1) if binary else logits.reshape(-1, width)
-        t = target.reshape(-1)[:budget]
-        x = x[:budget].float()
-        finite = torch.isfinite(x) if binary else torch.isfinite(x).all(-1)
-        valid = finite & (t >= 0) & (t < max(width, 2))
-        if self.ignore_index is not None:
-            valid &= t != self.ignore_index
-        zero = torch.zeros((), dtype=x.dtype, device=x.device)
-        x = torch.where(finite if binary else finite.unsqueeze(-1), x, zero)
-        self._sample.append((x, torch.where(valid, t, torch.zeros_like(t)), valid.float()))
-        self._sample_rows += len(t)
-
-    def _gathered(self, trainer: pl.Trainer, *rows: Tensor) -> list[Tensor]:
-        """Every rank's sample, each padded with weight-0 rows to the sample budget so ``all_gather`` can stack
-        them (ranks may keep different numbers of rows)."""
-        width = 1 if rows[0].dim() == 1 else rows[0].shape[-1]
-        budget = min(self.temperature_samples, _SAMPLE_ELEMENTS // width)
-        out = []
-        for r in rows:
-            padded = torch.cat([r, r.new_zeros((budget - r.shape[0], *r.shape[1:]))])
-            out.append(trainer.strategy.all_gather(padded).reshape(-1, *r.shape[1:]))
-        return out
-
     # -- judging (once per epoch) ---------------------------------------------------------------------------
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         used = [m for m in self.metrics.values() if m.update_count > 0]
         if not used:
-            self.skip(
-                trainer,
-                f"nothing to measure: {self._missing or 'no validation batches'}.",
-                key="calibration:no-predictions",
-            )
+            why = self._missing or "no validation batches"
+            self.skip(trainer, f"nothing to measure: {why}.", key="calibration:no-predictions")
             return
         result = used[0].compute()
         scalars = dict(zip(SCALARS, torch.stack([result[k] for k in SCALARS]).tolist(), strict=True))
         scalars["gap_se"] = float(result["gap_se"])
-        nonfinite, out_of_range = float(result["nonfinite"]), float(result["out_of_range"])
-        if self._sample:
-            x, t, w = (torch.cat(parts) for parts in zip(*self._sample, strict=True))
-            if trainer.world_size > 1:  # one temperature for the whole validation set, the same on every rank
-                x, t, w = self._gathered(trainer, x, t, w)
-            scalars["temperature"] = fit_temperature(x, t, w)
+        if self.sample.parts:  # one temperature for the whole validation set, the same on every rank
+            scalars["temperature"] = self.sample.temperature(
+                trainer.strategy.all_gather if trainer.world_size > 1 else None
+            )
+        self._report_left_out(trainer, float(result["nonfinite"]), float(result["out_of_range"]))
+        if scalars["count"] == 0:
+            return
+        Sink(trainer).log_scalars({PREFIX + k: v for k, v in scalars.items() if math.isfinite(v)})
+        self.history.append({"step": float(trainer.global_step), "epoch": float(trainer.current_epoch), **scalars})
+        if self.plot_every_n_epochs and (len(self.history) - 1) % self.plot_every_n_epochs == 0:
+            self._plot(trainer, result, scalars)
+        self._judge(trainer, scalars)
+
+    def _report_left_out(self, trainer: pl.Trainer, nonfinite: float, out_of_range: float) -> None:
         if nonfinite:
             self.skip(
                 trainer,
@@ -244,33 +220,30 @@ class CalibrationMonitor(DebugCallback):
                 key="calibration:out-of-range",
                 data={"out_of_range": out_of_range, "ignore_index": self.ignore_index, "epoch": trainer.current_epoch},
             )
-        if scalars["count"] == 0:
-            return
-        Sink(trainer).log_scalars({PREFIX + k: v for k, v in scalars.items() if math.isfinite(v)})
-        self.history.append({"step": float(trainer.global_step), "epoch": float(trainer.current_epoch), **scalars})
-        n = len(self.history)
-        if self.plot_every_n_epochs and (n - 1) % self.plot_every_n_epochs == 0:
-            self._plot(trainer, result, scalars)
-        self._judge(trainer, scalars)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._under >= self.patience:
             self._warn(trainer, "underconfident", self.history[-1])
 
     def _judge(self, trainer: pl.Trainer, s: dict[str, float]) -> None:
-        """Miscalibrated = enough predictions, ECE over the threshold, a gap ``z`` standard errors from 0, and a
-        fitted temperature on the same side of 1 (mixed miscalibration, which one temperature cannot fix, is
-        not called over- or underconfident)."""
-        bad = s["count"] >= self.min_samples and s["ece"] >= self.ece_threshold
-        temp = s.get("temperature", float("nan"))  # when fitted, it must agree: T > 1 softens an overconfident model
-        over = bad and s["gap"] > self.z * s["gap_se"] and not temp <= 1
-        under = bad and -s["gap"] > self.z * s["gap_se"] and not temp >= 1
-        self._over = self._over + 1 if over else 0
-        self._under = self._under + 1 if under else 0
+        """Overconfidence is reported once it persists for ``patience`` evaluations; underconfidence only at the
+        end of fit (every run starts underconfident); both at once outside fitting (``trainer.validate``)."""
+        v = assess_calibration(
+            ece=s["ece"],
+            gap=s["gap"],
+            gap_se=s["gap_se"],
+            count=s["count"],
+            temperature=s.get("temperature", math.nan),
+            ece_threshold=self.ece_threshold,
+            min_samples=self.min_samples,
+            z=self.z,
+        )
+        self._over = streak(self._over, v.overconfident)
+        self._under = streak(self._under, v.underconfident)
         standalone = trainer.state.fn != "fit"
-        if over and (self._over >= self.patience or standalone):
+        if v.overconfident and (self._over >= self.patience or standalone):
             self._warn(trainer, "overconfident", s)
-        if under and standalone:
+        if v.underconfident and standalone:
             self._warn(trainer, "underconfident", s)
 
     def _warn(self, trainer: pl.Trainer, kind: str, s: dict[str, float]) -> None:

@@ -21,45 +21,21 @@ from lightning_debug import media
 from lightning_debug.base import DebugCallback
 from lightning_debug.integrations.hf import is_causal_lm
 from lightning_debug.isolation import isolated
-from lightning_debug.metrics import per_prediction
+from lightning_debug.metrics import prediction_sums
+from lightning_debug.rules.grokking import assess_stall, is_generalized, is_memorized, log10_step, log_spaced_steps
 from lightning_debug.signals import first_dataloader, predictions, weight_norm
 from lightning_debug.sinks import Sink
-from lightning_debug.stats import trend
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
+__all__ = ["GrokkingMonitor", "log10_step", "log_spaced_steps", "prediction_sums"]
+
 PREFIX = "debug/grokking/"
 STEP_KEY = PREFIX + "log10_step"
-_SUMS = ("correct", "tokens", "nll", "seq_correct", "seqs")
 # series logged per evaluation (the token/sequence pair only when targets are sequences)
 SERIES = ("train_acc", "val_acc", "train_loss", "val_loss", "weight_norm")
 SEQ_SERIES = ("train_token_acc", "train_seq_acc", "val_token_acc", "val_seq_acc")
-
-
-def log10_step(step: int) -> float:
-    """The log-x coordinate: log10(step + 1), so step 0 sits at 0 and the axis stays monotonic."""
-    return math.log10(step + 1)
-
-
-def log_spaced_steps(per_decade: int, max_step: int) -> set[int]:
-    """Integer steps spaced evenly in log10 (``per_decade`` per factor of ten), from 1 to ``max_step``."""
-    n = int(per_decade * math.log10(max(max_step, 1))) + 1
-    return {round(10 ** (k / per_decade)) for k in range(n + 1)} & set(range(1, max_step + 1))
-
-
-def prediction_sums(scores: Tensor, target: Tensor, fmt: Any, ignore_index: int | None) -> Tensor:
-    """On-device ``[correct, tokens, nll, seq_correct, seqs]``; sequences when ``target`` has a time axis."""
-    _, correct, nll, _, valid, _, _ = per_prediction(scores, target, fmt, ignore_index)
-    w = valid.to(torch.float64)
-    rows = target.reshape(target.shape[0], -1) if target.ndim >= 2 else None
-    if rows is None:
-        seq_correct = seqs = torch.zeros((), dtype=torch.float64, device=w.device)
-    else:
-        ok = (correct | ~valid).reshape(rows.shape)
-        has = valid.reshape(rows.shape).any(-1)
-        seq_correct, seqs = (ok.all(-1) & has).sum().double(), has.sum().double()
-    return torch.stack([(correct.double() * w).sum(), w.sum(), (nll.double() * w).sum(), seq_correct, seqs])
 
 
 class GrokkingMonitor(DebugCallback):
@@ -302,55 +278,72 @@ class GrokkingMonitor(DebugCallback):
             return
         step = int(r["step"])
         if self.memorized_step is None:
-            if train >= self.threshold and val <= train - self.min_gap and val < self.val_threshold:
+            if is_memorized(
+                train, val, threshold=self.threshold, val_threshold=self.val_threshold, min_gap=self.min_gap
+            ):
                 self.memorized_step = step
-                self.emit(
-                    trainer,
-                    "grokking.memorized",
-                    f"Training set memorised at step {step}: train metric {train:.3f} >= {self.threshold}, "
-                    f"dev metric only {val:.3f}. Keep training (with weight decay) if you expect grokking; "
-                    "do not stop on dev loss.",
-                    data={"step": step, "train": train, "val": val, "val_loss": r.get("val_loss")},
-                )
+                self._report_memorized(trainer, r, step, train, val)
             return
-        if self.generalized_step is None and val >= self.val_threshold:
+        if self.generalized_step is None and is_generalized(val, val_threshold=self.val_threshold):
             self.generalized_step = step
-            ratio = step / max(self.memorized_step, 1)
-            self.emit(
-                trainer,
-                "grokking.generalized",
-                f"Dev metric reached {val:.3f} >= {self.val_threshold} at step {step}, {ratio:.1f}x the "
-                f"{self.memorized_step} steps it took to memorise the training set (grokking delay).",
-                data={
-                    "step": step,
-                    "memorized_step": self.memorized_step,
-                    "delay_ratio": ratio,
-                    "val": val,
-                    "max_val_loss": max((x.get("val_loss", -math.inf) for x in self.records), default=None),
-                },
-            )
+            self._report_generalized(trainer, step, val)
             return
         if self.generalized_step is None and not self.has_finding("grokking.stalled"):
             self._check_stall(trainer, step)
 
+    def _report_memorized(self, trainer: pl.Trainer, r: dict[str, float], step: int, train: float, val: float) -> None:
+        self.emit(
+            trainer,
+            "grokking.memorized",
+            f"Training set memorised at step {step}: train metric {train:.3f} >= {self.threshold}, "
+            f"dev metric only {val:.3f}. Keep training (with weight decay) if you expect grokking; "
+            "do not stop on dev loss.",
+            data={"step": step, "train": train, "val": val, "val_loss": r.get("val_loss")},
+        )
+
+    def _report_generalized(self, trainer: pl.Trainer, step: int, val: float) -> None:
+        assert self.memorized_step is not None
+        ratio = step / max(self.memorized_step, 1)
+        self.emit(
+            trainer,
+            "grokking.generalized",
+            f"Dev metric reached {val:.3f} >= {self.val_threshold} at step {step}, {ratio:.1f}x the "
+            f"{self.memorized_step} steps it took to memorise the training set (grokking delay).",
+            data={
+                "step": step,
+                "memorized_step": self.memorized_step,
+                "delay_ratio": ratio,
+                "val": val,
+                "max_val_loss": max((x.get("val_loss", -math.inf) for x in self.records), default=None),
+            },
+        )
+
     def _check_stall(self, trainer: pl.Trainer, step: int) -> None:
         assert self.memorized_step is not None
         since = [x for x in self.records if x["step"] >= self.memorized_step and "val_acc" in x]
-        if step < self.stall_factor * max(self.memorized_step, 1) or len(since) < self.stall_window:
-            return
-        window = since[-self.stall_window :]
-        steps = [x["step"] for x in window]
-        val = trend([x["val_acc"] for x in window], steps)
-        norm = trend([x["weight_norm"] for x in window], steps)
-        if val.rising or norm.falling:
+        v = assess_stall(
+            [x["step"] for x in since],
+            [x["val_acc"] for x in since],
+            [x["weight_norm"] for x in since],
+            memorized_step=self.memorized_step,
+            step=step,
+            stall_factor=self.stall_factor,
+            stall_window=self.stall_window,
+        )
+        if v is None or not v.stalled:
             return
         self.emit(
             trainer,
             "grokking.stalled",
             f"Training set memorised at step {self.memorized_step}, now step {step}: over the last "
-            f"{len(window)} evaluations the dev metric shows no rise (slope {val.slope:.2e}/step, 95% CI "
-            f"[{val.low:.2e}, {val.high:.2e}]) and the weight norm no fall ({window[-1]['weight_norm']:.1f}).",
-            data={"memorized_step": self.memorized_step, "step": step, "val": val.as_dict(), "norm": norm.as_dict()},
+            f"{v.evaluations} evaluations the dev metric shows no rise (slope {v.val.slope:.2e}/step, 95% CI "
+            f"[{v.val.low:.2e}, {v.val.high:.2e}]) and the weight norm no fall ({since[-1]['weight_norm']:.1f}).",
+            data={
+                "memorized_step": self.memorized_step,
+                "step": step,
+                "val": v.val.as_dict(),
+                "norm": v.norm.as_dict(),
+            },
         )
 
     # -- end of fit -----------------------------------------------------------------------------------------
