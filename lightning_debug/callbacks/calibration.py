@@ -20,7 +20,7 @@ from torch import Tensor
 from lightning_debug import media
 from lightning_debug.base import DebugCallback
 from lightning_debug.integrations.hf import is_causal_lm
-from lightning_debug.metrics import LogitSample, StreamingCalibration, looks_like_probabilities
+from lightning_debug.metrics import InputFormat, LogitSample, StreamingCalibration, looks_like_probabilities
 from lightning_debug.rules.calibration import assess_calibration
 from lightning_debug.rules.persistence import streak
 from lightning_debug.signals import predictions
@@ -110,7 +110,7 @@ class CalibrationMonitor(DebugCallback):
         if input_format not in ("auto", "logits", "probs"):
             raise ValueError(f"input_format must be 'auto', 'logits' or 'probs', got {input_format!r}")
         self.input_format = input_format
-        self._format: str | None = None if input_format == "auto" else input_format  # decided once per run
+        self._format: InputFormat | None = None if input_format == "auto" else input_format  # type: ignore[assignment]
         self.keys = {"logits_key": logits_key, "probs_key": probs_key, "target_key": target_key}
         self.ignore_index = ignore_index
         self.shift_labels = shift_labels
@@ -169,7 +169,7 @@ class CalibrationMonitor(DebugCallback):
         self.metrics[fmt].update(scores, target)
         self.sample.add(scores if fmt == "logits" else scores.clamp_min(1e-12).log(), target)
 
-    def _detect_format(self, trainer: pl.Trainer, scores: Tensor, target: Tensor) -> str:
+    def _detect_format(self, trainer: pl.Trainer, scores: Tensor, target: Tensor) -> InputFormat:
         self._format = "probs" if looks_like_probabilities(scores, target) else "logits"
         why = "all in [0, 1], rows summing to 1" if self._format == "probs" else "not all probabilities"
         text = f"CalibrationMonitor: treating `{self.keys['logits_key']}` as {self._format} ({why}; set input_format)"

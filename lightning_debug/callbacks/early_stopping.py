@@ -26,7 +26,15 @@ from torch import Tensor
 from lightning_debug.base import DebugCallback
 from lightning_debug.findings import CATALOGUE, Finding
 from lightning_debug.rules import early_stopping as rules
-from lightning_debug.signals import ChanceLevel, infer_mode, lookup_metric, metric_value, train_key, weight_norm
+from lightning_debug.signals import (
+    ChanceLevel,
+    infer_mode,
+    lookup_metric,
+    metric_value,
+    resolve_mode,
+    train_key,
+    weight_norm,
+)
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -133,9 +141,11 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
     ) -> None:
         if not isinstance(monitor, str) or not monitor:
             raise MisconfiguredArgument(f"MetricEarlyStopping: `monitor` must be a metric name, got {monitor!r}")
-        mode = mode if mode is not None else infer_mode(monitor) or "min"
-        if mode not in ("min", "max"):
+        if mode is not None and mode not in ("min", "max"):
             raise MisconfiguredArgument(f"MetricEarlyStopping: `mode` can be min, max, got {mode}")
+        if mode is not None or infer_mode(monitor) is not None:  # a warning when the name says the opposite
+            mode = resolve_mode(monitor, mode, where="MetricEarlyStopping")
+        mode = mode or "min"  # Lightning's default for a name that says neither
         super().__init__(
             monitor,
             min_delta=min_delta,
@@ -265,7 +275,7 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
 
     def _run_early_stopping_check(self, trainer: pl.Trainer) -> None:
         """Lightning's check, plus ``check_every``, ``stop_on`` findings, the guard's inputs and the findings."""
-        if trainer.fast_dev_run:
+        if getattr(trainer, "fast_dev_run", False):  # disabled under fast_dev_run, as Lightning's
             return
         self.seen_checks += 1
         if self.unit == "checks" and self.seen_checks % self.check_every != 0:
