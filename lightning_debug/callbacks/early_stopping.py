@@ -197,6 +197,7 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
         self._verdict: rules.StopVerdict | None = None  # what the last `_evaluate_stopping_criteria` decided
         self._warming = False
         self._deferral_now: rules.Deferral | None = None
+        self._validated = False  # a validation batch has run: a missing validation metric is then a warning
 
     @functools.cached_property
     def state_key(self) -> str:
@@ -217,6 +218,7 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        self._validated = True
         if self.grokking_guard and dataloader_idx == 0:
             self.chance.observe_outputs(outputs)
 
@@ -307,6 +309,9 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
                     self._validate_condition_metric(logs)
                 except RuntimeError as err:
                     raise MonitorMissing(str(err)) from None
+            if not self._validated and train_key(self.monitor) is not None:
+                self.skip(trainer, f"`{self.monitor}` not judged: no validation batch has run", key=self.monitor)
+                return None
             self.emit(
                 trainer,
                 "check.metric_missing",
@@ -425,15 +430,15 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
 
     # ---- grokking guard --------------------------------------------------------------------------------------
     def _record_guard_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.grokking_guard:
+        if not self.grokking_guard or pl_module is None:
             return
         logs = trainer.callback_metrics
         train = metric_value(logs, self._key_of(logs, self.train_monitor)) if self.train_monitor else None
         loss = metric_value(logs, self._key_of(logs, self.loss_monitor))
         norm = float(weight_norm(pl_module))  # once per check: one host transfer
         for name, v in (("train", train), ("loss", loss), ("norm", norm)):
-            value = float("nan") if v is None else v
-            self.guard_history[name] = [*self.guard_history[name], value][-self.guard_window :]
+            if v is not None and math.isfinite(v):  # no NaN in the state: it must compare equal to itself
+                self.guard_history[name] = [*self.guard_history[name], v][-self.guard_window :]
         dev = metric_value(logs, self._key(logs))
         if any(v is not None and not 0.0 <= v <= 1.0 for v in (train, dev)):
             self.in_unit_interval = False
