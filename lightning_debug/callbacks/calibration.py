@@ -305,6 +305,8 @@ class CalibrationMonitor(DebugCallback):
             value_name="fraction",
             title=f"Confidence histogram, epoch {epoch}",
         )
-        sink.log_figure(
-            PREFIX + "reliability_figure", lambda: media.reliability_figure(edges, counts, accs, confs, s, epoch)
+        sink.log_figure(  # with W&B the native charts above carry the same data: no matplotlib on the run's path
+            PREFIX + "reliability_figure",
+            lambda: media.reliability_figure(edges, counts, accs, confs, s, epoch),
+            with_wandb=False,
         )
