@@ -286,3 +286,19 @@ def test_calibration_detects_probabilities_like_torchmetrics(tmp_path, caplog):
         "CalibrationMonitor: treating `logits` as logits (not all probabilities; set input_format)",
         "CalibrationMonitor: treating `logits` as probs (all in [0, 1], rows summing to 1; set input_format)",
     ], said
+
+
+def test_whole_run_benchmark_measures_suite_against_bare(tmp_path):
+    """``benchmarks/overhead.py --whole-run``: suite and bare ``Trainer.fit`` of the same script, wall and CPU
+    time, and the suite's costliest hooks (a one-epoch smoke run; the figures in the README come from the
+    full command)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import overhead
+    finally:
+        sys.path.pop(0)
+    result = overhead.whole_run(overhead.WHOLE_RUNS["no_val_22"], reps=1, root=str(tmp_path), seconds=0.1)
+    assert result["epochs"] == 1 and not result["validation"]
+    assert 0.5 < result["ratio"] < 3 and 0.5 < result["cpu_ratio"] < 3, result
+    names = [name.split("{")[0].split(".")[0] for name, _ in result["costliest_hooks"]]
+    assert "LossConvergenceMonitor" in names, result["costliest_hooks"]
