@@ -191,17 +191,20 @@ def test_stateful_iterable_dataset_yields_the_same_batches_with_the_suite(tmp_pa
     the bare run's, batch for batch. (``OverfitBatchCheck`` is left out: with an IterableDataset its ``auto``
     budget runs it at start and it draws ``next(iter(loader))``; its owner fixes that in overfit.py.)"""
     val = DataLoader(TensorDataset(torch.randn(64, 64), torch.randint(0, 10, (64,))), batch_size=32)
-    runs = {}
+    runs, weights = {}, {}
     for name, suite in (("bare", []), ("suite", debug_callbacks("val_acc", overfit=False))):
         recorder = Recorder()
         pl.seed_everything(0)
+        model = DigitsMLP(hidden=(16,))
         make_trainer(tmp_path / name, [recorder, *suite], max_epochs=1).fit(
-            DigitsMLP(hidden=(16,)), DataLoader(Stream(), batch_size=32), val
+            model, DataLoader(Stream(), batch_size=32), val
         )
         runs[name] = recorder.batches
+        weights[name] = [p.detach().clone() for p in model.parameters()]
     assert len(runs["suite"]) == len(runs["bare"]) == 8, {k: len(v) for k, v in runs.items()}
     for i, (a, b) in enumerate(zip(runs["bare"], runs["suite"], strict=True)):
         assert all(torch.equal(s, t) for s, t in zip(a, b, strict=True)), f"batch {i} differs"
+    assert all(torch.equal(a, b) for a, b in zip(weights["bare"], weights["suite"], strict=True)), "training differs"
 
 
 @pytest.mark.parametrize(

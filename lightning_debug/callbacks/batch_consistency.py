@@ -60,6 +60,15 @@ def _identity(batch: Any) -> Any:
     return batch
 
 
+def _rows(batch: Any) -> list[Any]:
+    """A collated batch cut into single-example batches (rows keep the batch's padding)."""
+    b = batch_size_of(batch) or 0
+    return [
+        apply_to_collection(batch, torch.Tensor, lambda t, i=i: t[i : i + 1] if t.dim() and t.shape[0] == b else t)
+        for i in range(b)
+    ]
+
+
 def _same(a: Any, b: Any) -> bool:
     ta, tb = tensors_of(a), tensors_of(b)
     return len(ta) == len(tb) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(ta, tb, strict=True))
@@ -165,18 +174,31 @@ class BatchConsistencyCheck(DebugCallback):
         self.forward_fn: ForwardFn = forward_fn or default_forward
         self.seed = seed
         self.done = False
+        self._await_first_batch = False
 
     # ------------------------------------------------------------------ hook
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.done:  # once per run, also across checkpoint resume
             return
+        loader = first_dataloader(trainer.train_dataloader)
+        if loader is not None and isinstance(loader.dataset, IterableDataset):
+            self._await_first_batch = True  # iterating the user's stream could change what training sees
+            return
+        self._check(trainer, pl_module, None)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
+        if self._await_first_batch:  # an IterableDataset: check on the first real batch, before its step
+            self._await_first_batch = False
+            self._check(trainer, pl_module, batch)
+
+    def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, first_batch: Any) -> None:
         self.done = True
         if trainer.local_rank != 0:
             return
         start = time.perf_counter()
         with isolated(pl_module):  # RNG included: datasets and collate functions may draw random numbers
             try:
-                ex = self._examples(trainer, pl_module)
+                ex = self._examples(trainer, pl_module, first_batch)
             except _Skip as reason:
                 self.skip(trainer, str(reason), key="batch")
                 return
@@ -202,17 +224,19 @@ class BatchConsistencyCheck(DebugCallback):
         self._report(trainer, pl_module, ex, loss, dep, data)
 
     # ------------------------------------------------------------------ inputs
-    def _examples(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> _Examples:
+    def _examples(self, trainer: pl.Trainer, pl_module: pl.LightningModule, first_batch: Any) -> _Examples:
         if not pl_module.automatic_optimization:
             raise _Skip("manual optimization: `training_step` steps the optimizer itself, so it cannot be replayed")
         loader = first_dataloader(trainer.train_dataloader)
         if loader is None:
             raise _Skip("no train DataLoader to draw examples from")
         dataset, collate = loader.dataset, loader.collate_fn
-        if isinstance(dataset, IterableDataset):  # iter() on it could advance the user's stream (issue 16)
-            raise _Skip(
-                "the train dataset is an IterableDataset: drawing examples from it could change what training sees"
-            )
+        if first_batch is not None:  # the first real batch of a stream (already on the device): never iter() it
+            singles = list(self.split_fn(first_batch)) if self.split_fn is not None else _rows(first_batch)
+            b = batch_size_of(first_batch)
+            if b is None or b < 2 or b != len(singles):
+                raise _Skip(f"could not split the first batch into >= 2 examples (batch size {b})")
+            return _Examples(first_batch, singles, None, None, _identity)
         per_item = loader.batch_size is not None
         items: list[Any] | None = None
         if per_item:
