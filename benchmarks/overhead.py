@@ -29,7 +29,8 @@ startup checks are excluded. Reported per case:
   startup checks, epoch-end and fit-end work included, suite vs bare on the same script, alternating runs in
   one process; for the quickstart run (38-step epochs with validation) and for 22-step epochs without
   validation. ``--whole-seconds S`` scales the epochs so a bare run lasts about S seconds (default: the
-  quickstart's 15 epochs, and as many 22-step epochs). Also the suite's costliest hooks (Lightning's
+  quickstart's 15 epochs, and as many 22-step epochs). Early stopping runs with an endless patience, so both
+  runs train the same epochs (it only ever shortens a run). Also the suite's costliest hooks (Lightning's
   ``SimpleProfiler`` on one extra, untimed suite run): what dominates.
 
 The cases are the runs of the examples that use ``debug_callbacks``: ``mlp`` is ``examples/quickstart.py``
@@ -349,7 +350,9 @@ def _fit_seconds(run: WholeRun, epochs: int, with_suite: bool, root: str, profil
     processes' load inflates wall time, not CPU time)."""
     pl.seed_everything(0, verbose=False)
     module, train, val = run.build()
-    callbacks = debug_callbacks(metric="val_acc", report={"print_table": False}) if with_suite else []
+    # early stopping's hooks all run, but its patience never ends the run: both runs train the same epochs
+    options = {"report": {"print_table": False}, "early_stopping": {"patience": 10**9}}
+    callbacks = debug_callbacks(metric="val_acc", **options) if with_suite else []
     logger: Any = False
     if run.wandb:
         from lightning.pytorch.loggers import WandbLogger
