@@ -101,6 +101,7 @@ class DebugCallback(LeanCallback):
 
     - ``self.findings_on(trainer)``: the findings of the other debug callbacks on ``trainer`` (restored ones
       included), ``check=`` to filter by id, ``include_self=True`` for this callback's too;
+    - ``self.watched_on(trainer, check)``: whether another debug callback on ``trainer`` can emit ``check``;
     - ``self.emissions_on(trainer)``: how many times any debug callback on ``trainer`` called ``emit``
       (repeats included); compare it with the value at the last look to skip work when nothing happened;
     - override ``on_finding(trainer, finding)``: called on every other debug callback of the trainer for each
@@ -202,6 +203,12 @@ class DebugCallback(LeanCallback):
             for f in cb.findings
             if check is None or f.check == check
         ]
+
+    def watched_on(self, trainer: pl.Trainer, check: str) -> bool:
+        """Another debug callback on ``trainer`` can emit ``check`` (the catalogue's ``emitted_by``): e.g. "is
+        anything watching for ``loss.plateau``?", without naming or importing that callback's class."""
+        owner = check_info(check).emitted_by
+        return any(type(cb).__name__ == owner for cb in debug_callbacks_of(trainer) if cb is not self)
 
     @staticmethod
     def emissions_on(trainer: pl.Trainer) -> int:
