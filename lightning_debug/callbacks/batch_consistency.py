@@ -140,7 +140,6 @@ class BatchConsistencyCheck(DebugCallback):
         self.forward_fn: ForwardFn = forward_fn or default_forward
         self.seed = seed
         self.done = False
-        self._await_first_batch = False
 
     # ------------------------------------------------------------------ hook
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -148,14 +147,16 @@ class BatchConsistencyCheck(DebugCallback):
             return
         loader = first_dataloader(trainer.train_dataloader)
         if loader is not None and isinstance(loader.dataset, IterableDataset):
-            self._await_first_batch = True  # iterating the user's stream could change what training sees
+            # iterating the user's stream could change what training sees: check its first real batch instead,
+            # through a per-instance hook that Lightning dispatches for that one batch only
+            self.on_train_batch_start = self.on_first_train_batch  # type: ignore[method-assign,assignment]
             return
         self._check(trainer, pl_module, None)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
-        if self._await_first_batch:  # an IterableDataset: check on the first real batch, before its step
-            self._await_first_batch = False
-            self._check(trainer, pl_module, batch)
+    def on_first_train_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
+        """The first real batch of an ``IterableDataset``, before its step (guarded like the Lightning hooks)."""
+        del self.on_train_batch_start  # back to the class's: no per-step dispatch
+        self._check(trainer, pl_module, batch)
 
     def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, first_batch: Any) -> None:
         self.done = True
