@@ -24,7 +24,14 @@ startup checks are excluded. Reported per case:
   and of a bare one-epoch run (``Trainer.fit`` with ``max_epochs=1``: sanity check, the epoch and its
   validation);
 - with ``--examples``: a one-epoch run of each example that uses the suite, as its user runs it (its W&B
-  offline logger included), and each startup check's share of it.
+  offline logger included), and each startup check's share of it;
+- with ``--whole-run``: the whole run's cost (issue 16): ``Trainer.fit`` wall time, sanity check, validation,
+  startup checks, epoch-end and fit-end work included, suite vs bare on the same script, alternating runs in
+  one process; for the quickstart run (38-step epochs with validation) and for 22-step epochs without
+  validation. ``--whole-seconds S`` scales the epochs so a bare run lasts about S seconds (default: the
+  quickstart's 15 epochs, and as many 22-step epochs). Early stopping runs with an endless patience, so both
+  runs train the same epochs (it only ever shortens a run). Also the suite's costliest hooks (Lightning's
+  ``SimpleProfiler`` on one extra, untimed suite run): what dominates.
 
 The cases are the runs of the examples that use ``debug_callbacks``: ``mlp`` is ``examples/quickstart.py``
 (digits, 38 steps per epoch), ``divergence`` is ``examples/loss_metric_divergence.py`` (a 512x512 MLP on 300
@@ -316,6 +323,104 @@ def example_run(name: str, root: str) -> dict[str, Any]:
     }
 
 
+@dataclass
+class WholeRun:
+    name: str
+    build: Callable[[], tuple[pl.LightningModule, Any, Any]]
+    epochs: int
+    validation: bool
+    wandb: bool = False  # a WandbLogger (offline), as the example runs it
+
+
+def _mlp_22_steps() -> tuple[pl.LightningModule, Any, Any]:
+    from lightning_debug.demos.digits import DigitsMLP, loaders
+
+    train, val = loaders(batch_size=32, n_train=700)  # 22 steps per epoch
+    return DigitsMLP(hidden=(128,), lr=3e-3), train, val
+
+
+WHOLE_RUNS = {
+    "quickstart": WholeRun("quickstart", _mlp, epochs=15, validation=True, wandb=True),  # examples/quickstart.py
+    "no_val_22": WholeRun("no_val_22", _mlp_22_steps, epochs=15, validation=False),
+}
+
+
+def _fit_seconds(run: WholeRun, epochs: int, with_suite: bool, root: str, profiler: Any = None) -> tuple[float, float]:
+    """Wall and CPU seconds of ``Trainer.fit`` (CPU time of this process: on a shared machine the other
+    processes' load inflates wall time, not CPU time)."""
+    pl.seed_everything(0, verbose=False)
+    module, train, val = run.build()
+    # early stopping's hooks all run, but its patience never ends the run: both runs train the same epochs
+    options = {"report": {"print_table": False}, "early_stopping": {"patience": 10**9}}
+    callbacks = debug_callbacks(metric="val_acc", **options) if with_suite else []
+    logger: Any = False
+    if run.wandb:
+        from lightning.pytorch.loggers import WandbLogger
+
+        logger = WandbLogger(project="lightning-debug-overhead", save_dir=root, offline=True)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=callbacks,
+        profiler=profiler,
+        limit_val_batches=None if run.validation else 0,
+    )
+    start, cpu = time.perf_counter(), time.process_time()
+    trainer.fit(module, train, val if run.validation else None)
+    if run.wandb:
+        import wandb
+
+        wandb.finish()  # the run's files are flushed inside the timed span, as the example does
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def _costliest_hooks(run: WholeRun, epochs: int, root: str, top: int = 5) -> list[tuple[str, float]]:
+    """The suite's hooks with the largest total time in one profiled suite run (seconds)."""
+    from lightning.pytorch.profilers import SimpleProfiler
+
+    profiler = SimpleProfiler(dirpath=root, filename="whole_run_profile")
+    _fit_seconds(run, epochs, True, root, profiler=profiler)
+    suite = {type(cb).__name__ for cb in debug_callbacks(metric="val_acc")}
+    totals = {
+        key.removeprefix("[Callback]"): sum(times)
+        for key, times in profiler.recorded_durations.items()
+        if key.startswith("[Callback]") and key.removeprefix("[Callback]").split("{")[0].split(".")[0] in suite
+    }
+    return sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+
+
+def whole_run(run: WholeRun, reps: int, root: str, seconds: float | None = None) -> dict[str, Any]:
+    """``Trainer.fit`` wall time with the suite over without, alternating bare/suite runs ``reps`` times."""
+    torch.set_num_threads(1)
+    _fit_seconds(run, 1, False, root)  # warm-up: imports, allocator, data caches
+    epochs = run.epochs
+    if seconds is not None:
+        epochs = max(1, round(seconds / _fit_seconds(run, 1, False, root)[0]))
+    bare, suite = [], []
+    for _ in range(reps):
+        bare.append(_fit_seconds(run, epochs, False, root))
+        suite.append(_fit_seconds(run, epochs, True, root))
+    wall = {"bare": [b[0] for b in bare], "suite": [s[0] for s in suite]}
+    cpu = {"bare": [b[1] for b in bare], "suite": [s[1] for s in suite]}
+    return {
+        "run": run.name,
+        "epochs": epochs,
+        "validation": run.validation,
+        "bare_seconds": statistics.median(wall["bare"]),
+        "suite_seconds": statistics.median(wall["suite"]),
+        "ratio": statistics.median(wall["suite"]) / statistics.median(wall["bare"]),
+        "ratios": [s / b for b, s in zip(wall["bare"], wall["suite"], strict=True)],
+        "cpu_ratio": statistics.median(cpu["suite"]) / statistics.median(cpu["bare"]),
+        "cpu_ratios": [s / b for b, s in zip(cpu["bare"], cpu["suite"], strict=True)],
+        "costliest_hooks": _costliest_hooks(run, epochs, root),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", choices=sorted(CASES), action="append")
@@ -323,8 +428,12 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     parser.add_argument("--root", default="out/overhead")
     parser.add_argument("--json")
     parser.add_argument("--examples", action="store_true", help="also time a one-epoch run of each example")
+    parser.add_argument("--whole-run", choices=sorted(WHOLE_RUNS), action="append", help="whole-run cost only")
+    parser.add_argument("--whole-seconds", type=float, help="scale the whole runs' epochs to about this long")
     args = parser.parse_args(argv)
     torch.set_flush_denormal(True)
+    if args.whole_run:
+        return {"whole_runs": _print_whole_runs(args)}
     results = [measure(CASES[name], args.reps, args.root) for name in args.case or sorted(CASES)]
     for r in results:
         print(
@@ -352,6 +461,22 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=2)
     return out
+
+
+def _print_whole_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    results = [whole_run(WHOLE_RUNS[name], args.reps, args.root, args.whole_seconds) for name in args.whole_run]
+    for r in results:
+        hooks = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in r["costliest_hooks"])
+        print(
+            f"{r['run']}: whole run {r['ratio']:.3f}x wall ({', '.join(f'{x:.3f}' for x in r['ratios'])}), "
+            f"{r['cpu_ratio']:.3f}x CPU ({', '.join(f'{x:.3f}' for x in r['cpu_ratios'])}); bare "
+            f"{r['bare_seconds']:.1f} s, suite {r['suite_seconds']:.1f} s, {r['epochs']} epochs"
+            f"{'' if r['validation'] else ', no validation'}; costliest suite hooks: {hooks}"
+        )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"whole_runs": results}, fh, indent=2)
+    return results
 
 
 if __name__ == "__main__":

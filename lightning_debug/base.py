@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lightning_debug.findings import Finding, Severity, check_info, jsonable
@@ -72,7 +73,7 @@ def _guard(hook: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return hook(self, trainer, *args, **kwargs)
         except Exception as err:
-            if self.raise_errors:
+            if self.raise_errors or isinstance(err, MisconfigurationException):  # the user's to fix: not ours
                 raise
             self.emit(
                 trainer,

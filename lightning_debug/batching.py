@@ -110,7 +110,7 @@ def default_forward(module: nn.Module, batch: Any) -> Any:
     """
     target = _forward_target(module)
     if target is None:
-        raise TypeError("the module defines no forward and holds no Hugging Face model; pass `forward_fn`")
+        raise TypeError("the module defines no forward and holds no Hugging Face model")  # the caller names the fix
     params = inspect.signature(target.forward).parameters.values()
     if isinstance(batch, Mapping):
         if any(p.kind is p.VAR_KEYWORD for p in params):
@@ -290,6 +290,22 @@ def draw_examples(
     if b is None or b < 2 or b != len(singles):
         raise CannotCheck(f"could not build a batch of >= 2 examples (batch size {b}, {len(singles)} singles)")
     return Examples(move(batch), [move(s) for s in singles], items, collate if items is not None else None, move)
+
+
+def first_batch_examples(batch: Any, split_fn: Callable[[Any], Sequence[Any]] | None) -> Examples:
+    """A stream's first real batch (already moved) and its examples: cut by ``split_fn``, else into rows (which
+    keep the batch's padding). A stream is never iterated by a check: that could change what training sees."""
+    b = batch_size_of(batch) or 0
+    if split_fn is not None:
+        singles = list(split_fn(batch))
+    else:
+        singles = [
+            apply_to_collection(batch, torch.Tensor, lambda t, i=i: t[i : i + 1] if t.dim() and t.shape[0] == b else t)
+            for i in range(b)
+        ]
+    if b < 2 or b != len(singles):
+        raise CannotCheck(f"could not split the first batch into >= 2 examples (batch size {b})")
+    return Examples(batch, singles, None, None, lambda x: x)
 
 
 def batch_mover(trainer: pl.Trainer, module: pl.LightningModule) -> Callable[[Any], Any]:

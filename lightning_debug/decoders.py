@@ -112,14 +112,15 @@ def _slice(batch: Any, n: int) -> Any:
 def first_examples(trainer: pl.Trainer, n: int) -> Any | None:
     """The first ``n`` examples of the validation (else training) data, built by the loader's ``collate_fn``.
 
-    Map-style datasets are indexed directly, so a shuffling sampler's generator is never advanced.
+    Map-style datasets are indexed directly, so a shuffling sampler's generator is never advanced; an
+    ``IterableDataset`` is never iterated (that could advance the user's stream).
     """
     for loaders in (trainer.val_dataloaders, trainer.train_dataloader):
         loader = first_dataloader(loaders)
-        if loader is None:
+        if loader is None or isinstance(loader.dataset, IterableDataset):
             continue
         data: Any = loader.dataset
-        if isinstance(data, IterableDataset) or not hasattr(data, "__len__") or len(data) == 0:
+        if not hasattr(data, "__len__") or len(data) == 0:
             return _slice(next(iter(loader)), n)
         if loader.batch_size is None and loader.batch_sampler is None:  # the dataset yields whole batches
             return _slice(loader.collate_fn(data[0]), n)

@@ -363,6 +363,29 @@ _CHECKS: tuple[CheckInfo, ...] = (
         "MetricEarlyStopping",
     ),
     _c(
+        "check.metric_missing",
+        "warning",
+        "The monitored metric is not logged",
+        "After the first validation, the metric a callback monitors is not in `trainer.callback_metrics`, so "
+        "that check is off for the run. `data.close` lists the logged names closest to it.",
+        (
+            "a typo in `metric=` / `monitor=`",
+            "the module logs the metric under another name (`val/acc` vs `val_acc`) or not at all",
+        ),
+        ("pass the name the module logs (see `data.logged`)", "log the metric with `self.log` in validation_step"),
+        "MetricEarlyStopping",
+    ),
+    _c(
+        "check.metric_resolved",
+        "info",
+        "The monitored metric was read from the first validation loader",
+        "With several validation loaders Lightning logs `<metric>/dataloader_idx_<i>`; the first loader's copy "
+        "is monitored.",
+        ("several validation dataloaders",),
+        ("pass the exact key (e.g. `val_acc/dataloader_idx_1`) to monitor another loader",),
+        "MetricEarlyStopping",
+    ),
+    _c(
         "batch.loss_mismatch",
         "error",
         "Batched loss differs from per-example losses",

@@ -74,6 +74,21 @@ def per_prediction(
     return conf, correct, nll, brier, valid, nonfinite, kept & ~in_range
 
 
+def looks_like_probabilities(scores: Tensor, target: Tensor) -> bool:
+    """Whether ``scores`` are probabilities, as torchmetrics decides it (it applies sigmoid / softmax to scores
+    with a value outside [0, 1]), and for multiclass scores also every row summing to 1 (so a batch of small
+    logits is not taken for probabilities). One host transfer: call it once, not per batch."""
+    binary = scores.shape == target.shape or (scores.shape[-1] == 1 and scores.shape[:-1] == target.shape)
+    x = scores.detach().float()
+    finite = torch.isfinite(x)
+    in_range = ((x >= 0) & (x <= 1) | ~finite).all()
+    if binary:
+        return bool(in_range)
+    rows = torch.isfinite(x).all(-1)
+    sums = torch.where(rows, x.sum(-1), torch.ones_like(x[..., 0]))
+    return bool(in_range & ((sums - 1).abs() <= 1e-3).all())
+
+
 class StreamingCalibration(Metric):
     """Top-label calibration statistics from per-bin sums, summed across processes.
 

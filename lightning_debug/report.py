@@ -1,6 +1,7 @@
 """``DebugReport``: gathers the findings of every ``DebugCallback`` and writes them out.
 
-At the end of fit/validate/test, and when training raises, it writes ``<log_dir>/lightning_debug/report.json``
+At the end of fit/validate/test, and when training raises, it writes ``report.json`` under
+:func:`~lightning_debug.sinks.output_dir` (``<log_dir>/lightning_debug/``)
 (``{"version", "status", "findings", "summary"}``), prints a console table, and sends the findings table,
 per-check counts and totals to W&B when a ``WandbLogger`` is attached.
 """

@@ -1,8 +1,12 @@
 """The signals every callback reads, written once.
 
 - :func:`metric_value`: a logged metric as a float (its epoch aggregate when there is one);
-- :func:`train_key`: the training counterpart of a validation key (``val_acc`` -> ``train_acc``);
+- :func:`train_key`: the training counterpart of a validation key (``val_acc`` -> ``train_acc``); :func:`loss_key`:
+  the dev loss named like a metric (``val/acc`` -> ``val/loss``);
 - :func:`check_mode` / :func:`mode_sign`: ``"min"`` / ``"max"`` and the sign that makes "better" positive;
+- :func:`infer_mode` / :func:`resolve_mode`: whether a metric is better low or high, from its name;
+- :func:`lookup_metric`: a metric in ``trainer.callback_metrics`` under Lightning's naming (several validation
+  loaders add ``/dataloader_idx_N``), with the close matches when it is missing; :func:`close_names` for errors;
 - :class:`ChanceLevel`: a classification metric's chance level (given, or inferred from the targets);
 - :func:`weight_norm`: the global L2 norm of a module's parameters, on the device (no host sync);
 - :func:`first_dataloader`: the first ``DataLoader`` in whatever Lightning holds (one, a list, a dict, nested);
@@ -14,8 +18,11 @@ Nothing here emits, logs or keeps a trainer: these are the inputs of the rules i
 
 from __future__ import annotations
 
+import difflib
 import re
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -30,8 +37,9 @@ MODES = ("min", "max")
 
 # -- logged metrics ---------------------------------------------------------------------------------------------
 def metric_value(metrics: Mapping[str, Any], key: str) -> float | None:
-    """``key`` from ``trainer.callback_metrics`` as a float, preferring its epoch aggregate ``<key>_epoch``."""
-    value = metrics.get(f"{key}_epoch", metrics.get(key))
+    """``key`` from ``trainer.callback_metrics`` as a float, preferring its epoch aggregate ``<key>_epoch``; with
+    several validation loaders, the first loader's ``<key>/dataloader_idx_0``."""
+    value = metrics.get(f"{key}_epoch", metrics.get(key, metrics.get(f"{key}/dataloader_idx_0")))
     if value is None:
         return None
     return float(value.detach().float().mean()) if isinstance(value, Tensor) else float(value)
@@ -41,6 +49,13 @@ def train_key(key: str) -> str | None:
     """``val_acc`` -> ``train_acc``, ``val/acc`` -> ``train/acc``; ``None`` if ``key`` is no validation key."""
     train, n = re.subn(r"^(val|valid|validation)(?=[_/.\-])", "train", key)
     return train if n else None
+
+
+def loss_key(metric: str) -> str:
+    """The dev loss logged next to ``metric`` under the same naming: ``val/acc`` -> ``val/loss``, ``val_acc`` ->
+    ``val_loss`` (``val_loss`` when ``metric`` has no ``val`` prefix)."""
+    found = re.match(r"^(val|valid|validation)([_/.\-])", metric)
+    return f"{found.group(1)}{found.group(2)}loss" if found else "val_loss"
 
 
 def check_mode(mode: str, name: str = "mode") -> str:
@@ -53,6 +68,79 @@ def check_mode(mode: str, name: str = "mode") -> str:
 def mode_sign(mode: str) -> float:
     """+1 for ``"max"``, -1 for ``"min"``: ``mode_sign(mode) * (new - old) > 0`` means ``new`` is better."""
     return 1.0 if mode == "max" else -1.0
+
+
+# words (or word prefixes, for the max side) that decide whether a smaller or a larger value is better
+_MIN_WORDS = ("loss", "error", "err", "perplexity", "ppl", "mse", "mae", "rmse", "nll", "wer", "cer")
+_MAX_PREFIXES = ("acc", "f1", "bleu", "rouge", "auc", "auroc", "precision", "recall")  # accuracy, rougeL, ...
+
+
+def _words(name: str) -> list[str]:
+    return [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w]
+
+
+def infer_mode(name: str) -> str | None:
+    """``"min"`` for a loss/error-like name (loss, error, perplexity, mse/mae, wer/cer), ``"max"`` for a score
+    (acc, f1, bleu, rouge, auc, precision, recall, exact_match), ``None`` when the name says neither or both."""
+    words = _words(name)
+    joined = "_".join(words)
+    low = any(w in _MIN_WORDS or w.endswith("loss") for w in words)
+    high = "exact_match" in joined or "em" in words or any(w.startswith(_MAX_PREFIXES) for w in words)
+    if low == high:
+        return None
+    return "min" if low else "max"
+
+
+def resolve_mode(metric: str, mode: str | None, *, where: str) -> str:
+    """``mode`` if given (a warning when the name says the opposite), else the mode the name implies.
+
+    ``where`` names the component for messages (e.g. ``"debug_callbacks"``). A ``ValueError`` when ``mode`` is
+    neither ``"min"`` nor ``"max"``, or when it is ``None`` and the name decides nothing."""
+    implied = infer_mode(metric)
+    if mode is None:
+        if implied is None:
+            raise ValueError(
+                f"{where}: cannot tell from the name {metric!r} whether a larger value is better; pass "
+                f"`mode='max'` (accuracy-like) or `mode='min'` (loss-like)"
+            )
+        return implied
+    if mode not in ("min", "max"):
+        raise ValueError(f"{where}: `mode` must be 'min' or 'max', got {mode!r}")
+    if implied is not None and implied != mode:
+        warnings.warn(
+            f"{where}: mode={mode!r} for {metric!r}, whose name suggests mode={implied!r} (a "
+            f"{'loss-like' if implied == 'min' else 'score-like'} metric); check that this is intended",
+            UserWarning,
+            stacklevel=3,
+        )
+    return mode
+
+
+def close_names(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
+    """Up to ``n`` of ``candidates`` closest to ``name`` (difflib ratio >= 0.6), best first."""
+    return difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.6)
+
+
+@dataclass(frozen=True)
+class MetricLookup:
+    """Where ``name`` is in the logged metrics: ``key`` (``None`` if absent), whether it is the first
+    validation loader's copy (``name/dataloader_idx_0``), and the logged names closest to it."""
+
+    name: str
+    key: str | None
+    first_loader: bool
+    close: list[str]
+
+
+def lookup_metric(metrics: Mapping[str, Any], name: str) -> MetricLookup:
+    """``name`` in ``trainer.callback_metrics``; with several validation loaders Lightning logs
+    ``<name>/dataloader_idx_<i>`` instead, and the first loader's is used."""
+    if name in metrics:
+        return MetricLookup(name, name, False, [])
+    first = f"{name}/dataloader_idx_0"
+    if first in metrics:
+        return MetricLookup(name, first, True, [])
+    return MetricLookup(name, None, False, close_names(name, metrics))
 
 
 class ChanceLevel:
@@ -69,6 +157,17 @@ class ChanceLevel:
         self.inferred: float | None = None
         self.start: float | None = None
         self._counts: Tensor | None = None
+
+    def __eq__(self, other: object) -> bool:  # pickled copies compare equal, as Lightning's callbacks do
+        fields = ("explicit", "from_targets", "inferred", "start")
+        return (
+            isinstance(other, ChanceLevel)
+            and all(getattr(self, f) == getattr(other, f) for f in fields)
+            and self._counts is None
+            and other._counts is None
+        )
+
+    __hash__ = None  # type: ignore[assignment]
 
     @property
     def level(self) -> float | None:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 log = logging.getLogger("lightning_debug")
+_OUTPUT_DIR = "_lightning_debug_output_dir"  # kept on the trainer: one folder per run
 
 ALERT_WAIT = timedelta(minutes=5)
 ALERT_LIMIT = 10  # per run: an alert storm helps nobody
@@ -32,12 +33,28 @@ _ALERTS_SENT = "_lightning_debug_alerts_sent"  # the per-run budget, kept on the
 
 
 def output_dir(trainer: pl.Trainer) -> Path:
-    """``<log_dir>/lightning_debug``, resolved without the collective call in ``trainer.log_dir``."""
-    base: str | None = None
-    if trainer.loggers:
-        first = trainer.loggers[0]
-        base = first.log_dir if isinstance(first, (TensorBoardLogger, CSVLogger)) else first.save_dir
-    return Path(base or trainer.default_root_dir) / "lightning_debug"
+    """Where reports and figures go, fixed for the run: ``<log_dir>/lightning_debug`` for a TensorBoard or CSV
+    logger; ``<save_dir>/lightning_logs/<version>/lightning_debug`` for another logger (W&B: the run id); without
+    a logger ``<default_root_dir>/lightning_logs/version_<n>/lightning_debug``, the next free version. Never a
+    ``lightning_debug`` folder in the working directory, which would shadow the package on the next import.
+    Resolved without the collective call in ``trainer.log_dir``."""
+    cached = getattr(trainer, _OUTPUT_DIR, None)
+    if cached is not None:
+        return cached
+    first = trainer.loggers[0] if trainer.loggers else None
+    if isinstance(first, (TensorBoardLogger, CSVLogger)):
+        path = Path(first.log_dir) / "lightning_debug"
+    else:
+        root = Path((first.save_dir if first is not None else None) or trainer.default_root_dir) / "lightning_logs"
+        version = first.version if first is not None else None
+        path = root / (str(version) if version not in (None, "") else _next_version(root)) / "lightning_debug"
+    setattr(trainer, _OUTPUT_DIR, path)
+    return path
+
+
+def _next_version(root: Path) -> str:
+    taken = [int(p.name[8:]) for p in root.glob("version_*") if p.name[8:].isdigit()]
+    return f"version_{max(taken, default=-1) + 1}"
 
 
 def _wandb_logger(trainer: pl.Trainer) -> Any | None:

@@ -41,14 +41,15 @@ def _no_check_errors(trainer):
 
 
 # ---- a metric name the module does not log ---------------------------------------------------------------
-def test_unknown_metric_with_suite_defaults_is_a_skip_naming_the_logged_keys(tmp_path):
+def test_unknown_metric_with_suite_defaults_is_a_warning_naming_the_logged_keys(tmp_path):
     train, val = loaders(n_train=320, n_val=128)
     trainer = make_trainer(tmp_path, debug_callbacks(metric="val_accuracy"), max_epochs=2)
     trainer.fit(DigitsMLP(), train, val)
     assert trainer.state.finished and trainer.current_epoch == 2
     _no_check_errors(trainer)
-    skipped = [f for f in _findings(trainer, "check.skipped") if f.source == "MetricEarlyStopping"]
+    skipped = [f for f in _findings(trainer, "check.metric_missing") if f.source == "MetricEarlyStopping"]
     assert len(skipped) == 1 and skipped[0].count == 2, [(f.message, f.count) for f in skipped]
+    assert skipped[0].severity.value == "warning"
     assert "`val_accuracy` is not logged" in skipped[0].message and "'val_acc'" in skipped[0].message, skipped[0]
 
 
@@ -86,7 +87,6 @@ INVALID = [
     (GrokkingMonitor, {"stall_window": 2}, "stall_window"),
     (GrokkingMonitor, {"threshold": 0.0}, "threshold"),
     (GrokkingMonitor, {"eval_batches": 0}, "eval_batches"),
-    (MetricEarlyStopping, {"monitor": "val_acc", "patience": -1}, "patience"),
     (MetricEarlyStopping, {"monitor": "val_acc", "mode": "maximum"}, "mode"),
     (MetricEarlyStopping, {"monitor": "val_acc", "unit": "epochs"}, "unit"),
     (MetricEarlyStopping, {"monitor": "val_acc", "warmup": -1}, "warmup"),
@@ -101,12 +101,13 @@ INVALID = [
 def test_invalid_argument_is_a_value_error_naming_it(cls, kwargs, name):
     with pytest.raises(ValueError, match=rf"\b{name}\b") as err:
         cls(**kwargs)
-    assert not isinstance(err.value, MisconfigurationException)
+    # MetricEarlyStopping raises Lightning's exception type as EarlyStopping does (and a ValueError)
+    assert isinstance(err.value, MisconfigurationException) == (cls is MetricEarlyStopping)
 
 
 def test_invalid_suite_override_fails_at_construction():
-    with pytest.raises(ValueError, match="patience"):
-        debug_callbacks("val_acc", early_stopping={"patience": -1})
+    with pytest.raises(ValueError, match="smoothing"):
+        debug_callbacks("val_acc", early_stopping={"smoothing": "mean"})
 
 
 # ---- non-finite predictions -----------------------------------------------------------------------------

@@ -295,10 +295,12 @@ def unpad_split(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]
     return singles
 
 
-def test_prebatched_data_is_skipped_unless_split_fn_is_given(tmp_path):
+def test_prebatched_stream_is_checked_on_its_first_real_batch(tmp_path):
+    """A stream of ready-made batches is never iterated by the check (issue 16): its first real batch is cut
+    into rows (which keep their padding) or, with ``split_fn``, into unpadded examples."""
     train = DataLoader(Prebatched(), batch_size=None)
-    skipped = run_check(AttentionPoolingClassifier(), train, tmp_path / "a")
-    assert checks(skipped) == {"check.skipped"} and "split_fn" in skipped.findings[0].message
+    rows = run_check(AttentionPoolingClassifier(), train, tmp_path / "a")
+    assert checks(rows) == {"batch.ok"}, [f.message for f in rows.findings]
     split = run_check(AttentionPoolingClassifier(bug="mask_ignored"), train, tmp_path / "b", split_fn=unpad_split)
     # no items to re-collate: the mismatch is reported without the per-example padding breakdown
     assert "batch.loss_mismatch" in checks(split), [f.message for f in split.findings]

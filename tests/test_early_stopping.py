@@ -50,9 +50,10 @@ def test_min_delta_rel(tmp_path):
 def test_warmup_and_min_epochs_do_not_clash(tmp_path):
     """Flat metric, patience 2. Lightning's EarlyStopping exhausts patience before min_epochs=6 and the
     trainer stops the moment min_epochs is reached (#19966); ours starts counting only when the trainer may
-    stop, so it stops 2 checks later. ``warmup`` checks delay patience the same way."""
+    stop (``respect_min_epochs=True``), so it stops 2 checks later. ``warmup`` checks delay patience the same way."""
     script = {"val_loss": [1.0] * 20}
-    theirs, ours = EarlyStopping("val_loss", patience=2), MetricEarlyStopping("val_loss", patience=2)
+    theirs = EarlyStopping("val_loss", patience=2)
+    ours = MetricEarlyStopping("val_loss", patience=2, respect_min_epochs=True)
     t_theirs, _ = fit_scripted(tmp_path / "a", script, [theirs], min_epochs=6)
     t_ours, _ = fit_scripted(tmp_path / "b", script, [ours], min_epochs=6)
     assert t_theirs.current_epoch == 6, "Lightning stops right at min_epochs"

@@ -128,7 +128,7 @@ def test_a_failing_wandb_never_stops_training(tmp_path, monkeypatch):
 
 
 def test_unknown_suite_component_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"Unknown component\(s\) \['los'\]"):
+    with pytest.raises(ValueError, match=r"unknown component 'los'; did you mean 'loss'"):
         debug_callbacks("val_acc", los={"floor": 0.1})
-    with pytest.raises(ValueError, match="`mode` must be 'min' or 'max'"):
+    with pytest.raises(ValueError, match="`mode` must be 'min', 'max' or None"):
         debug_callbacks("val_acc", mode="maximum")

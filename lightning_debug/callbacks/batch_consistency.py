@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils.data import IterableDataset
 
 from lightning_debug.base import DebugCallback
 from lightning_debug.batching import (
@@ -30,6 +31,7 @@ from lightning_debug.batching import (
     batch_mover,
     default_forward,
     draw_examples,
+    first_batch_examples,
     output_dependence,
     padding_of,
     tensors_of,
@@ -143,13 +145,27 @@ class BatchConsistencyCheck(DebugCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.done:  # once per run, also across checkpoint resume
             return
+        loader = first_dataloader(trainer.train_dataloader)
+        if loader is not None and isinstance(loader.dataset, IterableDataset):
+            # iterating the user's stream could change what training sees: check its first real batch instead,
+            # through a per-instance hook that Lightning dispatches for that one batch only
+            self.on_train_batch_start = self.on_first_train_batch  # type: ignore[method-assign,assignment]
+            return
+        self._check(trainer, pl_module, None)
+
+    def on_first_train_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
+        """The first real batch of an ``IterableDataset``, before its step (guarded like the Lightning hooks)."""
+        del self.on_train_batch_start  # back to the class's: no per-step dispatch
+        self._check(trainer, pl_module, batch)
+
+    def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, first_batch: Any) -> None:
         self.done = True
         if trainer.local_rank != 0:
             return
         start = time.perf_counter()
         with isolated(pl_module):  # RNG included: datasets and collate functions may draw random numbers
             try:
-                ex = self._examples(trainer, pl_module)
+                ex = self._examples(trainer, pl_module, first_batch)
             except CannotCheck as reason:
                 self.skip(trainer, str(reason), key="batch")
                 return
@@ -175,7 +191,7 @@ class BatchConsistencyCheck(DebugCallback):
         self._report(trainer, pl_module, ex, loss, dep, data)
 
     # ------------------------------------------------------------------ inputs
-    def _examples(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Examples:
+    def _examples(self, trainer: pl.Trainer, pl_module: pl.LightningModule, first_batch: Any) -> Examples:
         if not pl_module.automatic_optimization:
             raise CannotCheck(
                 "manual optimization: `training_step` steps the optimizer itself, so it cannot be replayed"
@@ -183,6 +199,8 @@ class BatchConsistencyCheck(DebugCallback):
         loader = first_dataloader(trainer.train_dataloader)
         if loader is None:
             raise CannotCheck("no train DataLoader to draw examples from")
+        if first_batch is not None:  # the first real batch of a stream, already on the device: never iter() it
+            return first_batch_examples(first_batch, self.split_fn)
         return draw_examples(loader, self.batch_size, self.seed, self.split_fn, batch_mover(trainer, pl_module))
 
     def _rtol(self, pl_module: pl.LightningModule) -> float:

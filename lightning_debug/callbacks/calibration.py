@@ -10,6 +10,7 @@ diagram and the confidence histogram, and warns when the model is clearly over- 
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -19,11 +20,13 @@ from torch import Tensor
 from lightning_debug import media
 from lightning_debug.base import DebugCallback
 from lightning_debug.integrations.hf import is_causal_lm
-from lightning_debug.metrics import LogitSample, StreamingCalibration
+from lightning_debug.metrics import InputFormat, LogitSample, StreamingCalibration, looks_like_probabilities
 from lightning_debug.rules.calibration import assess_calibration
 from lightning_debug.rules.persistence import streak
 from lightning_debug.signals import predictions
 from lightning_debug.sinks import Sink
+
+log = logging.getLogger("lightning_debug")
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -41,6 +44,10 @@ class CalibrationMonitor(DebugCallback):
 
     Args:
         logits_key / probs_key / target_key: where the scores and targets are in the step output.
+        input_format: ``"auto"`` (default): scores under ``probs_key`` are probabilities; scores under
+            ``logits_key`` are taken for probabilities when the first validation batch's are all in [0, 1] with
+            rows summing to 1 (binary: all in [0, 1]), as torchmetrics decides; said once on the console and in
+            the run summary (``debug/calibration/input_format``). ``"logits"`` / ``"probs"`` force it.
         ignore_index: target value to skip (Hugging Face's padding label, -100, by default).
         shift_labels: compare logits at t with the label at t + 1 (causal LMs, whose ``labels`` equal the
             inputs). ``None``: on when the module contains a Hugging Face ``*ForCausalLM`` / ``*LMHeadModel``.
@@ -79,6 +86,7 @@ class CalibrationMonitor(DebugCallback):
         temperature_samples: int = 4096,
         plot_every_n_epochs: int = 5,
         dataloader_idx: int = 0,
+        input_format: str = "auto",
         raise_errors: bool = False,
         print_findings: bool = True,
         strict: bool | None = None,
@@ -99,6 +107,10 @@ class CalibrationMonitor(DebugCallback):
             raise ValueError(f"plot_every_n_epochs must be >= 0, got {plot_every_n_epochs!r}")
         if dataloader_idx < 0:
             raise ValueError(f"dataloader_idx must be >= 0, got {dataloader_idx!r}")
+        if input_format not in ("auto", "logits", "probs"):
+            raise ValueError(f"input_format must be 'auto', 'logits' or 'probs', got {input_format!r}")
+        self.input_format = input_format
+        self._format: InputFormat | None = None if input_format == "auto" else input_format  # type: ignore[assignment]
         self.keys = {"logits_key": logits_key, "probs_key": probs_key, "target_key": target_key}
         self.ignore_index = ignore_index
         self.shift_labels = shift_labels
@@ -152,8 +164,19 @@ class CalibrationMonitor(DebugCallback):
             self._missing = found
             return
         scores, target, fmt = found
+        if fmt == "logits":  # found under logits_key: probabilities may hide there (a module returning softmax)
+            fmt = self._format or self._detect_format(trainer, scores, target)
         self.metrics[fmt].update(scores, target)
         self.sample.add(scores if fmt == "logits" else scores.clamp_min(1e-12).log(), target)
+
+    def _detect_format(self, trainer: pl.Trainer, scores: Tensor, target: Tensor) -> InputFormat:
+        self._format = "probs" if looks_like_probabilities(scores, target) else "logits"
+        why = "all in [0, 1], rows summing to 1" if self._format == "probs" else "not all probabilities"
+        text = f"CalibrationMonitor: treating `{self.keys['logits_key']}` as {self._format} ({why}; set input_format)"
+        if self.print_findings and trainer.global_rank == 0:
+            log.info(text)
+        Sink(trainer).set_summary({PREFIX + "input_format": self._format})
+        return self._format
 
     # -- judging (once per epoch) ---------------------------------------------------------------------------
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -282,6 +305,8 @@ class CalibrationMonitor(DebugCallback):
             value_name="fraction",
             title=f"Confidence histogram, epoch {epoch}",
         )
-        sink.log_figure(
-            PREFIX + "reliability_figure", lambda: media.reliability_figure(edges, counts, accs, confs, s, epoch)
+        sink.log_figure(  # with W&B the native charts above carry the same data: no matplotlib on the run's path
+            PREFIX + "reliability_figure",
+            lambda: media.reliability_figure(edges, counts, accs, confs, s, epoch),
+            with_wandb=False,
         )

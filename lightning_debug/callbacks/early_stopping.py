@@ -1,70 +1,95 @@
 """``MetricEarlyStopping``: Lightning's ``EarlyStopping`` plus what its users keep asking for.
 
-A drop-in subclass (same arguments, DDP-reduced stop decision, ``state_dict``, ``stopping_reason``) that adds
-relative ``min_delta``, a warm-up that respects ``Trainer(min_epochs/min_steps)`` (Lightning #19966), smoothing
-of noisy evaluations, step-based checks, restoring the best weights without a checkpoint, a guard that does
-not kill a run in its memorisation phase before it generalises (grokking), and stopping when another debug
-callback reports a dead run (``loss.nonfinite``, ``loss.diverging``). Every stop is a ``stop.early`` finding.
+A drop-in subclass: Lightning's arguments with Lightning's meaning, its hooks (``_run_early_stopping_check``,
+``_evaluate_stopping_criteria``) called where Lightning calls them, so a subclass that overrides them keeps
+working, and a checkpoint written by a stock ``EarlyStopping`` on the same monitor resumes here. It adds
+relative ``min_delta``, a warm-up, waiting for ``Trainer(min_epochs/min_steps)`` (Lightning #19966), smoothing,
+step-based checks, restoring the best weights, a guard that does not kill a run in its memorisation phase
+before it generalises (grokking), and stopping when another debug callback reports a dead run. The decisions
+are the pure functions of :mod:`lightning_debug.rules.early_stopping`; this class feeds and words them.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
 
-from lightning_debug.base import DebugCallback, debug_callbacks_of
-from lightning_debug.findings import CATALOGUE
-from lightning_debug.signals import ChanceLevel, metric_value
-from lightning_debug.stats import trend
+from lightning_debug.base import DebugCallback
+from lightning_debug.findings import CATALOGUE, Finding
+from lightning_debug.rules import early_stopping as rules
+from lightning_debug.signals import (
+    ChanceLevel,
+    infer_mode,
+    lookup_metric,
+    metric_value,
+    resolve_mode,
+    train_key,
+    weight_norm,
+)
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 _UNITS = ("checks", "steps")
-_SMOOTHING = (None, "median", "ema")
-_FINDING_REASON = {"loss.nonfinite": EarlyStoppingReason.NON_FINITE_METRIC}
+_STOP_REASONS = {
+    "nonfinite": EarlyStoppingReason.NON_FINITE_METRIC,
+    "threshold": EarlyStoppingReason.STOPPING_THRESHOLD,
+    "divergence": EarlyStoppingReason.DIVERGENCE_THRESHOLD,
+    "patience": EarlyStoppingReason.PATIENCE_EXHAUSTED,
+    "finding:loss.nonfinite": EarlyStoppingReason.NON_FINITE_METRIC,
+}
 
 
-def train_key(monitor: str) -> str | None:
-    """``val_acc`` -> ``train_acc``, ``val/acc`` -> ``train/acc``; ``None`` if ``monitor`` is no validation key."""
-    key, n = re.subn(r"^(val|valid|validation)(?=[_/.\-])", "train", monitor)
-    return key if n else None
+class MisconfiguredArgument(MisconfigurationException, ValueError):
+    """A bad argument: Lightning's exception type, and a ``ValueError``, so both ``except`` clauses catch it."""
+
+
+class MonitorMissing(MisconfigurationException, RuntimeError):
+    """``strict=True`` and the monitor is not logged: Lightning's ``RuntimeError``, raised through the hook guard."""
+
+
+def _scalar(value: Tensor) -> Any:
+    """A 0-d tensor as a numpy scalar of the same precision, so the rules round as torch does."""
+    value = value.detach().cpu()
+    return (value.float() if value.dtype == torch.bfloat16 else value).numpy()[()]
 
 
 class MetricEarlyStopping(EarlyStopping, DebugCallback):
     r"""Stop when the monitored metric stops improving, without stopping too early.
 
-    Accepts every argument of :class:`~lightning.pytorch.callbacks.EarlyStopping` with the same meaning
-    (``strict`` also governs the callback's own errors: raise rather than report), plus:
+    Accepts every argument of :class:`~lightning.pytorch.callbacks.EarlyStopping` with its meaning (``strict``:
+    a missing monitor raises; ``verbose``: log each check's outcome), except that ``mode`` defaults to what the
+    metric's name implies (``val_acc`` -> ``"max"``, ``val_loss`` -> ``"min"``; Lightning's ``"min"`` for a name
+    that says neither). Additions (keyword-only):
 
     Args:
         min_delta_mode: ``"abs"`` (Lightning's) or ``"rel"``: an improvement must beat the best by
             ``min_delta * |best|``, like ``ReduceLROnPlateau(threshold_mode="rel")``.
         warmup: no patience counted and no threshold stop before this many checks (``unit="checks"``) or
-            global steps (``unit="steps"``); ``Trainer(min_epochs, min_steps)`` extend it, so patience never
-            runs out while the trainer cannot stop yet. Non-finite values and ``stop_on`` findings still stop.
+            global steps (``unit="steps"``). Non-finite values and ``stop_on`` findings still stop.
+        respect_min_epochs: also count no patience while ``Trainer(min_epochs, min_steps)`` would not let the
+            run stop (Lightning #19966: otherwise patience runs out before ``min_epochs`` and the run stops the
+            moment it is reached). Off by default, as in Lightning.
         unit: ``"checks"``: judge at validation checks, as ``EarlyStopping`` does; ``"steps"``: judge every
             ``check_every`` global steps, reading the current ``trainer.callback_metrics``.
         check_every: judge every N-th validation check, or every N steps.
-        smoothing: ``None``, ``"median"`` (median of the last ``smoothing_window`` values) or ``"ema"``
-            (exponential moving average with span ``smoothing_window``); the best value, ``min_delta`` and
-            thresholds apply to the smoothed value, so one lucky or unlucky evaluation decides nothing.
+        smoothing: ``None``, ``"median"`` (lower median of the last ``smoothing_window`` values) or ``"ema"``
+            (span ``smoothing_window``); best, ``min_delta`` and thresholds apply to the smoothed value.
         smoothing_window: values in the median window, or the EMA span.
         restore_best_weights: copy the weights (on CPU) at every new best and load them into the module when
             training ends; the copy is part of the callback state, so it survives a resume.
-        grokking_guard: do not count patience while the run is in a phase that precedes late
-            generalisation: the training metric still improving while the dev metric sits at chance
-            (memorisation), or the training metric saturated while the dev metric is far from its best
-            possible value and the dev loss is falling or the weight norm shrinking. Emits ``stop.deferred``.
-        train_monitor: the training counterpart of ``monitor``; default: ``monitor`` with its ``val`` prefix
-            replaced by ``train`` (``val_acc`` -> ``train_acc``).
+        grokking_guard: do not count patience while the run is in a phase that precedes late generalisation
+            (see :func:`lightning_debug.rules.early_stopping.guard`). Emits ``stop.deferred``.
+        train_monitor: the training counterpart of ``monitor``; default: ``val`` replaced by ``train``.
         loss_monitor: the dev loss the guard watches.
         best_possible: the best value the metric can take; default 1.0 for a ``"max"`` metric whose values
             lie in [0, 1] (accuracy-like); without it the saturation half of the guard is off.
@@ -75,6 +100,8 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
         max_deferral: checks the guard may defer in total (``None``: unbounded), so a run that never
             generalises still stops.
         stop_on: finding ids of other debug callbacks on the trainer that stop the run at once.
+        raise_errors / print_findings: the debug-callback behaviour (re-raise the callback's own failures
+            instead of reporting ``check.error``; print findings as they happen).
     """
 
     def __init__(
@@ -83,7 +110,7 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
         min_delta: float = 0.0,
         patience: int = 3,
         verbose: bool = False,
-        mode: str = "min",
+        mode: str | None = None,
         strict: bool = True,
         check_finite: bool = True,
         stopping_threshold: float | None = None,
@@ -93,6 +120,7 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
         *,
         min_delta_mode: str = "abs",
         warmup: int = 0,
+        respect_min_epochs: bool = False,
         unit: str = "checks",
         check_every: int = 1,
         smoothing: str | None = None,
@@ -108,11 +136,16 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
         guard_window: int = 5,
         max_deferral: int | None = 50,
         stop_on: Sequence[str] = ("loss.nonfinite", "loss.diverging"),
+        raise_errors: bool = False,
+        print_findings: bool = True,
     ) -> None:
-        if mode not in ("min", "max"):  # Lightning raises a MisconfigurationException; ours are ValueErrors
-            raise ValueError(f"`mode` must be 'min' or 'max', got {mode!r}")
-        if patience < 0:
-            raise ValueError(f"`patience` must be >= 0, got {patience}")
+        if not isinstance(monitor, str) or not monitor:
+            raise MisconfiguredArgument(f"MetricEarlyStopping: `monitor` must be a metric name, got {monitor!r}")
+        if mode is not None and mode not in ("min", "max"):
+            raise MisconfiguredArgument(f"MetricEarlyStopping: `mode` can be min, max, got {mode}")
+        if mode is not None or infer_mode(monitor) is not None:  # a warning when the name says the opposite
+            mode = resolve_mode(monitor, mode, where="MetricEarlyStopping")
+        mode = mode or "min"  # Lightning's default for a name that says neither
         super().__init__(
             monitor,
             min_delta=min_delta,
@@ -126,33 +159,12 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
             check_on_train_epoch_end=check_on_train_epoch_end,
             log_rank_zero_only=log_rank_zero_only,
         )
-        self.raise_errors = strict  # Lightning's `strict`: a missing monitor stops the run (DebugCallback's own
-        # name for this is `raise_errors`; wired separately by the early-stopping owner)
-        if min_delta_mode not in ("abs", "rel"):
-            raise ValueError(f"`min_delta_mode` must be 'abs' or 'rel', got {min_delta_mode!r}")
-        if min_delta_mode == "rel" and min_delta < 0:
-            raise ValueError(f"`min_delta` must be >= 0 with min_delta_mode='rel', got {min_delta}")
-        if warmup < 0:
-            raise ValueError(f"`warmup` must be >= 0, got {warmup}")
-        if unit not in _UNITS:
-            raise ValueError(f"`unit` must be one of {_UNITS}, got {unit!r}")
-        if check_every < 1:
-            raise ValueError(f"`check_every` must be >= 1, got {check_every}")
-        if smoothing not in _SMOOTHING:
-            raise ValueError(f"`smoothing` must be one of {_SMOOTHING}, got {smoothing!r}")
-        if smoothing_window < 1:
-            raise ValueError(f"`smoothing_window` must be >= 1, got {smoothing_window}")
-        if guard_window < 3:
-            raise ValueError(f"`guard_window` must be >= 3 checks (a robust slope needs 3 points), got {guard_window}")
-        if guard_tolerance < 0 or guard_min_change < 0:
-            raise ValueError("`guard_tolerance` and `guard_min_change` must be >= 0")
-        if max_deferral is not None and max_deferral < 0:
-            raise ValueError(f"`max_deferral` must be >= 0 or None, got {max_deferral}")
-        unknown = [c for c in stop_on if c not in CATALOGUE]
-        if unknown:
-            raise ValueError(f"`stop_on` has unknown finding ids {unknown}; see `python -m lightning_debug checks`")
+        _validate(locals())
+        self.raise_errors = raise_errors
+        self.print_findings = print_findings
         self.min_delta_mode = min_delta_mode
         self.warmup = warmup
+        self.respect_min_epochs = respect_min_epochs
         self.unit = unit
         self.check_every = check_every
         self.smoothing = smoothing
@@ -170,7 +182,7 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
         self.chance = ChanceLevel(chance, from_targets=mode == "max")
         # state (all in state_dict)
         self.seen_checks = 0  # check opportunities (validation checks, or step boundaries)
-        self.judged = 0  # checks actually judged (every `check_every`-th)
+        self.judged = 0  # checks at which the metric was read and judged
         self.best_step = -1
         self.recent: list[float] = []  # raw monitored values for the median window
         self.ema: float | None = None
@@ -179,15 +191,24 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
         self.deferred = 0
         self.stop_on_counts: dict[str, int] = {}
         self.stop_reason: str | None = None
-        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.best_weights: dict[str, Tensor] | None = None
+        self._pending: str | None = None  # a stop_on finding not acted on yet
         self._last_step_checked = -1
-        self._emissions_seen = -1
+        self._verdict: rules.StopVerdict | None = None  # what the last `_evaluate_stopping_criteria` decided
+        self._warming = False
+        self._deferral_now: rules.Deferral | None = None
+        self._validated = False  # a validation batch has run: a missing validation metric is then a warning
 
     @functools.cached_property
     def state_key(self) -> str:
         return self._generate_state_key(monitor=self.monitor, mode=self.mode)  # built once: read on every hook
 
-    # ---- hooks ---------------------------------------------------------------------------------------------
+    @property
+    def _stock_state_key(self) -> str:
+        """The key a stock ``EarlyStopping`` on the same monitor and mode saves its state under."""
+        return f"EarlyStopping{ {'monitor': self.monitor, 'mode': self.mode}!r}"
+
+    # ---- hooks (Lightning's dispatch: they call `_run_early_stopping_check`, as EarlyStopping's do) ----------
     def on_validation_batch_end(
         self,
         trainer: pl.Trainer,
@@ -197,17 +218,18 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if self.grokking_guard:
+        self._validated = True
+        if self.grokking_guard and dataloader_idx == 0:
             self.chance.observe_outputs(outputs)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.chance.end_epoch(metric_value(trainer.callback_metrics, self.monitor))
+        self.chance.end_epoch(metric_value(trainer.callback_metrics, self._key(trainer.callback_metrics)))
         if self.unit == "checks" and not self._check_on_train_epoch_end and not self._should_skip_check(trainer):
-            self._check(trainer, pl_module)
+            self._run_early_stopping_check(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.unit == "checks" and self._check_on_train_epoch_end and not self._should_skip_check(trainer):
-            self._check(trainer, pl_module)
+            self._run_early_stopping_check(trainer)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -215,12 +237,17 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
         step = trainer.global_step  # training batches run only while fitting, never in the sanity check
         if self.unit == "steps" and step % self.check_every == 0 and step != self._last_step_checked:
             self._last_step_checked = step  # several batches share a step under gradient accumulation
-            self._check(trainer, pl_module, every=1)
-        elif trainer.world_size == 1:  # no collective needed: react to a dead run at the next batch
-            found = self._new_stop_finding(trainer)
-            if found is not None:
-                trainer.should_stop = True
-                self._stopped(trainer, f"finding:{found}", f"{found} reported by another debug callback")
+            self._run_early_stopping_check(trainer)
+        elif self._pending is not None and trainer.world_size == 1:  # no collective needed: stop at once
+            found, self._pending = self._pending, None
+            trainer.should_stop = True
+            self._stopped(trainer, f"finding:{found}", f"{found} reported by another debug callback")
+
+    def on_finding(self, trainer: pl.Trainer, finding: Finding) -> None:
+        """A ``stop_on`` finding of another debug callback, new or counted again, stops the run."""
+        if finding.check in self.stop_on and finding.count > self.stop_on_counts.get(finding.check, 0):
+            self.stop_on_counts[finding.check] = finding.count
+            self._pending = self._pending or finding.check
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.restore_best_weights and self.best_weights is not None:
@@ -232,204 +259,266 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
                 self.log_rank_zero_only,
             )
 
-    # ---- the check -------------------------------------------------------------------------------------------
-    def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, every: int | None = None) -> None:
-        self.seen_checks += 1
-        if self.seen_checks % (every or self.check_every) != 0 or getattr(trainer, "fast_dev_run", False):
-            return
-        logs = trainer.callback_metrics
-        found = self._new_stop_finding(trainer)
-        if found is not None:
-            should_stop, code, reason = True, f"finding:{found}", f"{found} reported by another debug callback"
-        elif not self._validate_condition_metric(logs):  # raises when strict
-            self.emit(
-                trainer,
-                "check.skipped",
-                f"MetricEarlyStopping: `{self.monitor}` is not logged; available: {sorted(logs)}",
-                data={"missing": self.monitor},
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """A checkpoint written with a stock ``EarlyStopping`` on the same monitor and mode resumes its state."""
+        states = checkpoint.get("callbacks", {})
+        if self.state_key not in states and self._stock_state_key in states:
+            self.load_state_dict(states[self._stock_state_key])
+            self._log_info(
+                trainer, f"Resumed the state of {self._stock_state_key} (best {float(self.best_score):.4g}).", True
             )
-            should_stop, code, reason = False, None, None
+
+    # ---- the check (Lightning's structure) -------------------------------------------------------------------
+    def _key(self, logs: Any) -> str:
+        found = lookup_metric(logs, self.monitor)
+        return found.key or self.monitor
+
+    def _run_early_stopping_check(self, trainer: pl.Trainer) -> None:
+        """Lightning's check, plus ``check_every``, ``stop_on`` findings, the guard's inputs and the findings."""
+        if getattr(trainer, "fast_dev_run", False):  # disabled under fast_dev_run, as Lightning's
+            return
+        self.seen_checks += 1
+        if self.unit == "checks" and self.seen_checks % self.check_every != 0:
+            return
+        code, reason, should_stop = None, None, False
+        if self._pending is not None:
+            found, self._pending = self._pending, None
+            should_stop, code, reason = True, f"finding:{found}", f"{found} reported by another debug callback"
         else:
-            self.judged += 1
-            self._record_guard_inputs(trainer, pl_module)
-            should_stop, code, reason = self._judge(trainer, pl_module, logs[self.monitor].squeeze())
+            current = self._current(trainer)
+            if current is not None:
+                should_stop, reason = self._evaluate(trainer, current)
+                code = self._verdict.action if self._verdict is not None else ("stop" if should_stop else None)
         # stop every DDP process if any process decides to stop
         should_stop = trainer.strategy.reduce_boolean_decision(should_stop, all=False)
         trainer.should_stop = trainer.should_stop or should_stop
         if should_stop:
-            self._stopped(trainer, code or "another rank", reason or "another process requested the stop")
+            self._stopped(trainer, code if code not in (None, "improved", "wait") else "another rank", reason)
         elif reason and self.verbose:
             self._log_info(trainer, reason, self.log_rank_zero_only)
 
-    def _judge(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, raw: torch.Tensor
-    ) -> tuple[bool, str | None, str | None]:
-        """Lightning's order (non-finite, thresholds, improvement, patience), with smoothing, warm-up, guard."""
-        raw = raw.detach().float().cpu()
-        if self.check_finite and not torch.isfinite(raw):
-            should_stop, reason = self._evaluate_stopping_criteria(raw)
-            return should_stop, "nonfinite", reason
-        value = self._smooth(float(raw))
-        current = torch.tensor(value)
-        warming = self._in_warmup(trainer)
-        threshold = self.stopping_threshold is not None and self.monitor_op(current, self.stopping_threshold)
-        divergence = self.divergence_threshold is not None and self.monitor_op(-current, -self.divergence_threshold)
-        if (threshold or divergence) and not warming:
-            should_stop, reason = self._evaluate_stopping_criteria(current)
-            return should_stop, "threshold" if threshold else "divergence", reason
-        if self._improved(value):
-            previous = float(self.best_score)
-            self.best_score, self.best_step, self.wait_count = current, trainer.global_step, 0
-            if self.restore_best_weights:
-                self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
-            return False, None, f"Metric {self.monitor} improved from {previous:.4g} to {value:.4g}."
-        if warming:
-            return False, None, None
-        deferral = self._guard_reason(value)
-        if deferral is not None:
-            phase, why = deferral
-            self.deferred += 1
+    def _current(self, trainer: pl.Trainer) -> Tensor | None:
+        """The monitored value, under Lightning's naming; a missing one raises (``strict``) or is a warning."""
+        logs = trainer.callback_metrics
+        found = lookup_metric(logs, self.monitor)
+        if found.key is None:
+            if self.strict:  # Lightning's RuntimeError, which the hook guard lets through
+                try:
+                    self._validate_condition_metric(logs)
+                except RuntimeError as err:
+                    raise MonitorMissing(str(err)) from None
+            if not self._validated and train_key(self.monitor) is not None:
+                self.skip(trainer, f"`{self.monitor}` not judged: no validation batch has run", key=self.monitor)
+                return None
             self.emit(
                 trainer,
-                "stop.deferred",
-                f"Not counting patience for {self.monitor} ({value:.4g}, best {float(self.best_score):.4g}): {why}.",
-                data={"phase": phase, "value": value, "best": float(self.best_score), "deferred_checks": self.deferred},
-                key=phase,
+                "check.metric_missing",
+                f"MetricEarlyStopping: `{self.monitor}` is not logged, so early stopping is off"
+                + (f"; did you mean {' or '.join(repr(c) for c in found.close)}?" if found.close else "")
+                + f" Logged: {sorted(logs)}.",
+                data={"metric": self.monitor, "close": found.close, "logged": sorted(logs)},
+                key=self.monitor,
             )
-            return False, None, None
-        self.wait_count += 1
-        if self.wait_count < self.patience:
-            return False, None, None
-        self.stopping_reason = EarlyStoppingReason.PATIENCE_EXHAUSTED
+            return None
+        if found.first_loader:
+            self.emit(
+                trainer,
+                "check.metric_resolved",
+                f"MetricEarlyStopping: several validation loaders; `{self.monitor}` is read from the first "
+                f"one's `{found.key}`.",
+                data={"metric": self.monitor, "key": found.key},
+                key=self.monitor,
+            )
+        return logs[found.key].squeeze()
+
+    def _evaluate(self, trainer: pl.Trainer, current: Tensor) -> tuple[bool, str | None]:
+        """Record what the guard needs, decide (through the overridable Lightning hook) and act on the verdict."""
+        pl_module = trainer.lightning_module
+        self.judged += 1
+        self._record_guard_inputs(trainer, pl_module)
+        self._warming = rules.in_warmup(
+            judged=self.judged,
+            warmup=self.warmup,
+            unit=self.unit,
+            global_step=trainer.global_step,
+            epoch=trainer.current_epoch,
+            min_epochs=(trainer.min_epochs or 0) if self.respect_min_epochs else 0,
+            min_steps=(trainer.min_steps or 0) if self.respect_min_epochs else 0,
+        )
+        self._verdict = None
+        should_stop, reason = self._evaluate_stopping_criteria(current)
+        verdict = self._verdict
+        if verdict is not None and verdict.improved:
+            self.best_step = trainer.global_step
+            if self.restore_best_weights:
+                self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
+        if verdict is not None and verdict.action == "deferred":
+            self._report_deferral(trainer)
+        return should_stop, reason
+
+    def _evaluate_stopping_criteria(self, current: Tensor) -> tuple[bool, str | None]:
+        """Lightning's hook, deciding with :func:`lightning_debug.rules.early_stopping.evaluate` (smoothing,
+        relative ``min_delta``, warm-up, guard). Override it as you would Lightning's."""
+        raw = _scalar(current)
+        finite = math.isfinite(float(raw))
+        if finite:
+            smoothed = rules.smooth(raw, self.recent, self.ema, method=self.smoothing, window=self.smoothing_window)
+            self.recent, self.ema = smoothed.recent, smoothed.ema
+            value = np.asarray(smoothed.value, dtype=np.asarray(raw).dtype)[()]
+        else:
+            value = raw
+        best = _scalar(self.best_score)
+        deferral = self._deferral(float(value)) if finite else None
+        self._deferral_now = deferral
+        verdict = rules.evaluate(
+            value,
+            best,
+            self.wait_count,
+            mode=self.mode,
+            min_delta=float(self.min_delta) * (1.0 if self.mode == "max" else -1.0),  # Lightning stores it signed
+            relative=self.min_delta_mode == "rel",
+            patience=self.patience,
+            check_finite=self.check_finite,
+            stopping_threshold=self.stopping_threshold,
+            divergence_threshold=self.divergence_threshold,
+            warming=self._warming,
+            deferral=deferral.phase if deferral is not None else None,
+        )
+        self._verdict = verdict
+        self.wait_count = verdict.wait_count
+        if verdict.action in _STOP_REASONS:
+            self.stopping_reason = _STOP_REASONS[verdict.action]
+        if verdict.improved:
+            previous = float(self.best_score)
+            self.best_score = current.detach() if self.smoothing is None else torch.tensor(value)
+            return False, self._improved_message(previous, float(value))
+        return verdict.should_stop, self._reason(verdict, float(value))
+
+    def _improved_message(self, previous: float, value: float) -> str:
+        if not math.isfinite(previous):
+            return f"Metric {self.monitor} improved. New best score: {value:.3f}"
         return (
-            True,
-            "patience",
-            f"Monitored metric {self.monitor} did not improve in the last {self.wait_count} records. "
-            f"Best score: {float(self.best_score):.4g}. Signaling Trainer to stop.",
+            f"Metric {self.monitor} improved by {abs(previous - value):.3f} >= min_delta = {abs(self.min_delta)}. "
+            f"New best score: {value:.3f}"
         )
 
-    def _smooth(self, value: float) -> float:
-        self.recent = [*self.recent, value][-self.smoothing_window :]
-        if self.smoothing == "median":
-            return float(torch.tensor(self.recent).median())  # lower median: a real observed value
-        if self.smoothing == "ema":
-            alpha = 2.0 / (self.smoothing_window + 1)
-            self.ema = value if self.ema is None else alpha * value + (1 - alpha) * self.ema
-            return self.ema
-        return value
-
-    def _improved(self, value: float) -> bool:
-        best = float(self.best_score)
-        if not math.isfinite(best):
-            return math.isfinite(value)
-        margin = abs(self.min_delta) * (abs(best) if self.min_delta_mode == "rel" else 1.0)
-        sign = 1.0 if self.mode == "max" else -1.0
-        return sign * (value - best) > margin
-
-    def _in_warmup(self, trainer: pl.Trainer) -> bool:
-        """Before ``warmup``, or before the trainer may stop at all (``min_epochs``/``min_steps``, #19966)."""
-        before = self.judged <= self.warmup if self.unit == "checks" else trainer.global_step < self.warmup
-        min_epochs, min_steps = trainer.min_epochs or 0, trainer.min_steps or 0
-        return before or trainer.current_epoch + 1 < min_epochs or trainer.global_step < min_steps
+    def _reason(self, verdict: rules.StopVerdict, value: float) -> str | None:
+        order = {"min": "<", "max": ">"}[self.mode]
+        if verdict.action == "nonfinite":
+            return (
+                f"Monitored metric {self.monitor} = {value} is not finite. Previous best value was "
+                f"{float(self.best_score):.3f}. Signaling Trainer to stop."
+            )
+        if verdict.action == "threshold":
+            return (
+                f"Stopping threshold reached: {self.monitor} = {value} {order} {self.stopping_threshold}. "
+                "Signaling Trainer to stop."
+            )
+        if verdict.action == "divergence":
+            return (
+                f"Divergence threshold reached: {self.monitor} = {value} {order} {self.divergence_threshold}. "
+                "Signaling Trainer to stop."
+            )
+        if verdict.action == "patience":
+            return (
+                f"Monitored metric {self.monitor} did not improve in the last {self.wait_count} records. "
+                f"Best score: {float(self.best_score):.3f}. Signaling Trainer to stop."
+            )
+        return None
 
     # ---- grokking guard --------------------------------------------------------------------------------------
     def _record_guard_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.grokking_guard:
+        if not self.grokking_guard or pl_module is None:
             return
         logs = trainer.callback_metrics
-        train = metric_value(logs, self.train_monitor) if self.train_monitor else None
-        loss = metric_value(logs, self.loss_monitor)
-        with torch.no_grad():
-            norms = [p.detach().float().norm() for p in pl_module.parameters()]
-            norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else float("nan")
+        train = metric_value(logs, self._key_of(logs, self.train_monitor)) if self.train_monitor else None
+        loss = metric_value(logs, self._key_of(logs, self.loss_monitor))
+        norm = float(weight_norm(pl_module))  # once per check: one host transfer
         for name, v in (("train", train), ("loss", loss), ("norm", norm)):
-            value = float("nan") if v is None else v
-            self.guard_history[name] = [*self.guard_history[name], value][-self.guard_window :]
-        dev = metric_value(logs, self.monitor)
-        for v in (train, dev):
-            if v is not None and not 0.0 <= v <= 1.0:
-                self.in_unit_interval = False
+            if v is not None and math.isfinite(v):  # no NaN in the state: it must compare equal to itself
+                self.guard_history[name] = [*self.guard_history[name], v][-self.guard_window :]
+        dev = metric_value(logs, self._key(logs))
+        if any(v is not None and not 0.0 <= v <= 1.0 for v in (train, dev)):
+            self.in_unit_interval = False
 
-    def _target(self) -> float | None:
-        if self.best_possible is not None:
-            return self.best_possible
-        return 1.0 if self.mode == "max" and self.in_unit_interval else None
+    @staticmethod
+    def _key_of(logs: Any, name: str) -> str:
+        return lookup_metric(logs, name).key or name
 
-    def _falling(self, name: str) -> str | None:
-        """``"<name> falling x%/check"`` when the robust relative slope is below ``-guard_min_change``."""
-        series = [v for v in self.guard_history[name] if math.isfinite(v)]
-        if len(series) < 3:
-            return None
-        level = abs(float(torch.tensor(series).median()))
-        rel = trend(series).slope / level if level > 0 else 0.0
-        label = self.loss_monitor if name == "loss" else "the weight norm"
-        return f"{label} is falling {-rel:.1%}/check" if rel < -self.guard_min_change else None
-
-    def _guard_reason(self, value: float) -> tuple[str, str] | None:
-        """``(phase, explanation)`` when patience should not be counted now, else ``None``."""
+    def _deferral(self, value: float) -> rules.Deferral | None:
         if not self.grokking_guard or (self.max_deferral is not None and self.deferred >= self.max_deferral):
             return None
-        train = [v for v in self.guard_history["train"] if math.isfinite(v)]
-        if not train:
-            return None
-        target, chance, tol = self._target(), self.chance.level, self.guard_tolerance
-        sign = 1.0 if self.mode == "max" else -1.0
-        if target is not None and sign * (target - value) <= tol:
-            return None  # the dev metric is already as good as it gets
-        saturated = target is not None and sign * (target - train[-1]) <= tol
-        if chance is not None and sign * (value - chance) <= tol and sign * (train[-1] - train[0]) > tol:
-            return "memorising", (
-                f"{self.train_monitor} is still improving ({train[0]:.3g} -> {train[-1]:.3g}) while {self.monitor} is "
-                f"at chance ({chance:.3g}): the model is memorising, and may generalise later"
+        target = self.best_possible
+        if target is None and self.mode == "max" and self.in_unit_interval:
+            target = 1.0
+        return rules.guard(
+            value,
+            self.guard_history["train"],
+            mode=self.mode,
+            chance=self.chance.level,
+            target=target,
+            tolerance=self.guard_tolerance,
+            min_change=self.guard_min_change,
+            loss=self.guard_history["loss"],
+            norm=self.guard_history["norm"],
+        )
+
+    def _report_deferral(self, trainer: pl.Trainer) -> None:
+        d = self._deferral_now
+        if d is None:
+            return
+        self.deferred += 1
+        best = float(self.best_score)
+        if d.phase == "memorising":
+            why = (
+                f"{self.train_monitor} is still improving ({d.train_first:.3g} -> {d.train_last:.3g}) while "
+                f"{self.monitor} is at chance ({self.chance.level:.3g}): the model is memorising its training data, "
+                "and may generalise later"
             )
-        if saturated:
-            moving = [m for m in (self._falling("loss"), self._falling("norm")) if m]
-            if moving:
-                return "saturated", (
-                    f"{self.train_monitor} is saturated ({train[-1]:.3g}) but {self.monitor} is far from {target:g} "
-                    f"while {' and '.join(moving)}: the run may still generalise late (grokking)"
-                )
-        return None
+        else:
+            labels = {"loss": self.loss_monitor, "norm": "the weight norm"}
+            moving = " and ".join(f"{labels[k]} is falling {v:.1%}/check" for k, v in d.falling.items())
+            why = (
+                f"{self.train_monitor} is saturated ({d.train_last:.3g}) but {self.monitor} is far from "
+                f"{d.target:g} while {moving}: the run may still generalise late (grokking)"
+            )
+        self.emit(
+            trainer,
+            "stop.deferred",
+            f"Not counting patience for {self.monitor} (best {best:.4g}): {why}.",
+            data={"phase": d.phase, "best": best, "deferred_checks": self.deferred},
+            key=d.phase,
+        )
 
-    # ---- stop on other findings ------------------------------------------------------------------------------
-    def _new_stop_finding(self, trainer: pl.Trainer) -> str | None:
-        """The first ``stop_on`` id whose count on another debug callback grew since the last look."""
-        if DebugCallback.total_emissions == self._emissions_seen:  # per batch: nothing was emitted, nothing to scan
-            return None
-        self._emissions_seen = DebugCallback.total_emissions
-        others = [cb for cb in debug_callbacks_of(trainer) if cb is not self]
-        found = None
-        for check in self.stop_on:
-            count = sum(f.count for cb in others for f in cb.findings if f.check == check)
-            if count > self.stop_on_counts.get(check, 0) and found is None:
-                found = check
-            self.stop_on_counts[check] = count
-        return found
-
-    def _stopped(self, trainer: pl.Trainer, code: str, reason: str) -> None:
+    def _stopped(self, trainer: pl.Trainer, code: str, reason: str | None) -> None:
         self.stopped_epoch = trainer.current_epoch
         self.stop_reason = code
         self.stopping_reason_message = reason
         if code.startswith("finding:"):
-            self.stopping_reason = _FINDING_REASON.get(code[8:], EarlyStoppingReason.DIVERGENCE_THRESHOLD)
+            self.stopping_reason = _STOP_REASONS.get(code, EarlyStoppingReason.DIVERGENCE_THRESHOLD)
         best = float(self.best_score)
+        if math.isfinite(best):
+            where = f"Best {self.monitor} = {best:.4g} at step {self.best_step}."
+        else:
+            where = f"No {self.monitor} had been recorded yet."
         self.emit(
             trainer,
             "stop.early",
-            f"Stopped at step {trainer.global_step} ({code}): {reason} Best {self.monitor} = {best:.4g} "
-            f"at step {self.best_step}.",
+            f"Stopped at step {trainer.global_step} ({code}): {reason or ''} {where}".replace("  ", " "),
             data={
                 "reason": code,
                 "monitor": self.monitor,
-                "best": best,
-                "best_step": self.best_step,
+                "best": best if math.isfinite(best) else None,
+                "best_step": self.best_step if math.isfinite(best) else None,
                 "wait_count": self.wait_count,
                 "patience": self.patience,
                 "deferred_checks": self.deferred,
             },
             key=code,
         )
-        if self.verbose:
+        if reason and self.verbose:
             self._log_info(trainer, reason, self.log_rank_zero_only)
 
     # ---- state -----------------------------------------------------------------------------------------------
@@ -440,7 +529,7 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
             "seen_checks": self.seen_checks,
             "judged": self.judged,
             "best_step": self.best_step,
-            "recent": list(self.recent),
+            "recent": [float(v) for v in self.recent],
             "ema": self.ema,
             "guard_history": {k: list(v) for k, v in self.guard_history.items()},
             "in_unit_interval": self.in_unit_interval,
@@ -466,3 +555,28 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
         self.stop_reason = state_dict.get("stop_reason")
         self.chance.load_state_dict(state_dict.get("chance", {}))
         self.best_weights = state_dict.get("best_weights")
+
+
+def _validate(args: dict[str, Any]) -> None:
+    """The additions' arguments; each error names the argument (a ``MisconfiguredArgument``)."""
+    checks = [
+        ("min_delta_mode", args["min_delta_mode"] in ("abs", "rel"), "must be 'abs' or 'rel'"),
+        ("min_delta", args["min_delta_mode"] != "rel" or args["min_delta"] >= 0, "must be >= 0 with 'rel'"),
+        ("warmup", args["warmup"] >= 0, "must be >= 0"),
+        ("unit", args["unit"] in _UNITS, f"must be one of {_UNITS}"),
+        ("check_every", args["check_every"] >= 1, "must be >= 1"),
+        ("smoothing", args["smoothing"] in rules.SMOOTHING, f"must be one of {rules.SMOOTHING}"),
+        ("smoothing_window", args["smoothing_window"] >= 1, "must be >= 1"),
+        ("guard_window", args["guard_window"] >= 3, "must be >= 3 checks (a robust slope needs 3 points)"),
+        ("guard_tolerance", args["guard_tolerance"] >= 0, "must be >= 0"),
+        ("guard_min_change", args["guard_min_change"] >= 0, "must be >= 0"),
+        ("max_deferral", args["max_deferral"] is None or args["max_deferral"] >= 0, "must be >= 0 or None"),
+    ]
+    for name, ok, rule in checks:
+        if not ok:
+            raise MisconfiguredArgument(f"MetricEarlyStopping: `{name}` {rule}, got {args[name]!r}")
+    unknown = [c for c in args["stop_on"] if c not in CATALOGUE]
+    if unknown:
+        raise MisconfiguredArgument(
+            f"MetricEarlyStopping: `stop_on` has unknown finding ids {unknown}; see `python -m lightning_debug checks`"
+        )
