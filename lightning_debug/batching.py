@@ -2,8 +2,8 @@
 
 Turning a user's batch (tuple, list, dict, Hugging Face ``BatchEncoding``) into what the checks need:
 per-example token counts and padding amounts, the module's per-example outputs, the input embedding whose
-output stands in for integer token inputs, a float64-on-CPU copy of the computation to tell float noise
-from bugs, and the BxB dependency matrix from one batched vector-Jacobian product.
+output stands in for integer token inputs, and the BxB dependency matrix from one batched vector-Jacobian
+product. (The float64 re-run that tells float noise from bugs is in :mod:`lightning_debug.precision`.)
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -172,36 +172,6 @@ def dependency_matrix(
         per_input = grad.movedim(dim + 1, 1).reshape(b, b, -1).double()
         matrix += per_input.pow(2).sum(-1).cpu()
     return matrix.sqrt(), method
-
-
-@contextlib.contextmanager
-def float64_on_cpu(module: nn.Module) -> Iterator[Callable[[Any], Any]]:
-    """Run ``module`` in float64 on the CPU; its own parameters and buffers are not touched.
-
-    The float64 copies are swapped in as module attributes for the duration (``torch.func``'s
-    reparametrisation), never through ``param.data``: a dtype change there resets the parameter's gradient
-    accumulator and silently drops the hooks DDP registered on it (rank 0 would then skip the gradient
-    all-reduce and hang the other ranks). Yields a function that converts a batch the same way. The default
-    dtype is float64 inside, so tensors the user's code creates match.
-    """
-    from torch.nn.utils.stateless import _reparametrize_module
-
-    def as64(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to("cpu", torch.float64 if t.is_floating_point() else t.dtype)
-
-    tensors = {name: as64(t) for name, t in (*module.named_parameters(), *module.named_buffers())}
-    default = torch.get_default_dtype()
-    try:
-        torch.set_default_dtype(torch.float64)
-        with _reparametrize_module(module, tensors, tie_weights=True):
-            yield to_float64_cpu
-    finally:
-        torch.set_default_dtype(default)
-
-
-def to_float64_cpu(batch: Any) -> Any:
-    batch = move_data_to_device(batch, torch.device("cpu"))
-    return apply_to_collection(batch, torch.Tensor, lambda t: t.double() if t.is_floating_point() else t)
 
 
 def batch_mover(trainer: pl.Trainer, module: pl.LightningModule) -> Callable[[Any], Any]:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from scipy.stats import kendalltau
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 
 from lightning_debug.base import DebugCallback
 from lightning_debug.batching import (
@@ -34,7 +34,6 @@ from lightning_debug.batching import (
     batch_size_of,
     default_forward,
     dependency_matrix,
-    float64_on_cpu,
     input_embedding,
     padding_of,
     per_example_outputs,
@@ -42,6 +41,8 @@ from lightning_debug.batching import (
     token_counts,
 )
 from lightning_debug.isolation import batch_stat_modules, isolated
+from lightning_debug.precision import float64_on_cpu, module_tolerance
+from lightning_debug.signals import first_dataloader
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -50,7 +51,6 @@ SplitFn = Callable[[Any], Sequence[Any]]
 # Aggregations tried, in the order reported when several match (equal weights make them indistinguishable).
 _TOKEN_RULES = ("labels_shifted", "labels", "attention_mask_shifted", "attention_mask")
 _WORST = 5  # examples / pairs named in a finding
-_F64_RTOL = 1e-9
 
 
 def _median(values: list[float]) -> float:
@@ -139,10 +139,12 @@ class BatchConsistencyCheck(DebugCallback):
         split_fn: SplitFn | None = None,
         forward_fn: ForwardFn | None = None,
         seed: int = 0,
-        strict: bool = False,
-        verbose: bool = True,
+        raise_errors: bool = False,
+        print_findings: bool = True,
+        strict: bool | None = None,
+        verbose: bool | None = None,
     ) -> None:
-        super().__init__(strict=strict, verbose=verbose)
+        super().__init__(raise_errors=raise_errors, print_findings=print_findings, strict=strict, verbose=verbose)
         if not isinstance(batch_size, int) or batch_size < 2:
             raise ValueError(f"`batch_size` must be an int >= 2, got {batch_size!r}")
         if rtol is not None and not rtol > 0:
@@ -177,7 +179,7 @@ class BatchConsistencyCheck(DebugCallback):
             try:
                 ex = self._examples(trainer, pl_module)
             except _Skip as reason:
-                self.emit(trainer, "check.skipped", f"BatchConsistencyCheck skipped: {reason}", key="batch")
+                self.skip(trainer, str(reason), key="batch")
                 return
             cost = _Cost()
             with torch.autocast(pl_module.device.type, enabled=False):
@@ -204,11 +206,9 @@ class BatchConsistencyCheck(DebugCallback):
     def _examples(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> _Examples:
         if not pl_module.automatic_optimization:
             raise _Skip("manual optimization: `training_step` steps the optimizer itself, so it cannot be replayed")
-        loaders: list[DataLoader] = []
-        apply_to_collection(trainer.train_dataloader, DataLoader, loaders.append)
-        if not loaders:
+        loader = first_dataloader(trainer.train_dataloader)
+        if loader is None:
             raise _Skip("no train DataLoader to draw examples from")
-        loader = loaders[0]
         dataset, collate = loader.dataset, loader.collate_fn
         per_item = loader.batch_size is not None
         items: list[Any] | None = None
@@ -248,17 +248,7 @@ class BatchConsistencyCheck(DebugCallback):
         return _Examples(move(batch), [move(s) for s in singles], items, collate if items is not None else None, move)
 
     def _rtol(self, pl_module: pl.LightningModule) -> float:
-        if self.rtol is not None:
-            return self.rtol
-        dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), torch.float32)
-        if dtype == torch.float64:
-            return _F64_RTOL
-        if dtype in (torch.bfloat16, torch.float16):
-            return 3e-2
-        if pl_module.device.type != "cuda":
-            return 1e-5
-        tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
-        return 5e-3 if tf32 else 1e-4
+        return self.rtol if self.rtol is not None else module_tolerance(pl_module)[0]
 
     # ------------------------------------------------------------------ loss decomposition
     @staticmethod
@@ -299,11 +289,10 @@ class BatchConsistencyCheck(DebugCallback):
         self, trainer: pl.Trainer, module: pl.LightningModule, ex: _Examples, cost: _Cost
     ) -> dict[str, Any] | None:
         if self.coupled_loss:
-            self.emit(
+            self.skip(
                 trainer,
-                "check.skipped",
-                "BatchConsistencyCheck: loss decomposition skipped, the loss is declared coupled "
-                "(`coupled_loss=True`); cross-sample dependence of the outputs is still checked",
+                "loss decomposition skipped, the loss is declared coupled (`coupled_loss=True`); cross-sample "
+                "dependence of the outputs is still checked",
                 key="loss",
             )
             return None
@@ -319,9 +308,7 @@ class BatchConsistencyCheck(DebugCallback):
             total, losses = self._losses(module, ex.batch, ex.singles)
             pair_totals = {short: self._pair_total(module, ex, short, ref, _identity)} if probe else {}
         except _Skip as reason:
-            self.emit(
-                trainer, "check.skipped", f"BatchConsistencyCheck: loss decomposition skipped: {reason}", key="loss"
-            )
+            self.skip(trainer, f"loss decomposition skipped: {reason}", key="loss")
             return None
         cost.forwards += 1 + len(ex.singles) + len(pair_totals)
         fits = self._fits(total, losses, counts, rtol)
@@ -453,9 +440,7 @@ class BatchConsistencyCheck(DebugCallback):
                 cost.float64_forwards += 1
                 result["rel64"], _ = self._leaks(matrix64)
         except _Skip as reason:
-            self.emit(
-                trainer, "check.skipped", f"BatchConsistencyCheck: dependence check skipped: {reason}", key="dependence"
-            )
+            self.skip(trainer, f"dependence check skipped: {reason}", key="dependence")
             return None
         return result
 
