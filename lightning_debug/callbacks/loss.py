@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 
-from lightning_debug.base import DebugCallback, debug_callbacks_of
+from lightning_debug.base import DebugCallback
 from lightning_debug.findings import Finding, check_info
 from lightning_debug.rules import loss as rules
 from lightning_debug.sinks import Sink
@@ -106,10 +106,12 @@ class LossConvergenceMonitor(DebugCallback):
         diverge_factor: float = 3.0,
         diverge_margin: float = 0.25,
         confidence: float = 0.95,
-        strict: bool = False,
-        verbose: bool = True,
+        raise_errors: bool = False,
+        print_findings: bool = True,
+        strict: bool | None = None,
+        verbose: bool | None = None,
     ) -> None:
-        super().__init__(strict=strict, verbose=verbose)
+        super().__init__(raise_errors=raise_errors, print_findings=print_findings, strict=strict, verbose=verbose)
         _validate(locals())
         self.key = key
         self.components = dict(components or {})
@@ -136,7 +138,7 @@ class LossConvergenceMonitor(DebugCallback):
         self._steps: list[int] = []  # global step of each pending row (host ints)
         self._step = 0
         self.peak_lr = 0.0  # largest learning rate seen (a host float: reading it never syncs)
-        self.check_lr = 0.0  # the learning rate at the previous check (a rising one is still warming up)
+        self.check_lr = 0.0  # the learning rate at the previous check or the first batch (rising: warming up)
         self.plateau_checks = 0  # consecutive checks at which the plateau condition held
         self.val_level = math.nan  # the last validation loss (read once per validation run)
         self.smoothing: tuple[int, float] | None = None  # (classes, eps) of declared label smoothing
@@ -175,6 +177,8 @@ class LossConvergenceMonitor(DebugCallback):
         lr = current_lr(trainer)  # a host float: the peak must be seen before a schedule decays it
         if lr is not None and lr > self.peak_lr:
             self.peak_lr = lr
+        if lr is not None and self.batches == 0:
+            self.check_lr = lr  # the reference for "still warming up" at the first check
         self.batches += 1
         every = self.schedule.check_every
         if self.batches % every == 0:
@@ -188,7 +192,9 @@ class LossConvergenceMonitor(DebugCallback):
         if self.key is None:
             loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
             if not isinstance(loss, torch.Tensor):
-                self._skip(trainer, "training_step returned no loss tensor; pass `key=` naming a logged loss")
+                self.skip(
+                    trainer, "training_step returned no loss tensor; pass `key=` naming a logged loss", key="loss"
+                )
                 return None
             if pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
                 loss = loss * trainer.accumulate_grad_batches  # Lightning divides it for accumulation
@@ -197,16 +203,13 @@ class LossConvergenceMonitor(DebugCallback):
             metrics = trainer.callback_metrics
             missing = [k for k in self._logged_keys if not isinstance(metrics.get(k), torch.Tensor)]
             if missing:
-                self._skip(trainer, f"logged metric(s) {missing} not found in trainer.callback_metrics")
+                self.skip(trainer, f"logged metric(s) {missing} not found in trainer.callback_metrics", key="keys")
                 return None
             parts.extend(metrics[k] for k in self._logged_keys)
         if len(parts) == 1:
             value = parts[0].detach()
             return value if value.dim() == 0 else value.float().mean()
         return torch.stack([p.detach().float().mean() for p in parts])
-
-    def _skip(self, trainer: pl.Trainer, why: str) -> None:
-        self.emit(trainer, "check.skipped", f"LossConvergenceMonitor: {why}", data={"reason": why}, key=why)
 
     # ------------------------------------------------------------------ checks: host
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -222,7 +225,7 @@ class LossConvergenceMonitor(DebugCallback):
         try:
             self._finish(trainer)
         except Exception as err:
-            if self.strict:
+            if self.raise_errors:
                 raise
             self.emit(trainer, "check.error", f"LossConvergenceMonitor.on_exception failed: {err!r}", key="exception")
 
@@ -308,7 +311,7 @@ class LossConvergenceMonitor(DebugCallback):
 
     # ------------------------------------------------------------------ verdicts
     def _floor(self, trainer: pl.Trainer, series: _Series) -> rules.Floor:
-        memorised = next((f.data.get("level") for f in trainer_findings(trainer, "loss.floor_high")), None)
+        memorised = next((f.data.get("level") for f in self.findings_on(trainer, "loss.floor_high")), None)
         bins = series.finite()[0]
         level = float(rules.level_of(bins)) if len(bins) else math.nan
         start = series.start if series.start is not None else math.nan
@@ -363,7 +366,7 @@ class LossConvergenceMonitor(DebugCallback):
 
     def _emit_loss(self, trainer: pl.Trainer, check: str, message: str, floor: rules.Floor, data: dict) -> Finding:
         """Emit a loss finding naming its floor, citing model-health findings that explain it."""
-        explaining = [f for f in trainer_findings(trainer) if f.check.startswith(EXPLAINING_PREFIXES)]
+        explaining = [f for f in self.findings_on(trainer) if f.check.startswith(EXPLAINING_PREFIXES)]
         hint = None
         if explaining:
             cited = "; ".join(f"{f.check}: {f.message}" for f in explaining)
@@ -457,12 +460,6 @@ def describe_progress(start: float, level: float, floor: rules.Floor) -> str:
     if not 0 <= closed <= 1:
         return f"below the floor ({where})"
     return f"{closed:.0%} of the way from its start to the floor ({where})"
-
-
-def trainer_findings(trainer: pl.Trainer, check: str | None = None) -> list[Finding]:
-    """Every finding of the debug callbacks on the trainer (optionally one id)."""
-    found = [f for cb in debug_callbacks_of(trainer) for f in cb.findings]
-    return [f for f in found if check is None or f.check == check]
 
 
 def planned_batches(trainer: pl.Trainer) -> float | None:

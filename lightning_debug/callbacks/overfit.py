@@ -106,10 +106,12 @@ class OverfitBatchCheck(DebugCallback):
         rel_tol: float = 0.05,
         abs_tol: float = 0.02,
         when: str = "auto",
-        strict: bool = False,
-        verbose: bool = True,
+        raise_errors: bool = False,
+        print_findings: bool = True,
+        strict: bool | None = None,
+        verbose: bool | None = None,
     ) -> None:
-        super().__init__(strict=strict, verbose=verbose)
+        super().__init__(raise_errors=raise_errors, print_findings=print_findings, strict=strict, verbose=verbose)
         if max_steps < 1:
             raise ValueError(f"`max_steps` must be >= 1, got {max_steps}")
         if floor is not None and not math.isfinite(floor):
@@ -134,7 +136,7 @@ class OverfitBatchCheck(DebugCallback):
             run_steps = trainer.max_steps if trainer.max_steps >= 0 else math.inf
             epoch_steps = min(trainer.num_training_batches, run_steps)
             share = self.max_steps / epoch_steps if epoch_steps > 0 else math.inf
-            monitored = any(getattr(cb, "reports_stalls", False) for cb in debug_callbacks_of(trainer))
+            monitored = any(getattr(cb, "reports_stalls", False) for cb in debug_callbacks_of(trainer))  # a capability
             if share > START_BUDGET and monitored:
                 if trainer.global_rank == 0 and not self.has_finding("startup.overfit_deferred"):  # once, on resume too
                     span = "run" if run_steps < trainer.num_training_batches else "epoch"
@@ -161,8 +163,7 @@ class OverfitBatchCheck(DebugCallback):
 
     def _on_stall(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.when != "start" and not self.done:
-            seen = (f for cb in debug_callbacks_of(trainer) if cb is not self for f in cb.findings)
-            trigger = next((f.check for f in seen if _is_stall(f)), None)
+            trigger = next((f.check for f in self.findings_on(trainer) if _is_stall(f)), None)
             if trigger is not None:
                 self._check(trainer, pl_module, trigger)
 
@@ -173,19 +174,22 @@ class OverfitBatchCheck(DebugCallback):
         if trainer.global_rank != 0:
             return
         if not pl_module.automatic_optimization:
-            self._skip(trainer, "manual optimization: the copy's training_step would step the real optimizers")
+            self.skip(
+                trainer, "manual optimization: the copy's training_step would step the real optimizers", key="manual"
+            )
             return
         loaders = trainer.train_dataloader
         if loaders is None or not apply_to_collection(loaders, DataLoader, lambda _: True):
-            self._skip(trainer, f"the train dataloader is not a DataLoader (or a collection of them): {type(loaders)}")
+            self.skip(
+                trainer,
+                f"the train dataloader is not a DataLoader (or a collection of them): {type(loaders)}",
+                key="loader",
+            )
             return
         with isolated(pl_module):
             batch = apply_to_collection(loaders, DataLoader, _first_batch)
             batch = trainer.strategy.batch_to_device(batch)
             self._run(trainer, pl_module, batch, trigger)
-
-    def _skip(self, trainer: pl.Trainer, why: str) -> None:
-        self.emit(trainer, "check.skipped", f"OverfitBatchCheck: {why}", data={"reason": why}, key=why)
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, trigger: str | None) -> None:
         began = time.perf_counter()
@@ -217,7 +221,7 @@ class OverfitBatchCheck(DebugCallback):
             out = model.training_step(batch, 0)
             loss = out.get("loss") if isinstance(out, Mapping) else out
             if not isinstance(loss, torch.Tensor):
-                self._skip(trainer, "training_step returned no loss tensor")
+                self.skip(trainer, "training_step returned no loss tensor", key="loss")
                 return []
             curve.append(float(loss.detach()))
             done = passes(curve[-1], curve[0], floor, self.rel_tol, self.abs_tol)

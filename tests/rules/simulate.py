@@ -185,3 +185,24 @@ def replay(curves: Curves, rules: R.LossRules | None = None) -> Replay:
         first = np.where(new_first, fired_codes, first)
         at = np.where(new_first, batches, at)
     return Replay(first=first, at=at, codes=codes)
+
+
+def table(n_curves: int = 10_000, lengths: tuple[int, ...] = (30, 60, 200, 1000, 3000)) -> str:
+    """False-alarm rates on healthy curves and powers on faults per run length, as a Markdown table."""
+    verdict = {"jump": "diverging", "growing": "diverging", "flat": "not_decreasing", "plateau": "plateau"}
+    rows = ["| steps | healthy: diverging | not_decreasing | plateau | " + " | ".join(verdict) + " |"]
+    rows.append("|---" * (4 + len(verdict)) + "|")
+    for n in lengths:
+        h = replay(healthy(n_curves, n, seed=n)).codes
+        cells = [f"{h[:, R.VERDICTS.index(k)].mean():.2%}" for k in ("diverging", "not_decreasing", "plateau")]
+        for fault, k in verdict.items():
+            f = replay(faulty(fault, n_curves, n, seed=n + 1)).codes
+            cells.append(f"{f[:, R.VERDICTS.index(k)].mean():.1%}")
+        rows.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python tests/rules/simulate.py [n_curves]
+    import sys
+
+    print(table(int(sys.argv[1]) if len(sys.argv) > 1 else 10_000))

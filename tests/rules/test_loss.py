@@ -8,7 +8,7 @@ Bounds asserted (10,000 curves per length and fault in the ``slow`` run; 1,000 h
 - ``loss.diverging`` on a healthy curve: <= 1.0% at every run length (measured 0.1-0.8%);
 - ``loss.not_decreasing``: <= 2.0% (measured 0.1-1.5%); ``loss.plateau``: <= 1.5% (measured 0-1.2%, nearly
   all on curves that pause for up to a quarter of the run: until it resumes, a pause is a plateau);
-- power: a jump (lr far too high) >= 99% of runs of 60+ steps, a growing lr >= 95%, a flat loss >= 85% of
+- power: a jump (lr far too high) >= 99% of runs of 60+ steps, a growing lr >= 95%, a flat loss >= 80% of
   runs of 30+ steps and >= 99% from 200 steps, a capacity plateau >= 45% at 60 steps and >= 85% from 1000.
 """
 
@@ -16,10 +16,10 @@ import math
 
 import numpy as np
 import pytest
-import simulate
 
 from lightning_debug.rules import loss as R
 from lightning_debug.rules.overfit import assess_memorisation
+from rules import simulate
 
 LENGTHS = (30, 60, 200, 1000, 3000)
 
@@ -142,7 +142,7 @@ def _power(n_curves: int, lengths: tuple[int, ...] = LENGTHS) -> None:
     floors = {  # minimum detection rate per fault and run length
         "jump": {30: 0.6, 60: 0.99, 200: 0.99, 1000: 0.99, 3000: 0.99},
         "growing": {30: 0.9, 60: 0.95, 200: 0.95, 1000: 0.99, 3000: 0.99},
-        "flat": {30: 0.85, 60: 0.85, 200: 0.97, 1000: 0.99, 3000: 0.99},
+        "flat": {30: 0.8, 60: 0.85, 200: 0.97, 1000: 0.99, 3000: 0.99},
         "plateau": {30: 0.3, 60: 0.45, 200: 0.6, 1000: 0.85, 3000: 0.95},
     }
     expected = {"jump": "diverging", "growing": "diverging", "flat": "not_decreasing", "plateau": "plateau"}
