@@ -291,7 +291,8 @@ _CHECKS: tuple[CheckInfo, ...] = (
         "The one-batch memorisation test waits for a stall",
         "With `when='auto'` (the default) the test runs before the first step only when its `max_steps` are at "
         "most 5% of an epoch's steps. In shorter epochs it would cost more than the budget, so it runs instead "
-        "if the loss monitor reports `loss.not_decreasing` or `loss.plateau`, as the diagnosis of the stall.",
+        "if the loss monitor reports `loss.not_decreasing` or `loss.plateau`, as the diagnosis of the stall, or at the "
+        "end of a run that ended far from its floor.",
         ("short epochs: the test would cost a large share of one",),
         (
             "nothing to do on a healthy run",

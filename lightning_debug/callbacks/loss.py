@@ -328,6 +328,8 @@ class LossConvergenceMonitor(DebugCallback):
         metrics.update({f"debug/loss/{s.name}": _last(s.values) for s in self.series[1:]})
         span = self.window if self.window is not None else self.batches / 2
         window, xs = rules.rebin(*total.finite(self.batches - span))
+        if final and len(window) < rules.MIN_TREND_POINTS:  # a short run's verdict: over the whole run
+            window, xs = rules.rebin(*total.finite())
         lr = current_lr(trainer)
         warming = lr is not None and lr > 1.01 * self.check_lr and not final
         self.check_lr = lr if lr is not None else self.check_lr

@@ -150,7 +150,7 @@ class OverfitBatchCheck(DebugCallback):
             "startup.overfit_deferred",
             f"One-batch memorisation test deferred: up to {self.max_steps} steps on one batch would be {share:.0%} "
             f"of a {epoch_steps:g}-step {span} (budget {START_BUDGET:.0%}). It runs if the training loss stalls "
-            f"({' or '.join(STALL_FINDINGS)}).",
+            f"({' or '.join(STALL_FINDINGS)}) or the run ends far from its floor.",
             data={"max_steps": self.max_steps, "epoch_steps": epoch_steps, "share": share, "budget": START_BUDGET},
         )
 

@@ -407,9 +407,14 @@ def assess_loss_batch(
     flat = (gap > 0) & (reachable < rules.min_progress * gap)
     rise = np.maximum(rules.diverge_margin * gap0, SPREAD_Z * np.asarray(noise))
     rising = (tr.low > 0) & (tr.p_value < 1 - rules.confidence) & (tr.slope * span > rise)
+    falling = (tr.high < 0) & (tr.p_value < 1 - rules.confidence)
+    # at the end of the run an insignificant trend is enough: there is no later check to wait for
+    stuck = flat | (final & ~falling)
     with np.errstate(all="ignore"):
         levelled = np.maximum(0.0, -tr.low) < LEVELLED_OFF * drop / max(batches, 1)
     far = gap > rules.plateau_level * gap0
+    # a plateau needs the interval itself to be flat, at the end too (an insignificant trend there is as often
+    # a healthy loss still on its way down: 4-8% of simulated healthy short runs)
     plateau_now = judging & flat & (drop >= rules.min_drop * gap0) & far & levelled & ~np.asarray(excused)
     streak = np.where(plateau_now, np.asarray(plateau_checks) + 1, 0)
     needed = 1 if final else rules.plateau_checks
@@ -418,9 +423,6 @@ def assess_loss_batch(
     if final:
         code = np.where(code == NONE, STILL_DECREASING, code)
     code = np.where(streak >= needed, PLATEAU, code)
-    falling = (tr.high < 0) & (tr.p_value < 1 - rules.confidence)
-    # at the end of the run an insignificant trend is enough: there is no later check to wait for
-    stuck = flat | (final & ~falling)
     code = np.where(judging & stuck & (drop < rules.min_drop * gap0), NOT_DECREASING, code)
     code = np.where(rising, DIVERGING, code)
     code = np.where(gap0 > 0, code, NONE)

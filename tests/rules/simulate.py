@@ -169,6 +169,8 @@ def replay(curves: Curves, rules: R.LossRules | None = None) -> Replay:
             span = batches / 2
             keep = xs[:m] >= batches - span
             window, wxs = R.rebin(bins[:, :m][:, keep], xs[:m][keep])
+            if final and window.shape[1] < R.MIN_TREND_POINTS:  # as the monitor: a short run's whole curve
+                window, wxs = R.rebin(bins[:, :m], xs[:m])
             if window.shape[1] >= R.MIN_TREND_POINTS:
                 lr_now, lr_before = curves.lr[:, batches - 1], curves.lr[:, max(0, batches - sched.check_every - 1)]
                 warming = lr_now > lr_before * 1.01
