@@ -81,7 +81,8 @@ def test_stall_mode_diagnoses_a_loss_that_does_not_fall(tmp_path):
     (f,) = stall.findings
     assert f.check == "startup.cannot_overfit" and f.severity is Severity.ERROR, f.message
     assert f.data["trigger"] == "loss.not_decreasing" and "because of loss.not_decreasing" in f.message, f.message
-    assert 200 <= f.step < 250, f"run at the end of the epoch holding step 200, not at step {f.step}"
+    stalled = next(f.step for f in monitor.findings if f.check == "loss.not_decreasing")
+    assert stalled <= f.step < stalled + 38, f"run at the end of the epoch holding step {stalled}, not at {f.step}"
 
 
 def test_auto_defers_on_a_short_epoch_and_diagnoses_the_stall(tmp_path):
@@ -95,7 +96,8 @@ def test_auto_defers_on_a_short_epoch_and_diagnoses_the_stall(tmp_path):
     assert deferred.data["epoch_steps"] == 38 and deferred.data["share"] == pytest.approx(100 / 38), deferred.data
     assert "263% of a 38-step epoch" in deferred.message, deferred.message
     assert diagnosis.check == "startup.cannot_overfit" and diagnosis.data["trigger"] == "loss.not_decreasing"
-    assert 200 <= diagnosis.step < 250, diagnosis.step
+    stalled = next(f.step for f in monitor.findings if f.check == "loss.not_decreasing")
+    assert stalled <= diagnosis.step < stalled + 38, (stalled, diagnosis.step)
 
 
 class StopAfterOneStep(Callback):
@@ -232,8 +234,8 @@ def test_probabilities_fed_to_cross_entropy_are_a_high_floor(tmp_path):
     """The loss cannot go below log(1 + 9/e) = 1.461 for 10 classes, however well the model memorises."""
     (f,) = check(tmp_path, ProbabilitiesIntoCrossEntropy(), check=OverfitBatchCheck(when="start")).findings
     assert f.check == "loss.floor_high" and f.severity is Severity.WARNING, f.message
-    assert abs(f.data["level"] - 1.4611) < 0.015 and f.data["probability_classes"] == 10, f.data
-    assert "log(1 + (C-1)/e) for C = 10" in f.message and "probabilities instead of logits" in f.message
+    assert 1.4611 <= f.data["level"] < 1.4611 * 1.05 and f.data["probability_classes"] == 10, f.data
+    assert "log(1 + (C-1)/e) = 1.461 for C = 10" in f.message and "probabilities instead of logits" in f.message
 
 
 class Smoothed(DigitsMLP):

@@ -128,6 +128,7 @@ class OverfitBatchCheck(DebugCallback):
         self.abs_tol = abs_tol
         self.when = when
         self.done = False
+        self._classes: int | None = None  # the module's class count, for the probability-input signature
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.done or self.when == "stall":
@@ -194,6 +195,7 @@ class OverfitBatchCheck(DebugCallback):
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, trigger: str | None) -> None:
         began = time.perf_counter()
         floor = self._floor(pl_module)
+        self._classes = loss_rules.output_classes(pl_module)
         model = copy.deepcopy(pl_module)  # a deep copy drops the trainer reference...
         model._trainer = trainer  # ...which training_step may read; its self.log is silenced below
         TorchSyncBatchNorm().revert(model)  # converts the children in place: no collective calls in the copy
@@ -242,7 +244,7 @@ class OverfitBatchCheck(DebugCallback):
     def _report(
         self, trainer: pl.Trainer, curve: list[float], floor: loss_rules.Floor, seconds: float, trigger: str | None
     ) -> None:
-        m = assess_memorisation(curve, floor.value, self.rel_tol, self.abs_tol)
+        m = assess_memorisation(curve, floor.value, self.rel_tol, self.abs_tol, self._classes)
         steps = len(curve) - 1
         model = "A copy of the model" if trigger is None else f"A copy of the model at step {trainer.global_step}"
         why = "" if trigger is None else f" (run because of {trigger})"
@@ -279,8 +281,8 @@ class OverfitBatchCheck(DebugCallback):
         """The curve learned, then levelled off far above the floor: the model cannot become confident."""
         c = m.probability_classes
         signature = (
-            f" {m.level:.4g} is log(1 + (C-1)/e) for C = {c}: the floor of {c}-class cross-entropy fed "
-            "probabilities instead of logits."
+            f" {m.level:.4g} is just above log(1 + (C-1)/e) = {loss_rules.probability_input_floor(c):.4g} for "
+            f"C = {c}: the floor of {c}-class cross-entropy fed probabilities instead of logits."
             if c is not None
             else ""
         )

@@ -88,15 +88,18 @@ def probability_input_floor(num_classes: int) -> float:
     return math.log1p((num_classes - 1) / math.e)
 
 
-def classes_of_probability_floor(level: float, tolerance: float = 0.01) -> int | None:
-    """The class count ``C`` whose :func:`probability_input_floor` is within ``tolerance`` (relative) of
-    ``level``, if there is one: a loss stuck there is the signature of probabilities fed to cross-entropy."""
+def classes_of_probability_floor(level: float, classes: int | None = None, tolerance: float = 0.05) -> int | None:
+    """The class count ``C`` whose :func:`probability_input_floor` ``level`` sits at (from above, within
+    ``tolerance`` relative: a memorising curve approaches it), when the model's class count is known; without
+    it, only a level within 1% of a floor counts. A loss stuck there is the signature of probabilities fed to
+    cross-entropy."""
     if not math.isfinite(level) or level <= 0 or level > 20:
         return None
+    if classes is not None:
+        floor = probability_input_floor(classes) if classes >= 2 else math.nan
+        return classes if floor <= level <= floor * (1 + tolerance) else None
     c = round(1 + math.e * math.expm1(level))
-    if c >= 2 and abs(probability_input_floor(c) - level) <= tolerance * level:
-        return int(c)
-    return None
+    return int(c) if c >= 2 and abs(probability_input_floor(c) - level) <= 0.01 * level else None
 
 
 @dataclass(frozen=True)
@@ -156,11 +159,19 @@ def declared_label_smoothing(module: torch.nn.Module) -> tuple[int, float] | Non
         eps = float(losses[0].label_smoothing) if losses else None
     if eps is None:
         return None
+    classes = output_classes(module)
+    return (classes, eps) if classes is not None else None
+
+
+def output_classes(module: torch.nn.Module) -> int | None:
+    """The module's class count: a ``num_classes``/``num_labels`` hyperparameter, else the last ``Linear``'s
+    ``out_features`` (a classifier's head, an LM's vocabulary)."""
+    hparams = dict(getattr(module, "hparams", {}) or {})
     classes = hparams.get("num_classes") or hparams.get("num_labels")
     if not isinstance(classes, int):
         linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
         classes = linears[-1].out_features if linears else None
-    return (int(classes), eps) if isinstance(classes, int) and classes >= 2 else None
+    return int(classes) if isinstance(classes, int) and classes >= 2 else None
 
 
 # ---------------------------------------------------------------------------------------------- bins

@@ -34,8 +34,11 @@ def passes(loss: float, first: float, floor: float, rel_tol: float, abs_tol: flo
     return gap <= abs_tol or (gap0 > 0 and gap <= rel_tol * gap0)
 
 
-def assess_memorisation(curve: list[float], floor: float, rel_tol: float, abs_tol: float) -> Memorisation:
-    """The verdict on a one-batch curve (the loss before each step, the last after the last step)."""
+def assess_memorisation(
+    curve: list[float], floor: float, rel_tol: float, abs_tol: float, classes: int | None = None
+) -> Memorisation:
+    """The verdict on a one-batch curve (the loss before each step, the last after the last step); ``classes``,
+    if known, to recognise the floor of probabilities fed to cross-entropy."""
     first, last = curve[0], curve[-1]
     gap0 = first - floor
     target = max(abs_tol, rel_tol * gap0) + floor if math.isfinite(gap0) else math.nan
@@ -52,4 +55,4 @@ def assess_memorisation(curve: list[float], floor: float, rel_tol: float, abs_to
         status = "slow"
     else:
         status = "stuck"
-    return Memorisation(status, closed, target, last, classes_of_probability_floor(last))
+    return Memorisation(status, closed, target, last, classes_of_probability_floor(last, classes))

@@ -54,6 +54,8 @@ def test_probability_input_floor_and_its_signature():
     assert R.classes_of_probability_floor(1.4611) == 10
     assert R.classes_of_probability_floor(R.probability_input_floor(2)) == 2
     assert R.classes_of_probability_floor(1.2) is None  # 7 classes would be 1.165: 3% off
+    assert R.classes_of_probability_floor(1.52, classes=10) == 10  # approached from above, within 5%
+    assert R.classes_of_probability_floor(1.40, classes=10) is None  # below the floor: not this signature
     assert R.classes_of_probability_floor(float("nan")) is None
 
 
