@@ -489,3 +489,39 @@ def test_small_batch_sgd_is_never_diverging(tmp_path, seed):
 def test_small_batch_sgd_is_never_diverging_over_eight_seeds(tmp_path, seed):
     monitor = _sgd_incident(tmp_path, seed, steps=2000)
     assert not [f for f in monitor.findings if f.severity is not Severity.INFO], describe(monitor)
+
+
+class NoisyLabels(DigitsMLP):
+    """8 classes, a label that follows the input only 70% of the time: the data's entropy (1.09 nats) is the
+    floor, for train and validation alike."""
+
+    def __init__(self):
+        super().__init__(hidden=(32,), lr=3e-3)
+        self.net[0] = torch.nn.Linear(8, 32)
+        self.net[-1] = torch.nn.Linear(32, 8)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.cross_entropy(self(x), y))
+
+
+def test_a_floor_of_irreducible_entropy_is_not_a_plateau(tmp_path):
+    """Train ~= validation, both flat at the data's entropy: `loss.converged` at that floor, named, no plateau."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5000, 8, generator=g)
+    clean = (x @ torch.randn(8, 8, generator=g)).argmax(-1)
+    y = torch.where(torch.rand(5000, generator=g) < 0.7, clean, torch.randint(0, 8, (5000,), generator=g))
+    train = DataLoader(TensorDataset(x[:4000], y[:4000]), batch_size=64, shuffle=True, generator=g)
+    val = DataLoader(TensorDataset(x[4000:], y[4000:]), batch_size=500)
+    monitor = LossConvergenceMonitor()
+    make_trainer(tmp_path, [monitor], max_epochs=10).fit(NoisyLabels(), train, val)
+    assert not [f for f in monitor.findings if f.severity is not Severity.INFO], describe(monitor)
+    converged = [f for f in monitor.findings if f.check == "loss.converged"]
+    assert converged and "validation" in converged[-1].data["floor_source"], describe(monitor)
+    assert 1.0 < converged[-1].data["floor"] < 1.5, converged[-1].data  # the entropy, plus what the MLP misses

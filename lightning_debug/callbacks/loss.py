@@ -310,18 +310,20 @@ class LossConvergenceMonitor(DebugCallback):
             )  # fmt: skip
 
     # ------------------------------------------------------------------ verdicts
-    def _floor(self, trainer: pl.Trainer, series: _Series) -> rules.Floor:
+    def _floor(self, trainer: pl.Trainer, series: _Series, with_val: bool = False) -> rules.Floor:
+        """The floor from evidence; ``with_val``: also where train ~= validation (asked only of a flat loss)."""
         memorised = next((f.data.get("level") for f in self.findings_on(trainer, "loss.floor_high")), None)
         bins = series.finite()[0]
         level = float(rules.level_of(bins)) if len(bins) else math.nan
         start = series.start if series.start is not None else math.nan
         # train ~= validation is the data's floor only once the model learned something (else: stuck at chance)
-        agree = level <= LEARNED * start and rules.agrees(level, self.val_level, start)
+        agree = with_val and level <= LEARNED * start and rules.agrees(level, self.val_level, start)
         return rules.choose_floor(self.floor, self.smoothing, memorised, (level, self.val_level) if agree else None)
 
     def _evaluate(self, trainer: pl.Trainer, final: bool) -> None:
         total = self.series[0]
         assert total.start is not None
+        start: float = total.start
         floor = self._floor(trainer, total)
         bins, _ = total.finite()
         metrics = {"debug/loss/smoothed": float(rules.level_of(bins)) if len(bins) else math.nan}
@@ -335,16 +337,24 @@ class LossConvergenceMonitor(DebugCallback):
         self.check_lr = lr if lr is not None else self.check_lr
         if len(window) >= rules.MIN_TREND_POINTS and (not final or self.batches >= rules.MIN_VERDICT_BATCHES):
             judging = final or (self.batches >= self.schedule.warmup and not warming)
-            annealed = lr is not None and lr < ANNEALED * self.peak_lr
-            v = rules.assess_loss_batch(
-                window, xs, rules.level_of(bins), total.start, floor.value, self.batches, span,
-                rules=self.rules, judging=judging, final=final, plateau_checks=self.plateau_checks,
-                excused=annealed or bool(self._falling_components(span)), noise=rules.spread(bins),
-            )  # fmt: skip
+            excused = (lr is not None and lr < ANNEALED * self.peak_lr) or bool(self._falling_components(span))
+
+            def assess(floor: rules.Floor) -> rules.LossVerdicts:
+                return rules.assess_loss_batch(
+                    window, xs, rules.level_of(bins), start, floor.value, self.batches, span, rules=self.rules,
+                    judging=judging, final=final, plateau_checks=self.plateau_checks, excused=excused,
+                    noise=rules.spread(bins),
+                )  # fmt: skip
+
+            v = assess(floor)
+            if int(v.plateau_checks) > 0:  # flat far above the floor: is it the data's (train ~= validation)?
+                data_floor = self._floor(trainer, total, with_val=True)
+                if data_floor.value > floor.value:
+                    floor, v = data_floor, assess(data_floor)
             self.plateau_checks = int(v.plateau_checks)
             self.last_verdict = v
             metrics["debug/loss/slope"] = float(v.trend.slope)
-            self._report(trainer, v, floor, total.start, span, lr)
+            self._report(trainer, v, floor, start, span, lr)
         Sink(trainer).log_scalars({k: val for k, val in metrics.items() if math.isfinite(val)})
 
     def _report(
@@ -447,7 +457,8 @@ def verdict_message(code: int, v: rules.LossVerdicts, floor: rules.Floor, start:
         )
     if code == rules.CONVERGED:
         return f"The training loss reached {level:.4g}, close to its floor: {progress}."
-    return f"The run ended after {t} batches with the training loss still falling ({slope}): {level:.4g}, {progress}."
+    how = "still falling" if float(tr.high) < 0 else "neither flat nor significantly falling"
+    return f"The run ended after {t} batches with the training loss {how} ({slope}): {level:.4g}, {progress}."
 
 
 def describe_progress(start: float, level: float, floor: rules.Floor) -> str:

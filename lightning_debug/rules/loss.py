@@ -431,6 +431,8 @@ def assess_loss_batch(
     needed = 1 if final else rules.plateau_checks
     code = np.full(np.broadcast(gap0, gap).shape, NONE)
     code = np.where(judging & (gap <= rules.converged_level * gap0), CONVERGED, code)
+    # at the end, a loss that no longer falls and sits within plateau_level of its floor has converged for this run
+    code = np.where(judging & final & ~falling & ~far, CONVERGED, code)
     if final:
         code = np.where(code == NONE, STILL_DECREASING, code)
     code = np.where(streak >= needed, PLATEAU, code)
