@@ -17,7 +17,7 @@ from lightning_debug.callbacks import loss as loss_module
 from lightning_debug.callbacks.loss import LossConvergenceMonitor
 from lightning_debug.findings import Severity
 
-from models import DigitsMLP, loaders, make_trainer
+from models import DigitsMLP, SmoothedDigitsMLP, loaders, make_trainer
 
 PROBLEMS = {"loss.nonfinite", "loss.diverging", "loss.not_decreasing", "loss.plateau"}
 
@@ -385,20 +385,8 @@ def test_an_interrupted_run_gets_a_verdict(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- floors
-class Smoothed(DigitsMLP):
-    """Label smoothing 0.1 over 10 classes: the loss cannot go below 0.500."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return self.criterion(self(x), y)
-
-
 def test_label_smoothing_sets_the_floor_and_a_healthy_run_is_no_plateau(tmp_path):
-    monitor = fit(tmp_path, Smoothed(hidden=(128,), lr=3e-3), epochs=12)
+    monitor = fit(tmp_path, SmoothedDigitsMLP(hidden=(128,), lr=3e-3), epochs=12)
     assert not [f for f in monitor.findings if f.severity is not Severity.INFO], describe(monitor)
     verdicts = [f for f in monitor.findings if f.check.startswith("loss.")]
     assert verdicts and all(abs(f.data["floor"] - 0.5003) < 1e-3 for f in verdicts), describe(monitor)

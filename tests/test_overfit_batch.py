@@ -12,7 +12,7 @@ from lightning_debug.callbacks.loss import LossConvergenceMonitor
 from lightning_debug.callbacks.overfit import OverfitBatchCheck
 from lightning_debug.findings import Severity
 
-from models import DigitsMLP, loaders, make_trainer
+from models import DigitsMLP, SmoothedDigitsMLP, loaders, make_trainer
 
 
 def check(tmp_path, module, batch_size=32, check=None, **trainer_kwargs):
@@ -238,19 +238,9 @@ def test_probabilities_fed_to_cross_entropy_are_a_high_floor(tmp_path):
     assert "log(1 + (C-1)/e) = 1.461 for C = 10" in f.message and "probabilities instead of logits" in f.message
 
 
-class Smoothed(DigitsMLP):
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return self.criterion(self(x), y)
-
-
 def test_label_smoothing_floor_is_not_a_high_floor(tmp_path):
     """Label smoothing 0.1 over 10 classes: the exact floor is 0.500, and memorising reaches it."""
-    (f,) = check(tmp_path, Smoothed(), check=OverfitBatchCheck(when="start")).findings
+    (f,) = check(tmp_path, SmoothedDigitsMLP(), check=OverfitBatchCheck(when="start")).findings
     assert f.check == "startup.overfit_ok", f.message
     assert abs(f.data["floor"] - 0.5003) < 1e-3 and "label smoothing 0.1 over 10 classes" in f.message, f.message
 

@@ -28,13 +28,14 @@ INTERRUPT_AFTER = 4  # epochs; the uninterrupted run stops at epoch 7
 
 
 class Interrupt(pl.Callback):
-    """Ctrl-C after an epoch's checkpoint: the run keeps the plan (``max_epochs``) the monitors scale to."""
+    """Ctrl-C as the next epoch starts (after the last one's checkpoint: Lightning runs checkpointing last):
+    the run keeps the plan (``max_epochs``) the loss monitor scales its checks to."""
 
     def __init__(self, after_epochs):
         self.after_epochs = after_epochs
 
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch + 1 == self.after_epochs:
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.after_epochs:
             raise KeyboardInterrupt
 
 
