@@ -144,7 +144,6 @@ class LossConvergenceMonitor(DebugCallback):
         self.smoothing: tuple[int, float] | None = None  # (classes, eps) of declared label smoothing
         self.finished = False  # the final verdict was given
         self._finite_upto = 0  # batches whose values were already tested for NaN/Inf (each is reported once)
-        self.last_verdict: rules.LossVerdicts | None = None
 
     @functools.cached_property
     def state_key(self) -> str:
@@ -352,7 +351,6 @@ class LossConvergenceMonitor(DebugCallback):
                 if data_floor.value > floor.value:
                     floor, v = data_floor, assess(data_floor)
             self.plateau_checks = int(v.plateau_checks)
-            self.last_verdict = v
             metrics["debug/loss/slope"] = float(v.trend.slope)
             self._report(trainer, v, floor, start, span, lr)
         Sink(trainer).log_scalars({k: val for k, val in metrics.items() if math.isfinite(val)})
