@@ -44,7 +44,7 @@ def _fit(root, name, max_epochs, ckpt_path=None, interrupt_after=None):
     train, val = digits(n_train=640, n_val=320)
     callbacks = [
         *debug_callbacks(metric="val_acc", early_stopping={"patience": 2, "min_delta": 0.01}, report=False),
-        ModelCheckpoint(dirpath=root / name / "ckpt", save_last=True, save_top_k=0),
+        ModelCheckpoint(dirpath=root / name / "ckpt", save_last=True, save_top_k=-1),  # last.ckpt every epoch
     ]
     if interrupt_after is not None:
         callbacks.append(Interrupt(interrupt_after))
