@@ -257,6 +257,38 @@ _CHECKS: tuple[CheckInfo, ...] = (
         "LossConvergenceMonitor",
     ),
     _c(
+        "loss.still_decreasing",
+        "info",
+        "The run ended while the training loss still fell",
+        "The run ended (at its planned end, an early stop, `max_steps` or an interruption) before the training loss "
+        "levelled off or reached its floor: no stall, no convergence yet. When the loss is still far from its floor, "
+        "a deferred `OverfitBatchCheck` runs its one-batch test at the end of fit.",
+        ("a run shorter than the model needs (healthy)", "a learning rate on the low side"),
+        ("train longer if the dev metric still improves", "try a higher learning rate or a schedule"),
+        "LossConvergenceMonitor",
+    ),
+    _c(
+        "loss.floor_high",
+        "warning",
+        "The loss cannot go below a level far above its floor",
+        "On one fixed batch (`OverfitBatchCheck`), the loss fell and then levelled off far above the floor: the model "
+        "cannot become confident even where it can memorise. The level is named; 1.461 for 10 classes (log(1 + "
+        "(C-1)/e)) is the signature of probabilities fed to a loss that expects logits.",
+        (
+            "an output too weak to express confidence (a 1-unit or bounded head, e.g. tanh/sigmoid before the loss)",
+            "a learning rate so low the test's steps cannot reach the floor (rare: the curve is flat, not falling)",
+            "a bug: probabilities (softmax output) fed to `cross_entropy`, which applies log-softmax again; a "
+            "temperature or scale applied to the logits",
+            "a real floor the checks do not know: label smoothing or soft targets (set `floor`)",
+        ),
+        (
+            "pass logits (not softmax outputs) to `cross_entropy` / `CrossEntropyLoss`",
+            "remove bounded activations in front of the loss",
+            "set `floor=` to the true floor when the loss cannot reach 0 by design",
+        ),
+        "OverfitBatchCheck",
+    ),
+    _c(
         "startup.cannot_overfit",
         "error",
         "The model cannot overfit one batch",
@@ -294,7 +326,8 @@ _CHECKS: tuple[CheckInfo, ...] = (
         "The one-batch memorisation test waits for a stall",
         "With `when='auto'` (the default) the test runs before the first step only when its `max_steps` are at "
         "most 5% of an epoch's steps. In shorter epochs it would cost more than the budget, so it runs instead "
-        "if the loss monitor reports `loss.not_decreasing` or `loss.plateau`, as the diagnosis of the stall.",
+        "if the loss monitor reports `loss.not_decreasing` or `loss.plateau`, as the diagnosis of the stall, or at the "
+        "end of a run that ended far from its floor.",
         ("short epochs: the test would cost a large share of one",),
         (
             "nothing to do on a healthy run",

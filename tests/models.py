@@ -10,11 +10,24 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_debug.demos.digits import DigitsMLP, digits, loaders
 
-__all__ = ["DigitsMLP", "digits", "loaders", "make_trainer", "run_two_rank_script"]
+__all__ = ["DigitsMLP", "SmoothedDigitsMLP", "digits", "loaders", "make_trainer", "run_two_rank_script"]
+
+
+class SmoothedDigitsMLP(DigitsMLP):
+    """Label smoothing 0.1 over 10 classes (a ``CrossEntropyLoss`` submodule): the loss cannot go below 0.500."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return self.criterion(self(x), y)
 
 
 def make_trainer(root: Path | str, callbacks: list[Any], logger: Any = None, **kwargs: Any) -> pl.Trainer:

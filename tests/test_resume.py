@@ -3,9 +3,11 @@
 The full default suite trains the digits MLP with fixed seeds and an unshuffled train loader (Lightning does not
 checkpoint a DataLoader generator, so a shuffled loader would see other batches after the resume, and the
 runs would legitimately differ). MetricEarlyStopping (patience 2, min_delta 0.01) stops the uninterrupted run
-at epoch 7; the interrupted run stops after epoch ``INTERRUPT_AFTER`` and is resumed with ``ckpt_path``.
+at epoch 7; the interrupted run (same ``max_epochs``, so the same planned length the loss monitor scales its
+checks to) gets a KeyboardInterrupt after epoch ``INTERRUPT_AFTER`` and is resumed with ``ckpt_path``.
 """
 
+import contextlib
 import csv
 import math
 
@@ -25,17 +27,32 @@ MAX_EPOCHS = 20
 INTERRUPT_AFTER = 4  # epochs; the uninterrupted run stops at epoch 7
 
 
-def _fit(root, name, max_epochs, ckpt_path=None):
+class Interrupt(pl.Callback):
+    """Ctrl-C as the next epoch starts (after the last one's checkpoint: Lightning runs checkpointing last):
+    the run keeps the plan (``max_epochs``) the loss monitor scales its checks to."""
+
+    def __init__(self, after_epochs):
+        self.after_epochs = after_epochs
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.after_epochs:
+            raise KeyboardInterrupt
+
+
+def _fit(root, name, max_epochs, ckpt_path=None, interrupt_after=None):
     pl.seed_everything(0, verbose=False)
     train, val = digits(n_train=640, n_val=320)
     callbacks = [
         *debug_callbacks(metric="val_acc", early_stopping={"patience": 2, "min_delta": 0.01}, report=False),
-        ModelCheckpoint(dirpath=root / name / "ckpt", save_last=True, save_top_k=0),
+        ModelCheckpoint(dirpath=root / name / "ckpt", save_last=True, save_top_k=-1),  # last.ckpt every epoch
     ]
+    if interrupt_after is not None:
+        callbacks.append(Interrupt(interrupt_after))
     trainer = make_trainer(
         root, callbacks, logger=CSVLogger(str(root), name=name), max_epochs=max_epochs, enable_checkpointing=True
     )
-    trainer.fit(DigitsMLP(), DataLoader(train, batch_size=32), DataLoader(val, batch_size=64), ckpt_path=ckpt_path)
+    with contextlib.suppress(KeyboardInterrupt, SystemExit):  # Lightning shuts down gracefully, then may exit
+        trainer.fit(DigitsMLP(), DataLoader(train, batch_size=32), DataLoader(val, batch_size=64), ckpt_path=ckpt_path)
     return trainer
 
 
@@ -65,7 +82,7 @@ def _stopper(trainer):
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     whole = _fit(root, "whole", MAX_EPOCHS)
-    first = _fit(root, "first", INTERRUPT_AFTER)
+    first = _fit(root, "first", MAX_EPOCHS, interrupt_after=INTERRUPT_AFTER)
     last = root / "first" / "ckpt" / "last.ckpt"
     resumed = _fit(root, "resumed", MAX_EPOCHS, ckpt_path=str(last))
     return whole, first, resumed, last
@@ -96,8 +113,8 @@ def test_resumed_run_logs_the_same_debug_curves(runs):
     got = {**_curves(first), **_curves(resumed)}  # the resumed logger starts at the checkpoint's step
     assert expected, "no debug/ curve was logged"
     assert not expected.keys() - got.keys(), sorted(expected.keys() - got.keys())
-    # The interrupted run ended normally, so its end-of-training flushes (after the last checkpoint) add points
-    # at the checkpoint's step that the uninterrupted run never logged; nothing else may be extra.
+    # The interrupted run gives its final verdict (after the last checkpoint), which adds points at the
+    # checkpoint's step that the uninterrupted run never logged; nothing else may be extra.
     extra = got.keys() - expected.keys()
     assert {step for _, step in extra} <= {first.global_step}, sorted(extra)
     bad = {

@@ -1,135 +1,104 @@
 """``LossConvergenceMonitor``: is the training loss going down, and towards a good value?
 
-The debugging lecture's first rule: before looking at dev accuracy, look at the training loss. This callback
-keeps the loss of every step on the loss's own device (no host-device sync), pulls it to the host
-once every ``check_every_n_steps`` and summarises it into bins (the median of every 10 steps: robust to spikes
-and to small-batch noise). Decisions use those bins only:
+The debugging lecture's first rule: before looking at dev accuracy, look at the training loss. This adapter
+keeps the loss of every step on its own device (no host-device sync), pulls it to the host at a few probes
+and checks, bins it (medians of a few steps) and asks the rules of :mod:`lightning_debug.rules.loss` for a
+verdict, which it words and emits:
 
 - ``loss.nonfinite``: a NaN/Inf value in any tracked series (the exact step is in the buffer).
-- ``loss.diverging``: a bin sits ``diverge_factor`` times further from the floor than the best level so far
-  (and by a margin that matters), or the smoothed loss rises with a significant trend (Theil-Sen CI above 0,
-  Mann-Kendall p-value below ``1 - confidence``).
-- ``loss.not_decreasing`` / ``loss.plateau`` / ``loss.converged``: after warm-up, the trend over the window is
-  *flat* when even the fastest descent its confidence interval allows would close less than ``min_progress``
-  of the remaining gap to ``floor`` if training ran as long again. Flat near the start level is
-  not-decreasing; flat far above the floor, and falling at most half as fast as on average since the start,
-  is a plateau (a steady slow descent is not); a level near the floor is converged.
+- ``loss.diverging``: a level jumped far above the best level and the start and stayed there, or the loss
+  rises with a significant trend (noise-aware: levels, the run's own spread, autocorrelation-widened CIs).
+- ``loss.not_decreasing`` / ``loss.plateau`` / ``loss.converged``: the trend verdicts after the warm-up.
+- ``loss.still_decreasing``: the run ended while the loss still fell (no stall, not yet at its floor).
 
-Before the first check the values are also pulled at batches 1, 2, 4, 8, ... (``log2(check_every_n_steps)``
-transfers in all) for NaN/Inf and for a jump in a complete bin: a learning rate far too high blows up within a
-few steps, and is then reported within about twice the steps it took instead of at the first check.
-
-Thresholds are fractions of the starting gap (first loss minus ``floor``), so they do not depend on the
-loss's scale, and the flatness horizon grows with the run, so slow-but-steady training is not a plateau.
+Intervals scale with the planned run (``trainer.estimated_stepping_batches``), and every run of at least 30
+batches ends with a verdict (at the end of fit, an early stop, ``max_steps`` or an interruption). Every
+finding names the floor it was judged against and where that floor comes from (:func:`~lightning_debug.rules.
+loss.choose_floor`), and cites a model-health finding (``setup.*``, ``init.*``, ``grad.*``) that explains it.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 
 from lightning_debug.base import DebugCallback
+from lightning_debug.findings import Finding, check_info
+from lightning_debug.rules import loss as rules
 from lightning_debug.sinks import Sink
-from lightning_debug.stats import MIN_TREND_POINTS, Trend, trend
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-BIN_STEPS = 10  # steps per bin: the median of 10 losses ignores single spikes and damps small-batch noise
 MAX_BINS = 1024  # older bins are merged pairwise beyond this, so memory and state stay bounded
-MAX_TREND_POINTS = 64  # Theil-Sen is O(n^2): the window is re-binned to at most this many points
-LEVELLED_OFF = 0.5  # a plateau falls at most this fraction of its average rate since the start (else: just slow)
 ANNEALED = 0.5  # a schedule that took the learning rate below this fraction of its peak explains a flat loss
-PLATEAU_CHECKS = 2  # consecutive checks a plateau must hold at: one flat window can be a pause before progress
+LEARNED = 0.75  # train ~= val counts as a floor only below this fraction of the first loss
+EXPLAINING_PREFIXES = ("setup.", "init.", "grad.")  # model-health findings that explain a loss finding
 _RESERVED = ("smoothed", "slope")
 
 
 @dataclass
 class _Series:
-    """One tracked loss series (the total or a component): its bins and reference levels, all host floats."""
+    """One tracked loss series (the total or a component): its bins, all host floats."""
 
     name: str
-    floor: float
     start: float | None = None
-    best: float | None = None
     values: list[float] = field(default_factory=list)  # bin medians (NaN when a bin had no finite value)
     xs: list[float] = field(default_factory=list)  # bin centres, in training batches seen
 
-    def add(self, value: float, x: float) -> None:
-        self.values.append(value)
-        self.xs.append(x)
-        if math.isfinite(value):
-            self.best = value if self.best is None else min(self.best, value)
+    def add(self, values: list[float], xs: list[float]) -> None:
+        self.values += values
+        self.xs += xs
         if len(self.values) > MAX_BINS:
-            v, xs = np.asarray(self.values), np.asarray(self.xs)
+            v, x = np.asarray(self.values), np.asarray(self.xs)
             even = len(v) // 2 * 2
             self.values = np.nanmean(v[:even].reshape(-1, 2), axis=1).tolist() + v[even:].tolist()
-            self.xs = xs[:even].reshape(-1, 2).mean(axis=1).tolist() + xs[even:].tolist()
+            self.xs = x[:even].reshape(-1, 2).mean(axis=1).tolist() + x[even:].tolist()
 
-    def window(self, since: float) -> tuple[np.ndarray, np.ndarray]:
-        """Finite bins with centre >= ``since``, re-binned to at most MAX_TREND_POINTS points."""
+    def finite(self, since: float = -math.inf) -> tuple[np.ndarray, np.ndarray]:
         v, x = np.asarray(self.values), np.asarray(self.xs)
         keep = (x >= since) & np.isfinite(v)
-        v, x = v[keep], x[keep]
-        if len(v) > MAX_TREND_POINTS:  # medians of equal groups; the oldest remainder is dropped
-            g = -(-len(v) // MAX_TREND_POINTS)
-            keep_n = len(v) // g * g
-            v = np.median(v[-keep_n:].reshape(-1, g), axis=1)
-            x = x[-keep_n:].reshape(-1, g).mean(axis=1)
-        return v, x
-
-    @property
-    def level(self) -> float:
-        """The latest smoothed value (last finite bin median)."""
-        finite = [v for v in self.values if math.isfinite(v)]
-        return finite[-1] if finite else math.nan
+        return v[keep], x[keep]
 
 
 class LossConvergenceMonitor(DebugCallback):
     """Watches the training loss for NaN/Inf, divergence, no progress, plateaus and convergence.
 
-    Zero-config: it reads the loss ``training_step`` returns. Defaults are set to catch a far-too-high or
-    far-too-low learning rate and a capacity bottleneck while staying silent on healthy runs with batch sizes
-    from 8 to 1024, BatchNorm and dropout.
+    Zero-config: it reads the loss ``training_step`` returns and the ``val_loss`` the module logs (if any).
 
     Args:
         key: read this logged metric (from ``trainer.callback_metrics``) instead of the returned loss.
-        components: ``{name: logged_key}`` of loss parts to track too (e.g. ``{"nll": "train_nll",
-            "reg": "train_reg"}``). Each is checked for NaN/Inf and logged; a total that is flat while a
-            component still falls significantly is not called a plateau (regularisation keeps the total up).
-        floor: the best achievable loss (0 for a likelihood; higher for e.g. language-model pre-training).
-        check_every_n_steps: training batches between pulls to the host (the only transfers it makes).
-        window: training batches the trend is fitted over; ``None`` uses the last half of the batches seen
-            so far, so the test adapts to the run's length.
-        warmup_steps: no not-decreasing / plateau / converged verdict before this many batches.
-        min_drop: the loss has "moved" once it fell by this fraction of the starting gap (start - floor).
-        min_progress: flat = at the fastest rate the slope's confidence interval allows, training as long
-            again would close less than this fraction of the remaining gap.
-        plateau_level: a flat loss is a plateau while its gap to ``floor`` exceeds this fraction of the
-            starting gap.
-        converged_level: converged once the gap to ``floor`` is within this fraction of the starting gap.
-        diverge_factor: a bin this many times further from ``floor`` than the best level so far diverges...
-        diverge_margin: ...if it also rose by more than this fraction of the starting gap (the same margin
-            applies to a significant upward trend over the window).
-        confidence: confidence level of the slope intervals; trend tests use ``p < 1 - confidence``.
+        components: ``{name: logged_key}`` of loss parts to track too; a total that is flat while a component
+            still falls significantly is not called a plateau (regularisation keeps the total up).
+        floor: the best achievable loss. ``None`` (default): from evidence, see :func:`rules.choose_floor`.
+        val_key: the logged validation loss; where train and validation agree at a flat level, that level is
+            the data's floor (irreducible entropy), not a plateau.
+        check_every_n_steps / warmup_steps: ``None`` scales them to the planned run (a tenth of it, 20-200 and
+            30-200 batches); an int fixes them.
+        window: batches the trend is fitted over; ``None`` uses the last half of the batches seen.
+        min_drop, min_progress, plateau_level, converged_level, diverge_margin, confidence: see
+            :class:`rules.LossRules` (fractions of the starting gap, first loss minus floor).
+        diverge_factor: a level this many times further from the floor than the best level diverges.
     """
+
+    reports_stalls: ClassVar[bool] = True  # OverfitBatchCheck defers its test to this monitor's stall findings
 
     def __init__(
         self,
         *,
         key: str | None = None,
         components: Mapping[str, str] | None = None,
-        floor: float = 0.0,
-        check_every_n_steps: int = 200,
+        floor: float | None = None,
+        val_key: str = "val_loss",
+        check_every_n_steps: int | None = None,
         window: int | None = None,
-        warmup_steps: int = 200,
+        warmup_steps: int | None = None,
         min_drop: float = 0.1,
         min_progress: float = 0.2,
         plateau_level: float = 0.2,
@@ -137,59 +106,43 @@ class LossConvergenceMonitor(DebugCallback):
         diverge_factor: float = 3.0,
         diverge_margin: float = 0.25,
         confidence: float = 0.95,
-        strict: bool = False,
-        verbose: bool = True,
+        raise_errors: bool = False,
+        print_findings: bool = True,
+        strict: bool | None = None,
+        verbose: bool | None = None,
     ) -> None:
-        super().__init__(strict=strict, verbose=verbose)
-        if not math.isfinite(floor):
-            raise ValueError(f"`floor` must be finite, got {floor}")
-        if check_every_n_steps < BIN_STEPS:
-            raise ValueError(f"`check_every_n_steps` must be >= {BIN_STEPS}, got {check_every_n_steps}")
-        if window is not None and window < 2 * check_every_n_steps:
-            raise ValueError(f"`window` must be None or >= 2 * check_every_n_steps, got {window}")
-        if warmup_steps < 0:
-            raise ValueError(f"`warmup_steps` must be >= 0, got {warmup_steps}")
-        for name, value in (
-            ("min_drop", min_drop),
-            ("min_progress", min_progress),
-            ("plateau_level", plateau_level),
-            ("converged_level", converged_level),
-            ("diverge_margin", diverge_margin),
-            ("confidence", confidence),
-        ):
-            if not 0 < value < 1:
-                raise ValueError(f"`{name}` must be in (0, 1), got {value}")
-        if converged_level >= plateau_level:
-            raise ValueError(f"`converged_level` ({converged_level}) must be below `plateau_level` ({plateau_level})")
-        if diverge_factor <= 1:
-            raise ValueError(f"`diverge_factor` must be > 1, got {diverge_factor}")
-        components = dict(components or {})
-        for name in components:
-            if name in _RESERVED:
-                raise ValueError(f"`components` name {name!r} is reserved; pick another name")
+        super().__init__(raise_errors=raise_errors, print_findings=print_findings, strict=strict, verbose=verbose)
+        _validate(locals())
         self.key = key
-        self.components = components
-        self._logged_keys = ([key] if key is not None else []) + list(components.values())  # read every step
-        self.floor = float(floor)
+        self.components = dict(components or {})
+        self._logged_keys = ([key] if key is not None else []) + list(self.components.values())  # read every step
+        self.floor = floor
+        self.val_key = val_key
         self.check_every_n_steps = check_every_n_steps
         self.window = window
         self.warmup_steps = warmup_steps
-        self.min_drop = min_drop
-        self.min_progress = min_progress
-        self.plateau_level = plateau_level
-        self.converged_level = converged_level
         self.diverge_factor = diverge_factor
-        self.diverge_margin = diverge_margin
-        self.confidence = confidence
-        self.series = [_Series(key or "loss", self.floor)] + [_Series(name, 0.0) for name in components]
+        self.rules = rules.LossRules(
+            min_drop=min_drop,
+            min_progress=min_progress,
+            plateau_level=plateau_level,
+            converged_level=converged_level,
+            diverge_margin=diverge_margin,
+            confidence=confidence,
+        )
+        self.series = [_Series(key or "loss")] + [_Series(name) for name in self.components]
+        self.schedule = rules.schedule_for(None, check_every=check_every_n_steps, warmup=warmup_steps)
         self.batches = 0  # training batches recorded
         self._tail: list[tuple[int, list[float]]] = []  # (global step, values) pulled but not yet binned
         self._pending: list[torch.Tensor] = []  # this step's values per batch, on the loss's device (no sync)
         self._steps: list[int] = []  # global step of each pending row (host ints)
         self._step = 0
-        self.last_trend: Trend | None = None
         self.peak_lr = 0.0  # largest learning rate seen (a host float: reading it never syncs)
+        self.check_lr = 0.0  # the learning rate at the previous check or the first batch (rising: warming up)
         self.plateau_checks = 0  # consecutive checks at which the plateau condition held
+        self.val_level = math.nan  # the last validation loss (read once per validation run)
+        self.smoothing: tuple[int, float] | None = None  # (classes, eps) of declared label smoothing
+        self.finished = False  # the final verdict was given
         self._finite_upto = 0  # batches whose values were already tested for NaN/Inf (each is reported once)
 
     @functools.cached_property
@@ -199,9 +152,15 @@ class LossConvergenceMonitor(DebugCallback):
     # ------------------------------------------------------------------ per step: device only
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         Sink(trainer).define_metric("debug/loss/smoothed", summary="min,last")
+        self.smoothing = rules.declared_label_smoothing(pl_module)
+        self.finished = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._step = trainer.global_step  # after a resume has restored it
+        if self.batches == 0:  # a resumed run keeps the schedule its bins were made with
+            self.schedule = rules.schedule_for(
+                planned_batches(trainer), check_every=self.check_every_n_steps, warmup=self.warmup_steps
+            )
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -214,25 +173,17 @@ class LossConvergenceMonitor(DebugCallback):
             self._pull()  # the rows pending on the previous device
         self._pending.append(values)
         self._steps.append(step)
-        lr = _current_lr(trainer)  # a host float: the peak must be seen before a schedule decays it
+        lr = current_lr(trainer)  # a host float: the peak must be seen before a schedule decays it
         if lr is not None and lr > self.peak_lr:
             self.peak_lr = lr
+        if lr is not None and self.batches == 0:
+            self.check_lr = lr  # the reference for "still warming up" at the first check
         self.batches += 1
-        if self.batches % self.check_every_n_steps == 0:
+        every = self.schedule.check_every
+        if self.batches % every == 0:
             self._check(trainer)
-        elif self.batches < self.check_every_n_steps and self.batches & (self.batches - 1) == 0:
-            self._probe(trainer)
-
-    def _probe(self, trainer: pl.Trainer) -> None:
-        """Early in the run, one transfer: NaN/Inf in any value so far, and a jump in any complete bin. A learning
-        rate far too high blows up within a few steps; trend verdicts still wait for the checks."""
-        self._pull()
-        if self._tail:
-            first_batch = self.batches - len(self._tail)
-            self._report_nonfinite(
-                trainer, [step for step, _ in self._tail], np.asarray([row for _, row in self._tail]), first_batch
-            )
-            self._bin(trainer)
+        elif self.batches < every and self.batches & (self.batches - 1) == 0:
+            self._check(trainer, probe=True)
 
     def _read(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) -> torch.Tensor | None:
         """This step's values as one device tensor, without reading them."""
@@ -240,264 +191,333 @@ class LossConvergenceMonitor(DebugCallback):
         if self.key is None:
             loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
             if not isinstance(loss, torch.Tensor):
-                self._skip(trainer, "training_step returned no loss tensor; pass `key=` naming a logged loss")
+                self.skip(
+                    trainer, "training_step returned no loss tensor; pass `key=` naming a logged loss", key="loss"
+                )
                 return None
             if pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
                 loss = loss * trainer.accumulate_grad_batches  # Lightning divides it for accumulation
             parts.append(loss)
-        wanted = self._logged_keys
-        if wanted:
+        if self._logged_keys:
             metrics = trainer.callback_metrics
-            missing = [k for k in wanted if not isinstance(metrics.get(k), torch.Tensor)]
+            missing = [k for k in self._logged_keys if not isinstance(metrics.get(k), torch.Tensor)]
             if missing:
-                self._skip(trainer, f"logged metric(s) {missing} not found in trainer.callback_metrics")
+                self.skip(trainer, f"logged metric(s) {missing} not found in trainer.callback_metrics", key="keys")
                 return None
-            parts.extend(metrics[k] for k in wanted)
+            parts.extend(metrics[k] for k in self._logged_keys)
         if len(parts) == 1:
             value = parts[0].detach()
             return value if value.dim() == 0 else value.float().mean()
         return torch.stack([p.detach().float().mean() for p in parts])
 
-    def _skip(self, trainer: pl.Trainer, why: str) -> None:
-        self.emit(trainer, "check.skipped", f"LossConvergenceMonitor: {why}", data={"reason": why}, key=why)
+    # ------------------------------------------------------------------ checks: host
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        value = trainer.callback_metrics.get(self.val_key)
+        if isinstance(value, torch.Tensor) and not trainer.sanity_checking:
+            self.val_level = float(value)  # once per validation run
 
-    # ------------------------------------------------------------------ every N steps: host
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._check(trainer, final=True)
+        self._finish(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """An interrupted run still gets its verdict (hooks of this kind are not guarded by the base class)."""
+        try:
+            self._finish(trainer)
+        except Exception as err:
+            if self.raise_errors:
+                raise
+            self.emit(trainer, "check.error", f"LossConvergenceMonitor.on_exception failed: {err!r}", key="exception")
+
+    def _finish(self, trainer: pl.Trainer) -> None:
+        if not self.finished:
+            self.finished = True
+            self._check(trainer, final=True)
 
     def _pull(self) -> None:
         """Move the pending rows to the host tail (the one transfer per check)."""
-        self._tail.extend(self._pending_rows())
+        if self._pending:
+            rows = torch.stack([v.reshape(-1) for v in self._pending]).tolist()
+            self._tail.extend(zip(self._steps, rows, strict=True))
         self._pending, self._steps = [], []
 
-    def _pending_rows(self) -> list[tuple[int, list[float]]]:
-        if not self._pending:
-            return []
-        rows = torch.stack([v.reshape(-1) for v in self._pending]).tolist()
-        return list(zip(self._steps, rows, strict=True))
-
-    def _check(self, trainer: pl.Trainer, final: bool = False) -> None:
+    def _check(self, trainer: pl.Trainer, *, probe: bool = False, final: bool = False) -> None:
         self._pull()
-        self._bin(trainer, final)
-        if self.series[0].values:
-            self._evaluate(trainer)
-
-    def _bin(self, trainer: pl.Trainer, final: bool = False) -> None:
-        """Bin the complete blocks of BIN_STEPS rows of the tail (every row at the end of training)."""
-        k = BIN_STEPS
-        n = len(self._tail) if final else len(self._tail) // k * k
-        if n:
-            first_batch = self.batches - len(self._tail)  # batches seen before the tail's first row
-            chunk, self._tail = self._tail[:n], self._tail[n:]
-            self._add_bins(trainer, [step for step, _ in chunk], np.asarray([row for _, row in chunk]), first_batch)
-
-    def _add_bins(self, trainer: pl.Trainer, steps: list[int], values: np.ndarray, first_batch: int) -> None:
-        """Bin ``values`` (n_rows, n_series) into medians of BIN_STEPS rows (the last bin may be short)."""
-        k = BIN_STEPS
-        full = len(values) // k * k
-        finite = np.isfinite(values)
-        median = np.median if finite.all() else np.nanmedian  # nanmedian is slow: only when needed
-        masked = np.where(finite, values, np.nan)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN bin has a NaN median: that is the intent
-            medians = median(masked[:full].reshape(-1, k, values.shape[1]), axis=1).tolist()
-            if full < len(values):
-                medians.append(median(masked[full:], axis=0).tolist())
+        if not self._tail:
+            return
+        first_batch = self.batches - len(self._tail)  # batches seen before the tail's first row
+        steps, values = [s for s, _ in self._tail], np.asarray([row for _, row in self._tail], dtype=float)
         self._report_nonfinite(trainer, steps, values, first_batch)
+        b = self.schedule.bin_steps
+        n = len(values) if final else len(values) // b * b
+        if n:
+            self._add_bins(values[:n], first_batch)
+            self._check_jump(trainer, steps[n - 1], new=-(-n // b))
+            self._tail = self._tail[n:]
+        if not probe and self.series[0].start is not None:
+            self._evaluate(trainer, final)
+
+    def _add_bins(self, values: np.ndarray, first_batch: int) -> None:
+        b = self.schedule.bin_steps
+        medians = rules.bin_medians(values, b)
+        xs = [first_batch + (i * b + min((i + 1) * b, len(values)) + 1) / 2 for i in range(len(medians))]
+        finite = np.isfinite(values)
         for j, series in enumerate(self.series):
             if series.start is None and finite[:, j].any():
                 series.start = float(values[np.argmax(finite[:, j]), j])  # the first loss, before any update acted
-                series.best = series.start
-        for b, row in enumerate(medians):
-            lo, hi = b * k, min((b + 1) * k, len(values))
-            x = first_batch + (lo + hi + 1) / 2
-            for j, series in enumerate(self.series):
-                if j == 0:
-                    self._check_jump(trainer, series, row[j], steps[hi - 1])
-                series.add(row[j], x)
+            series.add(medians[:, j].tolist(), xs)
 
     def _report_nonfinite(self, trainer: pl.Trainer, steps: list[int], values: np.ndarray, first_batch: int) -> None:
-        """``loss.nonfinite`` for the first NaN/Inf of each series among rows not tested before (an early probe
-        may have reported them already)."""
+        """``loss.nonfinite`` for the first NaN/Inf of each series among rows not tested before."""
         fresh = max(0, self._finite_upto - first_batch)
         self._finite_upto = max(self._finite_upto, first_batch + len(values))
         finite = np.isfinite(values[fresh:])
         for j, series in enumerate(self.series):
             if not finite[:, j].all():
                 i = fresh + int(np.argmin(finite[:, j]))
+                what = "loss" if j == 0 else f"loss component {series.name!r}"
                 self.emit(
                     trainer,
                     "loss.nonfinite",
-                    f"The training {'loss' if j == 0 else f'loss component {series.name!r}'} is {values[i, j]} at "
-                    f"step {steps[i]} (first non-finite value).",
+                    f"The training {what} is {values[i, j]} at step {steps[i]} (first non-finite value).",
                     data={"series": series.name, "step": steps[i], "batch": first_batch + i + 1, "value": values[i, j]},
                     key=series.name,
                 )
 
-    def _check_jump(self, trainer: pl.Trainer, series: _Series, median: float, step: int) -> None:
-        """A bin far above the best level so far (before it is added)."""
-        if series.best is None or series.start is None or not math.isfinite(median):
-            return
-        floor, best = series.floor, series.best
-        gap0 = series.start - floor
-        if gap0 <= 0:
-            return
-        if median - floor > self.diverge_factor * (best - floor) and median - best > self.diverge_margin * gap0:
-            self.emit(
-                trainer,
-                "loss.diverging",
-                f"The smoothed training loss jumped to {median:.4g} at step {step}, "
-                f"{(median - floor) / max(best - floor, 1e-12):.3g}x further from the floor ({floor:g}) than its best "
-                f"so far ({best:.4g}; it started at {series.start:.4g}).",
-                data={
-                    "rule": "above_best",
-                    "level": median,
-                    "best": best,
-                    "start": series.start,
-                    "floor": floor,
-                    "step": step,
-                },
-                key=series.name,
-            )
-
-    def _evaluate(self, trainer: pl.Trainer) -> None:
+    def _check_jump(self, trainer: pl.Trainer, step: int, new: int) -> None:
         total = self.series[0]
-        metrics = {"debug/loss/smoothed": total.level}
-        metrics.update({f"debug/loss/{s.name}": s.level for s in self.series[1:]})
-        self.last_trend = None
-        if total.start is not None and total.start - total.floor <= 0:
-            self._skip(
-                trainer, f"the first loss ({total.start:.4g}) is not above `floor` ({total.floor:g}); set `floor`"
-            )
-        elif total.start is not None:
-            span = self.window if self.window is not None else self.batches / 2
-            values, xs = total.window(self.batches - span)
-            if len(values) >= MIN_TREND_POINTS:
-                self.last_trend = trend(values, xs, confidence=self.confidence)
-                metrics["debug/loss/slope"] = self.last_trend.slope
-                self._judge(trainer, total, self.last_trend, span)
-        Sink(trainer).log_scalars({k: v for k, v in metrics.items() if math.isfinite(v)})
-
-    def _judge(self, trainer: pl.Trainer, series: _Series, tr: Trend, span: float) -> None:
-        assert series.start is not None and series.best is not None
-        floor, start, level, t = series.floor, series.start, series.level, self.batches
-        gap0, gap = start - floor, level - floor
-        lr = _current_lr(trainer)
-        evidence: dict[str, Any] = {
-            "lr": lr,
-            "peak_lr": self.peak_lr,
-            "level": level,
-            "floor": floor,
-            "start": start,
-            "best": series.best,
-            "window": int(span),
-            "slope": tr.slope,
-            "slope_low": tr.low,
-            "slope_high": tr.high,
-            "p_value": tr.p_value,
-            "confidence": self.confidence,
-            "batches": t,
-        }
-        if tr.rising and tr.p_value < 1 - self.confidence and tr.slope * span > self.diverge_margin * gap0:
-            self.emit(
+        if total.start is None:
+            return
+        floor = self._floor(trainer, total)
+        bins = np.asarray(total.values)
+        v = rules.assess_jump(
+            bins, min(new, len(bins)), total.start, floor.value, bin_steps=self.schedule.bin_steps,
+            factor=self.diverge_factor, margin=self.rules.diverge_margin,
+        )  # fmt: skip
+        if v.fired.any():
+            i = int(np.argmax(v.fired))
+            level, best = float(v.level[i]), float(v.best[i])
+            self._emit_loss(
                 trainer,
                 "loss.diverging",
-                f"The smoothed training loss is rising: {tr.slope * span:+.3g} over the last {int(span)} batches "
-                f"(slope {tr.slope:.3g}/batch, {self.confidence:.0%} CI [{tr.low:.3g}, {tr.high:.3g}], "
-                f"trend p={tr.p_value:.2g}); now {level:.4g}, best {series.best:.4g}.",
-                data={"rule": "rising", **evidence},
-                key=series.name,
-            )
-        if not math.isfinite(level):
-            return
-        # Flat: even the fastest plausible descent would close < min_progress of the gap in another t batches.
-        reachable = max(0.0, -tr.low) * t
-        flat = gap > 0 and reachable < self.min_progress * gap
-        evidence["reachable_drop"] = reachable
-        previous_plateau_checks, self.plateau_checks = self.plateau_checks, 0
-        if t >= self.warmup_steps and flat:
-            drop = start - level
-            if drop < self.min_drop * gap0:
-                self.emit(
-                    trainer,
-                    "loss.not_decreasing",
-                    f"After {t} batches the training loss is still {level:.4g} (started at {start:.4g}, floor "
-                    f"{floor:g}): it fell by {drop / gap0:.1%} of the way to the floor and its trend over the last "
-                    f"{int(span)} batches is flat (slope {tr.slope:.2g}/batch, CI [{tr.low:.2g}, {tr.high:.2g}]).",
-                    data={"drop": drop, "min_drop": self.min_drop, **evidence},
-                    key=series.name,
-                )
-                return
-            levelled = max(0.0, -tr.low) < LEVELLED_OFF * drop / t
-            falling = self._falling_components(span, t)
-            # a loss that flattens while a schedule anneals the learning rate (cosine, step decay) has converged
-            # for that schedule: not a plateau to fix with capacity or a higher rate
-            annealed = lr is not None and lr < ANNEALED * self.peak_lr
-            plateau = gap > self.plateau_level * gap0 and levelled and not falling and not annealed
-            self.plateau_checks = previous_plateau_checks + 1 if plateau else 0
-            evidence["plateau_checks"] = self.plateau_checks
-            if self.plateau_checks >= PLATEAU_CHECKS:
-                self.emit(
-                    trainer,
-                    "loss.plateau",
-                    f"The training loss has plateaued at {level:.4g}, far above its floor {floor:g} (started at "
-                    f"{start:.4g}): over the last {int(span)} batches its slope is {tr.slope:.2g}/batch "
-                    f"({self.confidence:.0%} CI [{tr.low:.2g}, {tr.high:.2g}]); at the fastest plausible rate another "
-                    f"{t} batches would lower it by at most {reachable:.3g} ({reachable / gap:.1%} of the gap).",
-                    data={"components_falling": falling, **evidence},
-                    key=series.name,
-                )
-                return
-        if t >= self.warmup_steps and gap <= self.converged_level * gap0:
-            self.emit(
-                trainer,
-                "loss.converged",
-                f"The training loss reached {level:.4g}, within {self.converged_level:.0%} of the way from its start "
-                f"({start:.4g}) to its floor ({floor:g}).",
-                data=evidence,
-                key=series.name,
-            )
+                f"The training loss jumped to a level of {level:.4g} and stayed up ({float(v.held[i]):.4g} over the "
+                f"next steps, by step {step}): {(level - floor.value) / max(best - floor.value, 1e-12):.3g}x further "
+                f"from the floor {floor.describe()} than its best level {best:.4g} (it started at {total.start:.4g}; "
+                f"the run's spread of a level is {float(v.spread):.3g}).",
+                floor,
+                data={"rule": "jump", "level": level, "held": float(v.held[i]), "best": best,
+                      "start": total.start, "spread": float(v.spread), "step": step},
+            )  # fmt: skip
 
-    def _falling_components(self, span: float, t: int) -> list[str]:
+    # ------------------------------------------------------------------ verdicts
+    def _floor(self, trainer: pl.Trainer, series: _Series, with_val: bool = False) -> rules.Floor:
+        """The floor from evidence; ``with_val``: also where train ~= validation (asked only of a flat loss)."""
+        memorised = next((f.data.get("level") for f in self.findings_on(trainer, "loss.floor_high")), None)
+        bins = series.finite()[0]
+        level = float(rules.level_of(bins)) if len(bins) else math.nan
+        start = series.start if series.start is not None else math.nan
+        # train ~= validation is the data's floor only once the model learned something (else: stuck at chance)
+        agree = with_val and level <= LEARNED * start and rules.agrees(level, self.val_level, start)
+        return rules.choose_floor(self.floor, self.smoothing, memorised, (level, self.val_level) if agree else None)
+
+    def _evaluate(self, trainer: pl.Trainer, final: bool) -> None:
+        total = self.series[0]
+        assert total.start is not None
+        start: float = total.start
+        floor = self._floor(trainer, total)
+        bins, _ = total.finite()
+        metrics = {"debug/loss/smoothed": float(rules.level_of(bins)) if len(bins) else math.nan}
+        metrics.update({f"debug/loss/{s.name}": _last(s.values) for s in self.series[1:]})
+        span = self.window if self.window is not None else self.batches / 2
+        window, xs = rules.rebin(*total.finite(self.batches - span))
+        if final and len(window) < rules.MIN_TREND_POINTS:  # a short run's verdict: over the whole run
+            window, xs = rules.rebin(*total.finite())
+        lr = current_lr(trainer)
+        warming = lr is not None and lr > 1.01 * self.check_lr and not final
+        self.check_lr = lr if lr is not None else self.check_lr
+        if len(window) >= rules.MIN_TREND_POINTS and (not final or self.batches >= rules.MIN_VERDICT_BATCHES):
+            judging = final or (self.batches >= self.schedule.warmup and not warming)
+            excused = (lr is not None and lr < ANNEALED * self.peak_lr) or bool(self._falling_components(span))
+
+            def assess(floor: rules.Floor) -> rules.LossVerdicts:
+                return rules.assess_loss_batch(
+                    window, xs, rules.level_of(bins), start, floor.value, self.batches, span, rules=self.rules,
+                    judging=judging, final=final, plateau_checks=self.plateau_checks, excused=excused,
+                    noise=rules.spread(bins),
+                )  # fmt: skip
+
+            v = assess(floor)
+            if int(v.plateau_checks) > 0:  # flat far above the floor: is it the data's (train ~= validation)?
+                data_floor = self._floor(trainer, total, with_val=True)
+                if data_floor.value > floor.value:
+                    floor, v = data_floor, assess(data_floor)
+            self.plateau_checks = int(v.plateau_checks)
+            metrics["debug/loss/slope"] = float(v.trend.slope)
+            self._report(trainer, v, floor, start, span, lr)
+        Sink(trainer).log_scalars({k: val for k, val in metrics.items() if math.isfinite(val)})
+
+    def _report(
+        self, trainer: pl.Trainer, v: rules.LossVerdicts, floor: rules.Floor, start: float, span: float, lr: Any
+    ) -> None:
+        code, tr = int(v.code), v.trend
+        if code == rules.NONE:
+            return
+        evidence = {
+            "lr": lr, "peak_lr": self.peak_lr, "level": float(v.level), "start": start, "window": int(span),
+            "slope": float(tr.slope), "slope_low": float(tr.low), "slope_high": float(tr.high),
+            "p_value": float(tr.p_value), "confidence": self.rules.confidence, "batches": self.batches,
+            "reachable_drop": float(v.reachable), "drop": float(v.drop), "stalled": bool(v.far),
+        }  # fmt: skip
+        if code == rules.DIVERGING:
+            evidence.update(rule="rising", stalled=False)
+        elif code == rules.CONVERGED:  # levelled off far above 0 (train ~= val): can the model fit at all?
+            evidence["stalled"] = floor.value > self.rules.plateau_level * start
+        check = f"loss.{rules.VERDICTS[code]}"
+        self._emit_loss(trainer, check, verdict_message(code, v, floor, start, span, self.batches), floor, evidence)
+
+    def _emit_loss(self, trainer: pl.Trainer, check: str, message: str, floor: rules.Floor, data: dict) -> Finding:
+        """Emit a loss finding naming its floor, citing model-health findings that explain it."""
+        explaining = [f for f in self.findings_on(trainer) if f.check.startswith(EXPLAINING_PREFIXES)]
+        hint = None
+        if explaining:
+            cited = "; ".join(f"{f.check}: {f.message}" for f in explaining)
+            hint = f"Likely explained by {cited}. {check_info(check).hint}"
+        data = {
+            **data,
+            "floor": floor.value,
+            "floor_source": floor.source,
+            "explained_by": [f.check for f in explaining],
+        }
+        return self.emit(trainer, check, message, data=data, hint=hint, key=self.series[0].name)
+
+    def _falling_components(self, span: float) -> list[str]:
         """Components whose trend still falls significantly and meaningfully (they carry the progress)."""
         falling = []
         for series in self.series[1:]:
-            values, xs = series.window(self.batches - span)
-            if len(values) < MIN_TREND_POINTS:
+            values, xs = rules.rebin(*series.finite(self.batches - span))
+            if len(values) < rules.MIN_TREND_POINTS:
                 continue
-            tr = trend(values, xs, confidence=self.confidence)
-            gap = series.level - series.floor
-            if tr.falling and gap > 0 and -tr.high * t >= self.min_progress * gap:
+            tr = rules.trend(values, xs, self.rules.confidence)
+            gap = rules.level_of(values)
+            if float(tr.high) < 0 and gap > 0 and -float(tr.high) * self.batches >= self.rules.min_progress * gap:
                 falling.append(series.name)
         return falling
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        tail = self._tail + self._pending_rows()
+        pending = [[s, row] for s, row in zip(self._steps, _rows(self._pending), strict=True)]
         return {
             **super().state_dict(),
             "batches": self.batches,
             "peak_lr": self.peak_lr,
+            "check_lr": self.check_lr,
             "plateau_checks": self.plateau_checks,
             "finite_upto": self._finite_upto,
+            "val_level": self.val_level,
+            "schedule": asdict(self.schedule),
             "series": [asdict(s) for s in self.series],
-            "tail": [[step, row] for step, row in tail],
+            "tail": [[step, row] for step, row in self._tail] + pending,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.batches = int(state_dict.get("batches", 0))
         self.peak_lr = float(state_dict.get("peak_lr", 0.0))
+        self.check_lr = float(state_dict.get("check_lr", 0.0))
         self.plateau_checks = int(state_dict.get("plateau_checks", 0))
         self._finite_upto = int(state_dict.get("finite_upto", 0))
+        self.val_level = float(state_dict.get("val_level", math.nan))
+        if "schedule" in state_dict:
+            self.schedule = rules.Schedule(**state_dict["schedule"])
         saved = {d["name"]: d for d in state_dict.get("series", [])}
         self.series = [_Series(**saved[s.name]) if s.name in saved else s for s in self.series]
         self._tail = [(int(step), list(row)) for step, row in state_dict.get("tail", [])]
         self._pending, self._steps = [], []
 
 
-def _current_lr(trainer: pl.Trainer) -> float | None:
+# ---------------------------------------------------------------------------------------------- helpers
+def verdict_message(code: int, v: rules.LossVerdicts, floor: rules.Floor, start: float, span: float, t: int) -> str:
+    """One sentence with the numbers for a trend verdict."""
+    tr, level, w = v.trend, float(v.level), int(span)
+    slope = f"slope {float(tr.slope):.2g}/batch, 95% CI [{float(tr.low):.2g}, {float(tr.high):.2g}]"
+    progress = describe_progress(start, level, floor)
+    if code == rules.DIVERGING:
+        rise = float(tr.slope) * span
+        return (
+            f"The training loss is rising: {rise:+.3g} over the last {w} batches ({slope});"
+            f" now {level:.4g}, {progress}."
+        )
+    if code == rules.NOT_DECREASING:
+        return f"After {t} batches the training loss is still {level:.4g}: {progress}; its trend is flat ({slope})."
+    if code == rules.PLATEAU:
+        return (
+            f"The training loss has plateaued at {level:.4g}, {progress}: over the last {w} batches its {slope}; "
+            f"at the fastest plausible rate another {t} batches would lower it by at most {float(v.reachable):.3g}."
+        )
+    if code == rules.CONVERGED:
+        return f"The training loss reached {level:.4g}, close to its floor: {progress}."
+    how = "still falling" if float(tr.high) < 0 else "neither flat nor significantly falling"
+    return f"The run ended after {t} batches with the training loss {how} ({slope}): {level:.4g}, {progress}."
+
+
+def describe_progress(start: float, level: float, floor: rules.Floor) -> str:
+    """How far the loss went from its start towards the floor, in words a blow-up cannot turn absurd."""
+    gap0 = start - floor.value
+    where = f"started at {start:.4g}, floor {floor.describe()}"
+    if not math.isfinite(level):
+        return f"not finite ({where})"
+    if level > start:
+        return f"above where it started ({where})"
+    closed = (start - level) / gap0 if gap0 > 0 else math.nan
+    if not 0 <= closed <= 1:
+        return f"below the floor ({where})"
+    return f"{closed:.0%} of the way from its start to the floor ({where})"
+
+
+def planned_batches(trainer: pl.Trainer) -> float | None:
+    """Training batches the run plans (optimizer steps times accumulation), if the trainer can tell."""
+    try:
+        steps = float(trainer.estimated_stepping_batches)
+    except Exception:  # an iterable dataset without a length, no max_steps
+        return None
+    return steps * trainer.accumulate_grad_batches if math.isfinite(steps) else None
+
+
+def current_lr(trainer: pl.Trainer) -> float | None:
     """The first parameter group's learning rate, if it is a plain number (reading it never syncs a device)."""
     optimizers = trainer.optimizers
     lr = optimizers[0].param_groups[0].get("lr") if optimizers and optimizers[0].param_groups else None
     return float(lr) if isinstance(lr, (int, float)) else None
+
+
+def _rows(pending: list[torch.Tensor]) -> list[list[float]]:
+    return torch.stack([v.reshape(-1) for v in pending]).tolist() if pending else []
+
+
+def _last(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return finite[-1] if finite else math.nan
+
+
+def _validate(args: dict[str, Any]) -> None:
+    """``ValueError`` naming the argument for every misuse of the constructor."""
+    floor, every, window, warmup = args["floor"], args["check_every_n_steps"], args["window"], args["warmup_steps"]
+    if floor is not None and not math.isfinite(floor):
+        raise ValueError(f"`floor` must be finite or None, got {floor}")
+    if every is not None and every < 10:
+        raise ValueError(f"`check_every_n_steps` must be None or >= 10, got {every}")
+    if window is not None and window < 2 * (every or 20):
+        raise ValueError(f"`window` must be None or >= 2 * check_every_n_steps, got {window}")
+    if warmup is not None and warmup < 0:
+        raise ValueError(f"`warmup_steps` must be None or >= 0, got {warmup}")
+    for name in ("min_drop", "min_progress", "plateau_level", "converged_level", "diverge_margin", "confidence"):
+        if not 0 < args[name] < 1:
+            raise ValueError(f"`{name}` must be in (0, 1), got {args[name]}")
+    if args["converged_level"] >= args["plateau_level"]:
+        raise ValueError(
+            f"`converged_level` ({args['converged_level']}) must be below `plateau_level` ({args['plateau_level']})"
+        )
+    if args["diverge_factor"] <= 1:
+        raise ValueError(f"`diverge_factor` must be > 1, got {args['diverge_factor']}")
+    for name in args["components"] or {}:
+        if name in _RESERVED:
+            raise ValueError(f"`components` name {name!r} is reserved; pick another name")

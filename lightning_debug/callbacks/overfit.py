@@ -24,16 +24,16 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch.utils.data import DataLoader
 
 from lightning_debug.base import DebugCallback, debug_callbacks_of
-from lightning_debug.callbacks.loss import LossConvergenceMonitor
+from lightning_debug.findings import Finding
 from lightning_debug.isolation import isolated, silenced_logging
+from lightning_debug.rules import loss as loss_rules
+from lightning_debug.rules.overfit import Memorisation, assess_memorisation, passes
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 STALL_FINDINGS = ("loss.not_decreasing", "loss.plateau")  # with when="stall"/"auto", the findings that run the check
 START_BUDGET = 0.05  # with when="auto", run at start only if max_steps is at most this share of an epoch's steps
-SLOW_BUT_LEARNING = 0.25  # a failed check that closed at least this much of the gap is a warning, not an error
-MOSTLY_MEMORISED = 0.75  # ...and this much is a pass: a healthy small transformer gets ~90% of the way in 100 steps
 
 
 @contextlib.contextmanager
@@ -52,6 +52,13 @@ def _preserved_loader_rng(loader: DataLoader) -> Iterator[None]:
             g.set_state(states[k])
 
 
+def _is_stall(finding: Finding) -> bool:
+    """A loss finding that asks why: a stall, or a run that ended (or levelled off) far from its floor."""
+    return finding.check in STALL_FINDINGS or (
+        finding.check.startswith("loss.") and finding.data.get("stalled") is True
+    )
+
+
 def _first_batch(loader: DataLoader) -> Any:
     with _preserved_loader_rng(loader):
         return next(iter(loader))
@@ -65,12 +72,16 @@ class OverfitBatchCheck(DebugCallback):
     A failure is an error when the loss closed less than a quarter of its gap (a bug or no capacity), a warning
     when it got further (it learns, but too slowly for ``max_steps``: learning rate or optimizer); closing three
     quarters counts as a pass (a healthy small transformer gets ~90% of the way in 100 steps).
+    When the loss falls and then levels off far above the floor, the model cannot become confident even on one
+    batch: that is ``loss.floor_high`` (naming ``log(1 + (C-1)/e)``, the floor of C-class cross-entropy fed
+    probabilities, when the level matches it).
     Runs once, on global rank zero only, on a copy of the model: at ``on_train_start`` (``when="start"``), or
     with ``when="stall"`` at the end of the first epoch in which another debug callback reported
-    ``loss.not_decreasing`` or ``loss.plateau``: nothing at start, and the lecture's next question once the
-    loss stalls (can the model memorise anything at all?). ``"auto"`` (the default) is ``"start"`` when
-    ``max_steps`` is at most 5% of an epoch's steps (or no :class:`LossConvergenceMonitor` is on the trainer to
-    report a stall), else ``"stall"``, with a ``startup.overfit_deferred`` note: the test costs up to
+    ``loss.not_decreasing`` or ``loss.plateau`` (or any ``loss.*`` finding whose data says ``stalled``: a run
+    that ended, or levelled off, far from its floor; then at the end of fit): nothing at start, and the
+    lecture's next question once the loss stalls (can the model memorise anything at all?). ``"auto"`` (the
+    default) is ``"start"`` when ``max_steps`` is at most 5% of an epoch's steps (or no loss monitor is on the
+    trainer to report a stall), else ``"stall"``, with a ``startup.overfit_deferred`` note: the test costs up to
     ``max_steps`` training steps, too much before a short epoch, and a broken loss is then found when the loss
     monitor finds it (a few hundred steps in). The copy makes no collective calls
     (``SyncBatchNorm`` is reverted to ``BatchNorm`` in the copy), so other ranks simply wait in their first
@@ -79,7 +90,8 @@ class OverfitBatchCheck(DebugCallback):
 
     Args:
         max_steps: optimizer steps on the batch at most; the check stops as soon as it passes.
-        floor: the best achievable loss (0 for a likelihood).
+        floor: the best achievable loss. ``None``: the exact floor of the module's declared label smoothing,
+            else 0 (a likelihood).
         rel_tol: pass when ``loss - floor <= rel_tol * (first loss - floor)``.
         abs_tol: or when ``loss - floor <= abs_tol``.
         when: ``"start"`` (before the first training step), ``"stall"`` (once the training loss stalls) or
@@ -90,18 +102,20 @@ class OverfitBatchCheck(DebugCallback):
         self,
         *,
         max_steps: int = 100,
-        floor: float = 0.0,
+        floor: float | None = None,
         rel_tol: float = 0.05,
         abs_tol: float = 0.02,
         when: str = "auto",
-        strict: bool = False,
-        verbose: bool = True,
+        raise_errors: bool = False,
+        print_findings: bool = True,
+        strict: bool | None = None,
+        verbose: bool | None = None,
     ) -> None:
-        super().__init__(strict=strict, verbose=verbose)
+        super().__init__(raise_errors=raise_errors, print_findings=print_findings, strict=strict, verbose=verbose)
         if max_steps < 1:
             raise ValueError(f"`max_steps` must be >= 1, got {max_steps}")
-        if not math.isfinite(floor):
-            raise ValueError(f"`floor` must be finite, got {floor}")
+        if floor is not None and not math.isfinite(floor):
+            raise ValueError(f"`floor` must be finite or None, got {floor}")
         if not 0 < rel_tol < 1:
             raise ValueError(f"`rel_tol` must be in (0, 1), got {rel_tol}")
         if abs_tol < 0:
@@ -109,11 +123,12 @@ class OverfitBatchCheck(DebugCallback):
         if when not in ("start", "stall", "auto"):
             raise ValueError(f"`when` must be 'start', 'stall' or 'auto', got {when!r}")
         self.max_steps = max_steps
-        self.floor = float(floor)
+        self.floor = floor
         self.rel_tol = rel_tol
         self.abs_tol = abs_tol
         self.when = when
         self.done = False
+        self._classes: int | None = None  # the module's class count, for the probability-input signature
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.done or self.when == "stall":
@@ -122,7 +137,7 @@ class OverfitBatchCheck(DebugCallback):
             run_steps = trainer.max_steps if trainer.max_steps >= 0 else math.inf
             epoch_steps = min(trainer.num_training_batches, run_steps)
             share = self.max_steps / epoch_steps if epoch_steps > 0 else math.inf
-            monitored = any(isinstance(cb, LossConvergenceMonitor) for cb in trainer.callbacks)  # type: ignore[attr-defined]
+            monitored = any(getattr(cb, "reports_stalls", False) for cb in debug_callbacks_of(trainer))  # a capability
             if share > START_BUDGET and monitored:
                 if trainer.global_rank == 0 and not self.has_finding("startup.overfit_deferred"):  # once, on resume too
                     span = "run" if run_steps < trainer.num_training_batches else "epoch"
@@ -136,14 +151,20 @@ class OverfitBatchCheck(DebugCallback):
             "startup.overfit_deferred",
             f"One-batch memorisation test deferred: up to {self.max_steps} steps on one batch would be {share:.0%} "
             f"of a {epoch_steps:g}-step {span} (budget {START_BUDGET:.0%}). It runs if the training loss stalls "
-            f"({' or '.join(STALL_FINDINGS)}).",
+            f"({' or '.join(STALL_FINDINGS)}) or the run ends far from its floor.",
             data={"max_steps": self.max_steps, "epoch_steps": epoch_steps, "share": share, "budget": START_BUDGET},
         )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._on_stall(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A run that ended with a stall, or still far from its floor, gets the test too (after its verdict)."""
+        self._on_stall(trainer, pl_module)
+
+    def _on_stall(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.when != "start" and not self.done:
-            seen = (f.check for cb in debug_callbacks_of(trainer) if cb is not self for f in cb.findings)
-            trigger = next((check for check in seen if check in STALL_FINDINGS), None)
+            trigger = next((f.check for f in self.findings_on(trainer) if _is_stall(f)), None)
             if trigger is not None:
                 self._check(trainer, pl_module, trigger)
 
@@ -154,22 +175,27 @@ class OverfitBatchCheck(DebugCallback):
         if trainer.global_rank != 0:
             return
         if not pl_module.automatic_optimization:
-            self._skip(trainer, "manual optimization: the copy's training_step would step the real optimizers")
+            self.skip(
+                trainer, "manual optimization: the copy's training_step would step the real optimizers", key="manual"
+            )
             return
         loaders = trainer.train_dataloader
         if loaders is None or not apply_to_collection(loaders, DataLoader, lambda _: True):
-            self._skip(trainer, f"the train dataloader is not a DataLoader (or a collection of them): {type(loaders)}")
+            self.skip(
+                trainer,
+                f"the train dataloader is not a DataLoader (or a collection of them): {type(loaders)}",
+                key="loader",
+            )
             return
         with isolated(pl_module):
             batch = apply_to_collection(loaders, DataLoader, _first_batch)
             batch = trainer.strategy.batch_to_device(batch)
             self._run(trainer, pl_module, batch, trigger)
 
-    def _skip(self, trainer: pl.Trainer, why: str) -> None:
-        self.emit(trainer, "check.skipped", f"OverfitBatchCheck: {why}", data={"reason": why}, key=why)
-
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, trigger: str | None) -> None:
         began = time.perf_counter()
+        floor = self._floor(pl_module)
+        self._classes = loss_rules.output_classes(pl_module)
         model = copy.deepcopy(pl_module)  # a deep copy drops the trainer reference...
         model._trainer = trainer  # ...which training_step may read; its self.log is silenced below
         TorchSyncBatchNorm().revert(model)  # converts the children in place: no collective calls in the copy
@@ -182,77 +208,90 @@ class OverfitBatchCheck(DebugCallback):
         optimizer = optimizers[0]
         for group in optimizer.param_groups:  # a scheduler may have set a warm-up lr: train at the base lr
             group["lr"] = group.get("initial_lr", group["lr"])
-        clip = trainer.gradient_clip_val
-        curve: list[float] = []
-        gap0 = math.nan
-        passed = False
         with silenced_logging(model):
-            for step in range(self.max_steps + 1):
-                optimizer.zero_grad(set_to_none=True)
-                out = model.training_step(batch, 0)
-                loss = out.get("loss") if isinstance(out, Mapping) else out
-                if not isinstance(loss, torch.Tensor):
-                    self._skip(trainer, "training_step returned no loss tensor")
-                    return
-                curve.append(float(loss.detach()))
-                gap = curve[-1] - self.floor
-                if step == 0:
-                    gap0 = gap
-                if not math.isfinite(gap) or (passed := self._passes(gap, gap0)) or step == self.max_steps:
-                    break
-                loss.backward()
-                if clip and trainer.gradient_clip_algorithm == "value":
-                    torch.nn.utils.clip_grad_value_(model.parameters(), float(clip))
-                elif clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), float(clip))
-                optimizer.step()
-        self._report(trainer, curve, gap0, passed, time.perf_counter() - began, trigger)
+            curve = self._memorise(trainer, model, optimizer, batch, floor.value)
+        if curve:
+            self._report(trainer, curve, floor, time.perf_counter() - began, trigger)
         del model, optimizer
 
-    def _passes(self, gap: float, gap0: float) -> bool:
-        return gap <= self.abs_tol or (gap0 > 0 and gap <= self.rel_tol * gap0)
+    def _memorise(self, trainer: pl.Trainer, model: Any, optimizer: Any, batch: Any, floor: float) -> list[float]:
+        """Up to ``max_steps`` steps on the batch; the loss before each (and after the last). Empty: no loss."""
+        clip = trainer.gradient_clip_val
+        curve: list[float] = []
+        for step in range(self.max_steps + 1):
+            optimizer.zero_grad(set_to_none=True)
+            out = model.training_step(batch, 0)
+            loss = out.get("loss") if isinstance(out, Mapping) else out
+            if not isinstance(loss, torch.Tensor):
+                self.skip(trainer, "training_step returned no loss tensor", key="loss")
+                return []
+            curve.append(float(loss.detach()))
+            done = passes(curve[-1], curve[0], floor, self.rel_tol, self.abs_tol)
+            if not math.isfinite(curve[-1]) or done or step == self.max_steps:
+                break
+            loss.backward()
+            if clip and trainer.gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(model.parameters(), float(clip))
+            elif clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), float(clip))
+            optimizer.step()
+        return curve
+
+    def _floor(self, pl_module: pl.LightningModule) -> loss_rules.Floor:
+        """The declared floor, else the exact floor of the module's label smoothing, else 0."""
+        return loss_rules.choose_floor(self.floor, loss_rules.declared_label_smoothing(pl_module))
 
     def _report(
-        self, trainer: pl.Trainer, curve: list[float], gap0: float, passed: bool, seconds: float, trigger: str | None
+        self, trainer: pl.Trainer, curve: list[float], floor: loss_rules.Floor, seconds: float, trigger: str | None
     ) -> None:
+        m = assess_memorisation(curve, floor.value, self.rel_tol, self.abs_tol, self._classes)
         steps = len(curve) - 1
         model = "A copy of the model" if trigger is None else f"A copy of the model at step {trainer.global_step}"
         why = "" if trigger is None else f" (run because of {trigger})"
+        finite = all(map(math.isfinite, curve))
         data = {
-            "trigger": trigger,
-            "steps": steps,
-            "max_steps": self.max_steps,
-            "seconds": seconds,
-            "first_loss": curve[0],
-            "final_loss": curve[-1],
-            "best_loss": min(curve) if all(map(math.isfinite, curve)) else math.nan,
-            "floor": self.floor,
-            "rel_tol": self.rel_tol,
-            "abs_tol": self.abs_tol,
-            "curve": curve,
-        }
-        target = max(self.abs_tol, self.rel_tol * gap0) + self.floor if math.isfinite(gap0) else math.nan
-        closed = 1 - (curve[-1] - self.floor) / gap0 if gap0 > 0 and math.isfinite(curve[-1]) else 0.0
-        if passed or closed >= MOSTLY_MEMORISED:
-            how = "memorised one batch" if passed else f"closed {closed:.0%} of the gap to the floor on one batch"
+            "trigger": trigger, "steps": steps, "max_steps": self.max_steps, "seconds": seconds,
+            "first_loss": curve[0], "final_loss": curve[-1], "best_loss": min(curve) if finite else math.nan,
+            "floor": floor.value, "floor_source": floor.source, "rel_tol": self.rel_tol, "abs_tol": self.abs_tol,
+            "curve": curve, "target": m.target, "closed": m.closed, "status": m.status,
+        }  # fmt: skip
+        change = f"loss {curve[0]:.4g} -> {curve[-1]:.4g}"
+        if m.status in ("passed", "mostly"):
+            how = "memorised one batch" if m.status == "passed" else f"closed {m.closed:.0%} of the gap on one batch"
+            message = f"{model} {how}: {change} in {steps} steps (floor {floor.describe()}; {seconds:.2f} s){why}."
+            self.emit(trainer, "startup.overfit_ok", message, data=data)
+        elif m.status == "floor_high":
+            self._report_floor_high(trainer, m, f"{model} {change} in {steps} steps{why}", floor, data)
+        else:
+            slow = m.status == "slow"
             self.emit(
                 trainer,
-                "startup.overfit_ok",
-                f"{model} {how}: loss {curve[0]:.4g} -> {curve[-1]:.4g} in {steps} steps "
-                f"(floor {self.floor:g}; {seconds:.2f} s){why}.",
-                data={**data, "target": target, "closed": closed},
+                "startup.cannot_overfit",
+                f"{model} could not memorise one batch{why}: {change} after {steps} steps, {m.closed:.0%} of the "
+                f"way to the floor {floor.describe()} (needed <= {m.target:.4g})"
+                + ("; it learns, but slowly: raise the learning rate or `max_steps`" if slow else "")
+                + f". Check took {seconds:.2f} s.",
+                data=data,
+                severity="warning" if slow else None,
             )
-            return
-        slow = closed >= SLOW_BUT_LEARNING
+
+    def _report_floor_high(
+        self, trainer: pl.Trainer, m: Memorisation, what: str, floor: loss_rules.Floor, data: dict[str, Any]
+    ) -> None:
+        """The curve learned, then levelled off far above the floor: the model cannot become confident."""
+        c = m.probability_classes
+        signature = (
+            f" {m.level:.4g} is just above log(1 + (C-1)/e) = {loss_rules.probability_input_floor(c):.4g} for "
+            f"C = {c}: the floor of {c}-class cross-entropy fed probabilities instead of logits."
+            if c is not None
+            else ""
+        )
         self.emit(
             trainer,
-            "startup.cannot_overfit",
-            f"{model} could not memorise one batch{why}: loss {curve[0]:.4g} -> {curve[-1]:.4g} after "
-            f"{steps} steps, {closed:.0%} of the way to the floor {self.floor:g} (needed <= {target:.4g})"
-            + ("; it learns, but slowly: raise the learning rate or `max_steps`" if slow else "")
-            + f". Check took {seconds:.2f} s.",
-            data={**data, "target": target, "closed": closed},
-            severity="warning" if slow else None,
+            "loss.floor_high",
+            f"{what}: it levelled off at {m.level:.4g}, {1 - m.closed:.0%} of the way from the floor "
+            f"{floor.describe()} to where it started: the model cannot become confident on one batch.{signature}",
+            data={**data, "level": m.level, "probability_classes": c},
         )
 
     def state_dict(self) -> dict[str, Any]:
