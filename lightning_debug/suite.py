@@ -13,6 +13,7 @@ from lightning_debug.callbacks.decoding import DecodingConsistencyCheck
 from lightning_debug.callbacks.divergence import LossMetricDivergence
 from lightning_debug.callbacks.early_stopping import MetricEarlyStopping, train_key
 from lightning_debug.callbacks.grokking import GrokkingMonitor
+from lightning_debug.callbacks.health import ModelHealthCheck
 from lightning_debug.callbacks.loss import LossConvergenceMonitor
 from lightning_debug.callbacks.overfit import OverfitBatchCheck
 from lightning_debug.report import DebugReport
@@ -33,6 +34,7 @@ _SUITE: dict[str, tuple[Callable[..., Callback], bool]] = {
     "batch": (lambda metric, mode, **kw: BatchConsistencyCheck(**kw), False),
     "decoding": (lambda metric, mode, **kw: DecodingConsistencyCheck(**kw), False),
     "loss": (lambda metric, mode, **kw: LossConvergenceMonitor(**kw), False),
+    "health": (lambda metric, mode, **kw: ModelHealthCheck(**kw), False),
     "calibration": (lambda metric, mode, **kw: CalibrationMonitor(**kw), False),
     "divergence": (lambda metric, mode, **kw: LossMetricDivergence(**{"metric": metric, "mode": mode, **kw}), True),
     "grokking": (_grokking, True),

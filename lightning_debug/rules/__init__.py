@@ -1,0 +1,1 @@
+"""Decisions as pure functions over plain arrays and dataclasses: no trainer, no emit, no logging."""
