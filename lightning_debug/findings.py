@@ -551,7 +551,7 @@ _CHECKS: tuple[CheckInfo, ...] = (
         "init.dead_units",
         "warning",
         "Dead ReLU units at initialisation",
-        "At start, at least half of a ReLU layer's units output zero for every example of the first batch: "
+        "At start, at least 70% of a ReLU layer's units output zero for every example of the first batch: "
         "they pass no gradient and may never recover.",
         (
             "initialisation: negative bias init, too large a weight scale, inputs with a large negative offset",
@@ -569,8 +569,8 @@ _CHECKS: tuple[CheckInfo, ...] = (
         "init.saturated_units",
         "warning",
         "Saturated tanh/sigmoid units at initialisation",
-        "At start, at least half of a tanh/sigmoid layer's units are saturated (|tanh| > 0.99, sigmoid outside "
-        "[0.01, 0.99]) for every example of the first batch: their gradient is close to zero.",
+        "At start, at least half of a tanh/sigmoid layer's outputs on the first batch are saturated (|tanh| > 0.99, "
+        "sigmoid outside [0.01, 0.99]): their gradient is close to zero.",
         (
             "initialisation: weights too large for a saturating activation (use Xavier/Glorot)",
             "inputs not normalised (large magnitudes)",
@@ -607,7 +607,11 @@ _CHECKS: tuple[CheckInfo, ...] = (
             "a recurrent model without gradient clipping; an initialisation too large for the depth",
             "a bug: a loss that is not averaged (grows with batch/sequence length), fp16 overflow",
         ),
-        ("add gradient clipping (`Trainer(gradient_clip_val=1.0)`)", "lower the learning rate 10x", "check the loss reduction"),
+        (
+            "add gradient clipping (`Trainer(gradient_clip_val=1.0)`)",
+            "lower the learning rate 10x",
+            "check the loss reduction",
+        ),
         "ModelHealthCheck",
     ),
     _c(

@@ -131,7 +131,7 @@ def _one_batch(trainer: pl.Trainer) -> Any:
     loader = loaders[0]
     size = loader.batch_size
     if size is not None and hasattr(loader.dataset, "__getitem__") and hasattr(loader.dataset, "__len__"):
-        n = min(size, len(loader.dataset))  # type: ignore[arg-type]
+        n = min(size, len(loader.dataset))
         return loader.collate_fn([loader.dataset[i] for i in range(n)])
     state = loader.generator.get_state() if loader.generator is not None else None
     try:
@@ -192,7 +192,8 @@ class ModelHealthCheck(DebugCallback):
         if check_every_n_steps < sample_every_n_steps * rules.MIN_SAMPLES:
             raise ValueError(
                 f"`check_every_n_steps` must be >= {rules.MIN_SAMPLES} * sample_every_n_steps "
-                f"(= {rules.MIN_SAMPLES * sample_every_n_steps}) so a check sees enough samples, got {check_every_n_steps}"
+                f"(= {rules.MIN_SAMPLES * sample_every_n_steps}) so a check sees enough samples, "
+                f"got {check_every_n_steps}"
             )
         self.sample_every_n_steps = sample_every_n_steps
         self.check_every_n_steps = check_every_n_steps
@@ -269,7 +270,9 @@ class ModelHealthCheck(DebugCallback):
             for group in opt.param_groups:
                 for p in group["params"]:
                     if p.requires_grad:
-                        out[names.get(id(p), f"<not a parameter of the module: {tuple(p.shape)}>#{len(out)}")] = p.numel()
+                        out[names.get(id(p), f"<not a parameter of the module: {tuple(p.shape)}>#{len(out)}")] = (
+                            p.numel()
+                        )
         return out
 
     def _report_coverage(self, trainer: pl.Trainer, pl_module: pl.LightningModule, with_grad: dict[str, int]) -> None:
@@ -282,7 +285,8 @@ class ModelHealthCheck(DebugCallback):
                 trainer,
                 "setup.params_not_in_optimizer",
                 f"{cause[0].upper()}{cause[1:]}: {len(cov.not_in_optimizer)} tensors "
-                f"({cov.not_in_optimizer_elements:,} elements) in {', '.join(modules)} get gradients but are never updated.",
+                f"({cov.not_in_optimizer_elements:,} elements) in {', '.join(modules)} get gradients but are "
+                "never updated.",
                 data={
                     "cause": cause,
                     "tensors": list(cov.not_in_optimizer),
@@ -313,7 +317,9 @@ class ModelHealthCheck(DebugCallback):
             if explained
             else f"the logit scale alone would give {v.scale_loss:.3g}, so it does not explain the gap"
         )
-        cause = f"the loss at initialisation is {v.loss:.3g}, {v.gap:+.2f} nats from ln {v.num_classes} = {v.chance:.3g}"
+        cause = (
+            f"the loss at initialisation is {v.loss:.3g}, {v.gap:+.2f} nats from ln {v.num_classes} = {v.chance:.3g}"
+        )
         self.emit(
             trainer,
             "init.loss_off_chance",
@@ -334,19 +340,45 @@ class ModelHealthCheck(DebugCallback):
         )
 
     def _report_units(self, trainer: pl.Trainer, v: rules.UnitVerdict, stats: list[rules.UnitStats]) -> None:
-        for check, bad, state in (("init.dead_units", v.dead, "zero"), ("init.saturated_units", v.saturated, "saturated")):
+        for check, bad in (("init.dead_units", v.dead), ("init.saturated_units", v.saturated)):
             for s in bad:
-                cause = f"{s.share:.0%} of the {s.kind} units of {s.layer} are {state} for every example at init"
+                if s.kind == "relu":
+                    cause = f"{s.share:.0%} of the ReLU units of {s.layer} are zero for every example at init"
+                    text = f"{s.flat} of {s.units} ReLU units ({s.share:.0%}) are zero for every example"
+                else:
+                    cause = f"{s.share:.0%} of the {s.kind} outputs of {s.layer} are saturated at init"
+                    text = f"{s.share:.0%} of the {s.kind} outputs are saturated ({s.flat} of {s.units} units always)"
                 self.emit(
                     trainer,
                     check,
-                    f"{s.layer}: {s.flat} of {s.units} {s.kind} units ({s.share:.0%}) are {state} for every example "
-                    f"of the first batch ({s.value_share:.0%} of its outputs); they pass no gradient.",
-                    data={"cause": cause, "layer": s.layer, "kind": s.kind, "units": s.units, "flat_units": s.flat,
-                          "share": s.share, "value_share": s.value_share,
-                          "all_layers": {x.layer: round(x.share, 4) for x in stats}},
+                    f"{s.layer}{self._after(s.layer)}: {text} on the first batch; they pass (almost) no gradient.",
+                    data={
+                        "cause": cause,
+                        "layer": s.layer,
+                        "after": self._after(s.layer)[8:-1] or None,
+                        "kind": s.kind,
+                        "units": s.units,
+                        "flat_units": s.flat,
+                        "share": s.share,
+                        "value_share": s.value_share,
+                        "all_layers": {x.layer: round(x.share, 4) for x in stats},
+                    },
                     key=s.layer,
                 )
+
+    def _after(self, site: str) -> str:
+        """`` (after net.0)``: the parameterised layer that feeds an activation module, when its name says so."""
+        head, _, last = site.partition(":")[0].rpartition(".")
+        if not last.isdigit():
+            return ""
+        before = [
+            layer
+            for layer in self.layers
+            if layer.rpartition(".")[0] == head
+            and layer.rpartition(".")[2].isdigit()
+            and int(layer.rpartition(".")[2]) < int(last)
+        ]
+        return f" (after {before[-1]})" if before else ""
 
     # ------------------------------------------------------------------ periodic: device only
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
@@ -357,10 +389,10 @@ class ModelHealthCheck(DebugCallback):
             return
         grads = [p.grad for _, p in self._params]
         present = [i for i, g in enumerate(grads) if g is not None]
-        if not present:
+        live = [g for g in grads if g is not None]
+        if not live:
             return
         with torch.no_grad():
-            live = [grads[i] for i in present]  # type: ignore[misc]
             sq = torch.stack(torch._foreach_norm(live)).float().square()
             layer_sq = torch.zeros(len(self.layers), device=sq.device).index_add_(0, self._index(present), sq)
             total = sq.sum().sqrt()
@@ -417,8 +449,13 @@ class ModelHealthCheck(DebugCallback):
 
     def _columns(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         n = len(self.layers)
-        return {"norm": rows[:, :n], "total": rows[:, n], "clip": rows[:, n + 1], "ratio": rows[:, n + 2 : 2 * n + 2],
-                "loss": rows[:, -1]}
+        return {
+            "norm": rows[:, :n],
+            "total": rows[:, n],
+            "clip": rows[:, n + 1],
+            "ratio": rows[:, n + 2 : 2 * n + 2],
+            "loss": rows[:, -1],
+        }
 
     def _check(self, trainer: pl.Trainer) -> None:
         self._pull()
@@ -454,39 +491,94 @@ class ModelHealthCheck(DebugCallback):
         van = rules.vanishing(w["norm"] / np.sqrt(np.maximum(self._numel, 1)), self.layers)
         if van.fires:
             cause = f"the gradient of {van.bottom} is 10^{van.log10_ratio:.1f} times that of {van.top}"
-            self.emit(trainer, "grad.vanishing", f"Vanishing gradients: {cause} (median RMS ratio over {span}), not "
-                      "recovering.", data={"cause": cause, "layer": van.bottom, "top_layer": van.top,
-                                           "log10_ratio": van.log10_ratio, "steps": [steps[0], steps[-1]]})
+            self.emit(
+                trainer,
+                "grad.vanishing",
+                f"Vanishing gradients: {cause} (median RMS ratio over {span}), not recovering.",
+                data={
+                    "cause": cause,
+                    "layer": van.bottom,
+                    "top_layer": van.top,
+                    "log10_ratio": van.log10_ratio,
+                    "steps": [steps[0], steps[-1]],
+                },
+            )
         exp = rules.exploding(c["total"], c["loss"])
         if exp.fires:
-            cause = ("the gradient norm became NaN/Inf" if exp.nonfinite else
-                     f"the global gradient norm grew {exp.growth:.3g}x while the loss went {exp.loss_before:.3g} -> "
-                     f"{exp.loss_now:.3g}")
+            cause = (
+                "the gradient norm became NaN/Inf"
+                if exp.nonfinite
+                else f"the global gradient norm grew {exp.growth:.3g}x while the loss went {exp.loss_before:.3g} -> "
+                f"{exp.loss_now:.3g}"
+            )
             top = self.layers[int(np.nanargmax(w["norm"][-1]))] if np.isfinite(w["norm"][-1]).any() else None
-            self.emit(trainer, "grad.exploding", f"Exploding gradients by step {steps[-1]}: {cause}; largest in {top}.",
-                      data={"cause": cause, "growth": exp.growth, "nonfinite": exp.nonfinite, "layer": top,
-                            "loss_before": exp.loss_before, "loss_now": exp.loss_now})
+            self.emit(
+                trainer,
+                "grad.exploding",
+                f"Exploding gradients by step {steps[-1]}: {cause}; largest in {top}.",
+                data={
+                    "cause": cause,
+                    "growth": exp.growth,
+                    "nonfinite": exp.nonfinite,
+                    "layer": top,
+                    "loss_before": exp.loss_before,
+                    "loss_now": exp.loss_now,
+                },
+            )
         upd = rules.update_ratio(w["ratio"], self.layers, np.asarray(self.history["lr"][window]), self.peak_lr)
         for layer, value in upd.too_high[:1]:
-            cause = f"each step changes {layer} by {value:.2g} of its norm (usual ~1e-3)"
-            self.emit(trainer, "grad.update_ratio", f"Updates far too large over {span}: {cause}; "
-                      f"{len(upd.too_high)} layer(s) above {rules.UPDATE_RATIO_HIGH:g}. The learning rate is too high.",
-                      data={"cause": cause, "direction": "high", "layer": layer, "ratio": value,
-                            "layers": dict(upd.too_high), "median": upd.median}, key="high")
+            cause = f"one optimizer step changed {layer} by {value:.3g} times its norm (usual ~1e-3)"
+            self.emit(
+                trainer,
+                "grad.update_ratio",
+                f"Updates far too large over {span}: {cause}; "
+                f"{len(upd.too_high)} layer(s) above {rules.UPDATE_RATIO_HIGH:g}x. The learning rate is too high.",
+                data={
+                    "cause": cause,
+                    "direction": "high",
+                    "layer": layer,
+                    "ratio": value,
+                    "layers": dict(upd.too_high),
+                    "median": upd.median,
+                },
+                key="high",
+            )
         if upd.too_low:
             low = min(upd.per_layer, key=upd.per_layer.__getitem__)
             cause = f"the median layer changes by {upd.median:.2g} of its norm per step (usual ~1e-3)"
-            self.emit(trainer, "grad.update_ratio", f"Updates far too small over {span}: {cause}, {low} least "
-                      f"({upd.per_layer[low]:.2g}); the learning rate is too low for this model.",
-                      data={"cause": cause, "direction": "low", "layer": low, "ratio": upd.median,
-                            "layers": upd.per_layer, "median": upd.median}, key="low")
+            self.emit(
+                trainer,
+                "grad.update_ratio",
+                f"Updates far too small over {span}: {cause}, {low} least "
+                f"({upd.per_layer[low]:.2g}); the learning rate is too low for this model.",
+                data={
+                    "cause": cause,
+                    "direction": "low",
+                    "layer": low,
+                    "ratio": upd.median,
+                    "layers": upd.per_layer,
+                    "median": upd.median,
+                },
+                key="low",
+            )
         clip = rules.clipping(w["clip"]) if trainer.gradient_clip_val else None
         if clip is not None and clip.fires:
-            cause = f"gradient clipping at {trainer.gradient_clip_val:g} was active on {clip.share:.0%} of sampled steps"
-            self.emit(trainer, "grad.clipping_always", f"{cause[0].upper()}{cause[1:]} ({span}; pre-clip global norm "
-                      f"median {np.median(w['total']):.3g}): clipping is doing the learning rate's job.",
-                      data={"cause": cause, "share": clip.share, "samples": clip.samples,
-                            "clip_val": trainer.gradient_clip_val, "median_norm": float(np.median(w["total"]))})
+            cause = (
+                f"gradient clipping at {trainer.gradient_clip_val:g} was active on {clip.share:.0%} of sampled steps"
+            )
+            self.emit(
+                trainer,
+                "grad.clipping_always",
+                f"{cause[0].upper()}{cause[1:]} ({span}; pre-clip global norm "
+                f"median {np.median(w['total']):.3g}): clipping is doing the learning rate's job.",
+                data={
+                    "cause": cause,
+                    "share": clip.share,
+                    "samples": clip.samples,
+                    "clip_val": trainer.gradient_clip_val,
+                    "median_norm": float(np.median(w["total"])),
+                },
+            )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.disabled or self._layer_of is None:
@@ -497,9 +589,15 @@ class ModelHealthCheck(DebugCallback):
         c = self._columns(np.asarray(self.history["row"]))
         steps = self.history["step"]
         sink = Sink(trainer)
-        sink.log_table(PREFIX + "table", ["step", "layer", "grad_norm", "update_ratio"], [
-            [s, layer, c["norm"][i, j], c["ratio"][i, j]] for i, s in enumerate(steps) for j, layer in enumerate(self.layers)
-        ])
+        sink.log_table(
+            PREFIX + "table",
+            ["step", "layer", "grad_norm", "update_ratio"],
+            [
+                [s, layer, c["norm"][i, j], c["ratio"][i, j]]
+                for i, s in enumerate(steps)
+                for j, layer in enumerate(self.layers)
+            ],
+        )
         with np.errstate(divide="ignore", invalid="ignore"):
             panels = {"log10 gradient norm": np.log10(c["norm"].T), "log10 update / weight": np.log10(c["ratio"].T)}
         sink.log_heatmap(PREFIX + "heatmap", panels, self.layers, steps)
@@ -507,8 +605,14 @@ class ModelHealthCheck(DebugCallback):
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
         """Plain types only (``torch.load(weights_only=True)``); samples not yet pulled are dropped."""
-        return {**super().state_dict(), "startup_done": self.startup_done, "history": self.history,
-                "checked": self.checked, "logged": self.logged, "peak_lr": self.peak_lr}
+        return {
+            **super().state_dict(),
+            "startup_done": self.startup_done,
+            "history": self.history,
+            "checked": self.checked,
+            "logged": self.logged,
+            "peak_lr": self.peak_lr,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
