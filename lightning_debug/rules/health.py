@@ -226,7 +226,7 @@ def update_ratio(
     if ratios.shape[0] < MIN_SAMPLES:
         return UpdateRatio((), False, math.nan)
     finite = np.where(np.isfinite(ratios), ratios, np.nan)
-    seen = np.isfinite(finite).any(axis=0)
+    seen: np.ndarray = np.asarray(np.isfinite(finite).any(axis=0))
     if not seen.any():
         return UpdateRatio((), False, math.nan)
     med = np.nanmedian(finite[:, seen], axis=0)
