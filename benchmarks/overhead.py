@@ -308,9 +308,9 @@ def health_cost(case: Case, reps: int, root: str) -> dict[str, Any]:
 
     The periodic part is the wall time inside its per-step hooks (``on_before_optimizer_step``,
     ``on_train_batch_end``: sampling every 10th step, the pull, verdicts and logging every 100th) summed over the
-    run, divided by the bare run's training time (steps x median bare step); Lightning's dispatch of the two hooks
-    (~2 us each per step, see ``LeanCallback``) is added from ``--hook-dispatch-us``. Runs bare and with the
-    check alternate; medians over repetitions."""
+    run, divided by the summed step times of the same run (so preemption on a shared machine inflates both);
+    Lightning's dispatch of the two hooks (~2 us each per step, see ``LeanCallback``) is added from
+    ``--hook-dispatch-us``. Medians over repetitions."""
     from lightning_debug.callbacks.health import ModelHealthCheck
 
     threads = torch.get_num_threads()
@@ -335,7 +335,7 @@ def health_cost(case: Case, reps: int, root: str) -> dict[str, Any]:
             )  # fmt: skip
             trainer.fit(module, train, val)
             startup.append(check.startup_seconds)
-            periodic.append(sum(spent.values()) / (trainer.global_step * bare.seconds_per_step))
+            periodic.append(sum(spent.values()) / sum(clock.step_seconds))
     finally:
         torch.set_num_threads(threads)
     epoch = statistics.median(bare_epochs)

@@ -203,11 +203,11 @@ class ModelHealthCheck(DebugCallback):
         self.disabled: str | None = None
         self.evidence: dict[str, Any] = {}  # startup measurements, findings or not (for threshold studies)
         self.layers: list[str] = []
-        self.history: dict[str, list[Any]] = {"step": [], "lr": [], "row": []}  # host copies of pulled samples
+        self.history: dict[str, list[Any]] = {k: [] for k in ("step", "lr", "row", "total", "loss")}  # pulled samples
         self.checked = 0  # history entries already judged
-        self.logged = 0  # ...and already logged
         self.peak_lr = 0.0
         self._params: list[tuple[str, torch.nn.Parameter]] = []
+        self._tensors: list[torch.Tensor] = []  # the same parameters, detached (views: they follow the updates)
         self._layer_of: torch.Tensor | None = None  # (P,) layer index of each parameter, on the device
         self._pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, device row) not yet pulled
         self._sample: tuple[list[torch.Tensor], torch.Tensor, int] | None = None  # snapshot, grad part, step
@@ -220,6 +220,7 @@ class ModelHealthCheck(DebugCallback):
             self.emit(trainer, "check.skipped", f"ModelHealthCheck: {self.disabled}.", data={"reason": self.disabled})
             return
         self._params = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        self._tensors = [p.detach() for _, p in self._params]
         self.layers = rules.modules_of([n for n, _ in self._params])
         index = {layer: i for i, layer in enumerate(self.layers)}
         self._layer_of = torch.tensor([index[rules.module_of(n)] for n, _ in self._params], device=pl_module.device)
@@ -387,24 +388,30 @@ class ModelHealthCheck(DebugCallback):
         step = trainer.global_step
         if step % self.sample_every_n_steps:
             return
+        tensors = self._tensors
         grads = [p.grad for _, p in self._params]
-        present = [i for i, g in enumerate(grads) if g is not None]
         live = [g for g in grads if g is not None]
         if not live:
             return
+        n = len(self.layers)
         with torch.no_grad():
-            sq = torch.stack(torch._foreach_norm(live)).float().square()
-            layer_sq = torch.zeros(len(self.layers), device=sq.device).index_add_(0, self._index(present), sq)
-            total = sq.sum().sqrt()
+            index = self._layer_of if len(live) == len(tensors) else self._index(grads)
+            g2 = torch.stack(torch._foreach_norm(live)).float().square()
+            w2 = torch.stack(torch._foreach_norm(tensors)).float().square()
+            sums = torch.zeros(2 * n, device=g2.device).index_add_(
+                0, torch.cat([index, self._layer_of + n]), torch.cat([g2, w2])
+            )
+            total = g2.sum().sqrt()
             clip = trainer.gradient_clip_val
             if not clip:
-                active = torch.zeros((), device=sq.device)
+                active = torch.zeros((), device=g2.device)
             elif trainer.gradient_clip_algorithm == "value":
                 active = (torch.stack(torch._foreach_norm(live, math.inf)).max() > float(clip)).float()
             else:
                 active = (total > float(clip)).float()
-            snapshot = [p.detach().clone() for _, p in self._params]
-        self._sample = (snapshot, torch.cat([layer_sq.sqrt(), total[None], active[None]]), step)
+            snapshot = torch._foreach_mul(tensors, 1.0)  # one copy of every parameter, until after the step
+        # the row: layer grad norms, global norm, clipping active, layer weight norms (replaced by ratios later)
+        self._sample = (snapshot, torch.cat([sums[:n].sqrt(), total[None], active[None], sums[n:].sqrt()]), step)
         lr = optimizer.param_groups[0]["lr"]
         self._lr = float(lr) if not isinstance(lr, torch.Tensor) else math.nan
         self.peak_lr = max(self.peak_lr, self._lr) if math.isfinite(self._lr) else self.peak_lr
@@ -417,24 +424,23 @@ class ModelHealthCheck(DebugCallback):
         snapshot, part, step = self._sample
         self._sample = None
         assert self._layer_of is not None
+        n = len(self.layers)
         with torch.no_grad():
-            now = [p.detach() for _, p in self._params]
-            d = torch.stack(torch._foreach_norm(torch._foreach_sub(now, snapshot))).float().square()
-            w = torch.stack(torch._foreach_norm(snapshot)).float().square()
-            zeros = torch.zeros(len(self.layers), device=d.device)
-            dl, wl = zeros.index_add(0, self._layer_of, d), zeros.index_add(0, self._layer_of, w)
-            ratio = torch.where(wl > 0, dl.sqrt() / wl.sqrt(), torch.full_like(wl, math.nan))
+            torch._foreach_sub_(snapshot, self._tensors)  # -dW, in the snapshot's memory
+            d2 = torch.stack(torch._foreach_norm(snapshot)).float().square()
+            dl = torch.zeros(n, device=d2.device).index_add_(0, self._layer_of, d2).sqrt()
+            wl = part[n + 2 :]
+            ratio = torch.where(wl > 0, dl / wl, torch.full_like(wl, math.nan))
             loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
             loss = loss.detach().float().reshape(1) if isinstance(loss, torch.Tensor) else torch.full((1,), math.nan)
-        self._pending.append((step, self._lr, torch.cat([part, ratio, loss.to(ratio.device)])))
+        self._pending.append((step, self._lr, torch.cat([part[: n + 2], ratio, loss.to(ratio.device)])))
         if len(self._pending) * self.sample_every_n_steps >= self.check_every_n_steps:
             self._check(trainer)
 
-    def _index(self, present: list[int]) -> torch.Tensor:
-        """Layer index of the parameters that have a gradient (all of them, normally: no indexing then)."""
+    def _index(self, grads: list[torch.Tensor | None]) -> torch.Tensor:
+        """Layer index of the parameters that have a gradient (when some have none)."""
         assert self._layer_of is not None
-        if len(present) == len(self._params):
-            return self._layer_of
+        present = [i for i, g in enumerate(grads) if g is not None]
         return self._layer_of[torch.tensor(present, device=self._layer_of.device)]
 
     # ------------------------------------------------------------------ every check: one transfer
@@ -445,6 +451,9 @@ class ModelHealthCheck(DebugCallback):
         self.history["step"] += [s for s, _, _ in self._pending]
         self.history["lr"] += [lr for _, lr, _ in self._pending]
         self.history["row"] += rows.tolist()
+        n = len(self.layers)
+        self.history["total"] += rows[:, n].tolist()
+        self.history["loss"] += rows[:, -1].tolist()
         self._pending = []
 
     def _columns(self, rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -460,32 +469,28 @@ class ModelHealthCheck(DebugCallback):
     def _check(self, trainer: pl.Trainer) -> None:
         self._pull()
         end = len(self.history["step"])
-        self._log(trainer, self.history["step"][self.logged :], np.asarray(self.history["row"][self.logged :]))
-        self.logged = end
         if end - self.checked >= rules.MIN_SAMPLES:
-            self._judge(trainer, slice(self.checked, end))
+            window = slice(self.checked, end)
+            w = self._columns(np.asarray(self.history["row"][window]))
+            self._log(trainer, self.history["step"][end - 1], w)
+            self._judge(trainer, window, w)
             self.checked = end
         if end > MAX_HISTORY:  # thin the older half; memory and state stay bounded
             for k, v in self.history.items():
                 self.history[k] = v[: end // 2 : 2] + v[end // 2 :]
-            self.checked = self.logged = len(self.history["step"])
+            self.checked = len(self.history["step"])
 
-    def _log(self, trainer: pl.Trainer, steps: list[int], rows: np.ndarray) -> None:
-        if not len(steps):
-            return
-        c = self._columns(rows)
-        sink = Sink(trainer)
-        for i, step in enumerate(steps):
-            metrics = {f"{PREFIX}{layer}/norm": c["norm"][i, j] for j, layer in enumerate(self.layers)}
-            metrics.update({f"{PREFIX}{layer}/update_ratio": c["ratio"][i, j] for j, layer in enumerate(self.layers)})
-            metrics[PREFIX + "global_norm"] = c["total"][i]
-            if trainer.gradient_clip_val:
-                metrics[PREFIX + "clip_active"] = c["clip"][i]
-            sink.log_scalars({k: float(v) for k, v in metrics.items() if math.isfinite(v)}, step=step)
+    def _log(self, trainer: pl.Trainer, step: int, w: dict[str, np.ndarray]) -> None:
+        """One point per check and series: the window's medians (every sample is in the end-of-fit table)."""
+        norm, ratio = rules.column_medians(w["norm"]), rules.column_medians(w["ratio"])
+        metrics = {f"{PREFIX}{layer}/norm": norm[j] for j, layer in enumerate(self.layers)}
+        metrics.update({f"{PREFIX}{layer}/update_ratio": ratio[j] for j, layer in enumerate(self.layers)})
+        metrics[PREFIX + "global_norm"] = np.median(w["total"])
+        if trainer.gradient_clip_val:
+            metrics[PREFIX + "clip_active"] = np.mean(w["clip"])
+        Sink(trainer).log_scalars({k: float(v) for k, v in metrics.items() if math.isfinite(v)}, step=step)
 
-    def _judge(self, trainer: pl.Trainer, window: slice) -> None:
-        rows = np.asarray(self.history["row"])
-        c, w = self._columns(rows), self._columns(rows[window])
+    def _judge(self, trainer: pl.Trainer, window: slice, w: dict[str, np.ndarray]) -> None:
         steps = self.history["step"][window]
         span = f"steps {steps[0]}-{steps[-1]} ({len(steps)} samples)"
         van = rules.vanishing(w["norm"] / np.sqrt(np.maximum(self._numel, 1)), self.layers)
@@ -503,7 +508,7 @@ class ModelHealthCheck(DebugCallback):
                     "steps": [steps[0], steps[-1]],
                 },
             )
-        exp = rules.exploding(c["total"], c["loss"])
+        exp = rules.exploding(np.asarray(self.history["total"]), np.asarray(self.history["loss"]))
         if exp.fires:
             cause = (
                 "the gradient norm became NaN/Inf"
@@ -610,7 +615,6 @@ class ModelHealthCheck(DebugCallback):
             "startup_done": self.startup_done,
             "history": self.history,
             "checked": self.checked,
-            "logged": self.logged,
             "peak_lr": self.peak_lr,
         }
 
@@ -619,5 +623,4 @@ class ModelHealthCheck(DebugCallback):
         self.startup_done = bool(state_dict.get("startup_done", False))
         self.history = {k: list(v) for k, v in state_dict.get("history", self.history).items()}
         self.checked = int(state_dict.get("checked", 0))
-        self.logged = int(state_dict.get("logged", 0))
         self.peak_lr = float(state_dict.get("peak_lr", 0.0))

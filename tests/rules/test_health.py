@@ -92,3 +92,16 @@ def test_clipping_always_needs_nearly_every_sampled_step():
     assert rules.clipping(np.ones(10)).fires
     assert not rules.clipping(np.array([1.0] * 8 + [0.0] * 2)).fires
     assert not rules.clipping(np.ones(3)).fires
+
+
+def test_column_medians_match_nanmedian():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(7, 4))
+    a[2, 1] = math.nan
+    a[:, 3] = math.nan
+    a[0, 0] = math.inf
+    expected = [np.median(a[1:, 0]), np.median(np.delete(a[:, 1], 2)), np.median(a[:, 2]), math.nan]
+    np.testing.assert_allclose(rules.column_medians(a), expected)
+    np.testing.assert_allclose(
+        rules.column_medians(a[:6, :3]), np.nanmedian(np.where(np.isfinite(a[:6, :3]), a[:6, :3], np.nan), axis=0)
+    )
