@@ -14,7 +14,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning_debug import ModelHealthCheck, debug_callbacks
 from lightning_debug.callbacks.health import PREFIX
 
-from models import DigitsMLP, loaders, make_trainer
+from models import DigitsMLP, digits, loaders, make_trainer
 
 _spec = importlib.util.spec_from_file_location(
     "benchmarks_health_thresholds", Path(__file__).parents[1] / "benchmarks" / "health_thresholds.py"
@@ -202,3 +202,17 @@ def test_wandb_workspace_has_a_gradients_section():
     text = json.dumps(section)
     for key in ("debug/grad/.*/norm", "debug/grad/.*/update_ratio", "debug/grad/heatmap", "debug/grad/table"):
         assert key in text, key
+
+
+def test_iterable_dataset_gets_its_first_batch_checked(tmp_path):
+    from torch.utils.data import DataLoader, IterableDataset
+
+    train, _ = digits()
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(train)
+
+    cb, _ = _fit(tmp_path, DigitsMLP(), DataLoader(Stream(), batch_size=32), max_steps=2)
+    assert not _warnings(cb) and cb.evidence["units"] == {"net.1": cb.evidence["units"]["net.1"]}
+    assert abs(cb.evidence["init_gap"]) < 0.25, cb.evidence

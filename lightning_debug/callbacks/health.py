@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch.overrides import TorchFunctionMode
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_debug.base import DebugCallback
 from lightning_debug.batching import batch_mover, tensors_of
@@ -130,7 +130,7 @@ def _one_batch(trainer: pl.Trainer) -> Any:
         raise _Skip("no train DataLoader to take a batch from")
     loader = loaders[0]
     size = loader.batch_size
-    if size is not None and hasattr(loader.dataset, "__getitem__") and hasattr(loader.dataset, "__len__"):
+    if size is not None and not isinstance(loader.dataset, IterableDataset) and hasattr(loader.dataset, "__len__"):
         n = min(size, len(loader.dataset))
         return loader.collate_fn([loader.dataset[i] for i in range(n)])
     state = loader.generator.get_state() if loader.generator is not None else None
