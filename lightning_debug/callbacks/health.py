@@ -210,7 +210,9 @@ class ModelHealthCheck(DebugCallback):
         self._tensors: list[torch.Tensor] = []  # the same parameters, detached (views: they follow the updates)
         self._layer_of: torch.Tensor | None = None  # (P,) layer index of each parameter, on the device
         self._pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, device row) not yet pulled
-        self._sample: tuple[list[torch.Tensor], torch.Tensor, int] | None = None  # snapshot, grad part, step
+        self._sample: tuple[tuple[torch.Tensor, ...] | list[torch.Tensor], torch.Tensor, int] | None = (
+            None  # snapshot, grad part, step
+        )
 
     # ------------------------------------------------------------------ startup
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -493,6 +495,13 @@ class ModelHealthCheck(DebugCallback):
     def _judge(self, trainer: pl.Trainer, window: slice, w: dict[str, np.ndarray]) -> None:
         steps = self.history["step"][window]
         span = f"steps {steps[0]}-{steps[-1]} ({len(steps)} samples)"
+        self._vanishing(trainer, w, steps, span)
+        self._exploding(trainer, w, steps)
+        self._update_ratio(trainer, w, np.asarray(self.history["lr"][window]), span)
+        if trainer.gradient_clip_val:
+            self._clipping(trainer, w, span)
+
+    def _vanishing(self, trainer: pl.Trainer, w: dict[str, np.ndarray], steps: list[int], span: str) -> None:
         van = rules.vanishing(w["norm"] / np.sqrt(np.maximum(self._numel, 1)), self.layers)
         if van.fires:
             cause = f"the gradient of {van.bottom} is 10^{van.log10_ratio:.1f} times that of {van.top}"
@@ -508,6 +517,8 @@ class ModelHealthCheck(DebugCallback):
                     "steps": [steps[0], steps[-1]],
                 },
             )
+
+    def _exploding(self, trainer: pl.Trainer, w: dict[str, np.ndarray], steps: list[int]) -> None:
         exp = rules.exploding(np.asarray(self.history["total"]), np.asarray(self.history["loss"]))
         if exp.fires:
             cause = (
@@ -530,7 +541,9 @@ class ModelHealthCheck(DebugCallback):
                     "loss_now": exp.loss_now,
                 },
             )
-        upd = rules.update_ratio(w["ratio"], self.layers, np.asarray(self.history["lr"][window]), self.peak_lr)
+
+    def _update_ratio(self, trainer: pl.Trainer, w: dict[str, np.ndarray], lrs: np.ndarray, span: str) -> None:
+        upd = rules.update_ratio(w["ratio"], self.layers, lrs, self.peak_lr)
         for layer, value in upd.too_high[:1]:
             cause = f"one optimizer step changed {layer} by {value:.3g} times its norm (usual ~1e-3)"
             self.emit(
@@ -566,8 +579,10 @@ class ModelHealthCheck(DebugCallback):
                 },
                 key="low",
             )
-        clip = rules.clipping(w["clip"]) if trainer.gradient_clip_val else None
-        if clip is not None and clip.fires:
+
+    def _clipping(self, trainer: pl.Trainer, w: dict[str, np.ndarray], span: str) -> None:
+        clip = rules.clipping(w["clip"])
+        if clip.fires:
             cause = (
                 f"gradient clipping at {trainer.gradient_clip_val:g} was active on {clip.share:.0%} of sampled steps"
             )
