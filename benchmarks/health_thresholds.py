@@ -3,6 +3,7 @@
     nice -n 10 python benchmarks/health_thresholds.py                  # seeds 2-4 (report), all set-ups
     nice -n 10 python benchmarks/health_thresholds.py --seeds 0 1      # the tuning seeds
     python benchmarks/health_thresholds.py --only mlp_adam gru --seeds 0 --json out/h.json
+    python benchmarks/health_thresholds.py --merge out/a.json out/b.json   # one summary of runs made in parts
 
 Ground truth is by construction: a healthy set-up has no injected fault, a faulty one has exactly the fault its
 name says (each builder below injects it without the library). For every run it records the findings at
@@ -334,8 +335,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--only", nargs="+", choices=sorted(SETUPS))
     parser.add_argument("--json")
+    parser.add_argument("--merge", nargs="+", help="summarise the results of earlier --json files instead of running")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.merge:
+        merged = [r for path in args.merge for r in json.load(open(path))["results"]]
+        summary = summarise(merged)
+        print(json.dumps(summary, indent=1, default=str))
+        return summary
     results = []
     with tempfile.TemporaryDirectory() as root:
         for name in args.only or SETUPS:
