@@ -436,7 +436,8 @@ class ModelHealthCheck(DebugCallback):
             loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
             loss = loss.detach().float().reshape(1) if isinstance(loss, torch.Tensor) else torch.full((1,), math.nan)
         self._pending.append((step, self._lr, torch.cat([part[: n + 2], ratio, loss.to(ratio.device)])))
-        if len(self._pending) * self.sample_every_n_steps >= self.check_every_n_steps:
+        unchecked = len(self.history["step"]) - self.checked + len(self._pending)  # also across a resume
+        if unchecked * self.sample_every_n_steps >= self.check_every_n_steps:
             self._check(trainer)
 
     def _index(self, grads: list[torch.Tensor | None]) -> torch.Tensor:
@@ -468,15 +469,18 @@ class ModelHealthCheck(DebugCallback):
             "loss": rows[:, -1],
         }
 
-    def _check(self, trainer: pl.Trainer) -> None:
+    def _check(self, trainer: pl.Trainer, final: bool = False) -> None:
+        """Judge and log the samples since the last check; ``final``: the end of fit (a partial window, logged at
+        the trainer's step, after any checkpoint of this run)."""
         self._pull()
         end = len(self.history["step"])
         if end - self.checked >= rules.MIN_SAMPLES:
             window = slice(self.checked, end)
             w = self._columns(np.asarray(self.history["row"][window]))
-            self._log(trainer, self.history["step"][end - 1], w)
+            self._log(trainer, trainer.global_step if final else self.history["step"][end - 1], w)
             self._judge(trainer, window, w)
-            self.checked = end
+            if not final:  # windows stay aligned to the run's start, whether or not a checkpoint follows
+                self.checked = end
         if end > MAX_HISTORY:  # thin the older half; memory and state stay bounded
             for k, v in self.history.items():
                 self.history[k] = v[: end // 2 : 2] + v[end // 2 :]
@@ -603,7 +607,7 @@ class ModelHealthCheck(DebugCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.disabled or self._layer_of is None:
             return
-        self._check(trainer)
+        self._check(trainer, final=True)
         if not self.history["step"] or trainer.global_rank != 0:
             return
         c = self._columns(np.asarray(self.history["row"]))
@@ -624,7 +628,9 @@ class ModelHealthCheck(DebugCallback):
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
-        """Plain types only (``torch.load(weights_only=True)``); samples not yet pulled are dropped."""
+        """Plain types only (``torch.load(weights_only=True)``). Samples not yet pulled are pulled now (one
+        transfer per checkpoint), so a resumed run checks and logs at the same steps as an uninterrupted one."""
+        self._pull()
         return {
             **super().state_dict(),
             "startup_done": self.startup_done,
