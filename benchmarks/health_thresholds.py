@@ -23,6 +23,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -339,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.merge:
-        merged = [r for path in args.merge for r in json.load(open(path))["results"]]
+        merged = [r for path in args.merge for r in json.loads(Path(path).read_text())["results"]]
         summary = summarise(merged)
         print(json.dumps(summary, indent=1, default=str))
         return summary
