@@ -3,6 +3,7 @@
     python benchmarks/overhead.py                 # all cases, 5 repetitions each
     python benchmarks/overhead.py --case mlp --reps 3 --json out/overhead.json
     python benchmarks/overhead.py --case mlp --reps 1 --examples   # + a one-epoch run of each example
+    python benchmarks/overhead.py --health --reps 3               # ModelHealthCheck alone (issue 15)
 
 For each case the same training run (fixed seed, same data) is timed bare and with
 ``debug_callbacks(metric="val_acc")``, alternating bare/suite to cancel drift. A step is timed from one
@@ -292,6 +293,72 @@ def _measure(case: Case, reps: int, root: str) -> dict[str, Any]:
     }
 
 
+def _time_hooks(callback: Callback, hooks: tuple[str, ...]) -> dict[str, float]:
+    """Wrap ``callback``'s hooks (on the instance) to add their wall time to the returned dict."""
+    spent = dict.fromkeys(hooks, 0.0)
+    for name in hooks:
+        hook = getattr(callback, name)
+
+        def timed(*args: Any, _hook: Callable[..., Any] = hook, _name: str = name, **kwargs: Any) -> Any:
+            began = time.perf_counter()
+            try:
+                return _hook(*args, **kwargs)
+            finally:
+                spent[_name] += time.perf_counter() - began
+
+        setattr(callback, name, timed)
+    return spent
+
+
+def health_cost(case: Case, reps: int, root: str) -> dict[str, Any]:
+    """``ModelHealthCheck`` alone (issue 15): its startup against one bare epoch, and its periodic part per step.
+
+    The periodic part is the wall time inside its per-step hooks (``on_before_optimizer_step``,
+    ``on_train_batch_end``: sampling every 10th step, the pull, verdicts and logging every 100th) summed over the
+    run, divided by the summed step times of the same run (so preemption on a shared machine inflates both);
+    Lightning's dispatch of the two hooks (~2 us each per step, see ``LeanCallback``) is added from
+    ``--hook-dispatch-us``. Medians over repetitions."""
+    from lightning_debug.callbacks.health import ModelHealthCheck
+
+    threads = torch.get_num_threads()
+    if case.threads is not None:
+        torch.set_num_threads(case.threads)
+    startup, periodic, bare_epochs, bare_steps = [], [], [], []
+    try:
+        run_once(case, False, root)  # warm-up
+        for _ in range(reps):
+            bare = run_once(case, False, root).clock
+            bare_epochs.append(statistics.median(bare.epoch_seconds))
+            bare_steps.append(bare.seconds_per_step)
+            pl.seed_everything(0, verbose=False)
+            module, train, val = case.build()
+            check = ModelHealthCheck(verbose=False)
+            spent = _time_hooks(check, ("on_before_optimizer_step", "on_train_batch_end"))
+            clock = StepClock()
+            trainer = pl.Trainer(
+                max_epochs=case.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                default_root_dir=root, callbacks=[clock, check],
+            )  # fmt: skip
+            trainer.fit(module, train, val)
+            startup.append(check.startup_seconds)
+            periodic.append(sum(spent.values()) / sum(clock.step_seconds))
+    finally:
+        torch.set_num_threads(threads)
+    epoch = statistics.median(bare_epochs)
+    return {
+        "case": case.name,
+        "reps": reps,
+        "startup_seconds": statistics.median(startup),
+        "startup_epoch_ratio": statistics.median(startup) / epoch,
+        "startup_epoch_ratios": [s / e for s, e in zip(startup, bare_epochs, strict=True)],
+        "periodic_step_share": statistics.median(periodic),
+        "periodic_step_shares": periodic,
+        "bare_epoch_seconds": epoch,
+        "bare_ms_per_step": 1e3 * statistics.median(bare_steps),
+    }
+
+
 # One epoch of each example that runs the startup checks, run as its user runs it (W&B offline logger included).
 EXAMPLE_RUNS = {
     "quickstart": ["--epochs", "1"],
@@ -430,10 +497,27 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     parser.add_argument("--examples", action="store_true", help="also time a one-epoch run of each example")
     parser.add_argument("--whole-run", choices=sorted(WHOLE_RUNS), action="append", help="whole-run cost only")
     parser.add_argument("--whole-seconds", type=float, help="scale the whole runs' epochs to about this long")
+    parser.add_argument("--health", action="store_true", help="only ModelHealthCheck's startup and periodic cost")
+    parser.add_argument("--hook-dispatch-us", type=float, default=4.0, help="Lightning's dispatch of its 2 hooks")
     args = parser.parse_args(argv)
     torch.set_flush_denormal(True)
     if args.whole_run:
         return {"whole_runs": _print_whole_runs(args)}
+    if args.health:
+        health = [health_cost(CASES[name], args.reps, args.root) for name in args.case or sorted(CASES)]
+        for h in health:
+            dispatch = args.hook_dispatch_us * 1e-3 / h["bare_ms_per_step"]
+            print(
+                f"{h['case']:>10} ModelHealthCheck: startup {1e3 * h['startup_seconds']:.1f} ms = "
+                f"{100 * h['startup_epoch_ratio']:.1f}% of one bare epoch ({h['bare_epoch_seconds']:.2f} s); periodic "
+                f"{100 * h['periodic_step_share']:.2f}% of a {h['bare_ms_per_step']:.2f} ms step in its hooks "
+                f"(+{100 * dispatch:.2f}% hook dispatch); reps: "
+                + ", ".join(f"{100 * x:.2f}%" for x in h["periodic_step_shares"])
+            )
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"health": health}, fh, indent=2)
+        return {"health": health}
     results = [measure(CASES[name], args.reps, args.root) for name in args.case or sorted(CASES)]
     for r in results:
         print(

@@ -9,6 +9,7 @@ from lightning_debug.callbacks import (
     LossConvergenceMonitor,
     LossMetricDivergence,
     MetricEarlyStopping,
+    ModelHealthCheck,
     OverfitBatchCheck,
 )
 from lightning_debug.findings import CATALOGUE, CheckInfo, Finding, Severity
@@ -33,6 +34,7 @@ __all__ = [
     "LossConvergenceMonitor",
     "LossMetricDivergence",
     "MetricEarlyStopping",
+    "ModelHealthCheck",
     "OverfitBatchCheck",
     "Severity",
     "StreamingCalibration",

@@ -587,6 +587,158 @@ _CHECKS: tuple[CheckInfo, ...] = (
         ("increase weight decay", "add training data", "stop the run and regularise"),
         "GrokkingMonitor",
     ),
+    # ------------------------------------------------------------------ ModelHealthCheck (issue 15)
+    _c(
+        "setup.params_not_in_optimizer",
+        "error",
+        "Parameters get gradients but no optimizer updates them",
+        "At start, one backward of the training loss reached these trainable tensors, but no optimizer param group "
+        "holds them: they keep their initial values for the whole run.",
+        (
+            "the optimizer was built over the wrong parameters (a sub-module's `.parameters()`, a filtered list)",
+            "a layer was replaced after the optimizer captured `self.parameters()` (stale parameter list)",
+            "a bug: parameters created in `setup`/`forward` after `configure_optimizers`",
+        ),
+        (
+            "build the optimizer from `self.parameters()` inside `configure_optimizers`",
+            "create every layer in `__init__`, before the optimizer exists",
+            "list param groups by name and check each layer appears once",
+        ),
+        "ModelHealthCheck",
+    ),
+    _c(
+        "setup.optimizer_params_unused",
+        "warning",
+        "Optimizer parameters get no gradient",
+        "At start, tensors held by the optimizer (and requiring grad) got no gradient from a backward of the training "
+        "loss: the forward never uses them (DDP then needs `find_unused_parameters=True`).",
+        (
+            "a stale optimizer: it holds tensors of a layer that was replaced, not the new layer's",
+            "a bug: a layer defined but skipped in `forward` (a wrong branch, a typo in the attribute used)",
+            "by design: heads used only at validation, or frozen by `torch.no_grad` in `forward`",
+        ),
+        (
+            "rebuild the optimizer after changing layers",
+            "use the layer in `forward`, or delete it",
+            "freeze by design with `requires_grad_(False)` so the check (and DDP) know",
+        ),
+        "ModelHealthCheck",
+    ),
+    _c(
+        "init.loss_off_chance",
+        "warning",
+        "Loss at initialisation is far from ln(C)",
+        "A C-class cross-entropy on the first batch, before any step, is more than 1 nat above ln C (what "
+        "uniform predictions score), or more than 1 nat below the label-prior entropy (no input-blind model can "
+        "do that). `data` says whether the logit scale alone explains the gap.",
+        (
+            "initialisation: an output layer initialised too large, logits scaled up (missing temperature, a "
+            "multiplier), inputs not normalised",
+            "a bug: the loss applied to probabilities or log-probabilities twice, labels leaking into the inputs",
+        ),
+        (
+            "initialise the last layer small (std ~0.01) and its bias to the log label prior",
+            "normalise the inputs",
+            "pass raw logits to `cross_entropy` (no softmax before it)",
+        ),
+        "ModelHealthCheck",
+    ),
+    _c(
+        "init.dead_units",
+        "warning",
+        "Dead ReLU units at initialisation",
+        "At start, at least 70% of a ReLU layer's units output zero for every example of the first batch: "
+        "they pass no gradient and may never recover.",
+        (
+            "initialisation: negative bias init, too large a weight scale, inputs with a large negative offset",
+            "learning rate: none yet at step 0, but a high one kills more units in the first steps",
+            "a bug: inputs not normalised, or all zero",
+        ),
+        (
+            "use He (Kaiming) init and zero biases",
+            "normalise the inputs",
+            "use LeakyReLU/GELU, or add normalisation before the activation",
+        ),
+        "ModelHealthCheck",
+    ),
+    _c(
+        "init.saturated_units",
+        "warning",
+        "Saturated tanh/sigmoid units at initialisation",
+        "At start, at least half of a tanh/sigmoid layer's outputs on the first batch are saturated (|tanh| > 0.99, "
+        "sigmoid outside [0.01, 0.99]): their gradient is close to zero.",
+        (
+            "initialisation: weights too large for a saturating activation (use Xavier/Glorot)",
+            "inputs not normalised (large magnitudes)",
+        ),
+        ("use Xavier init", "normalise the inputs", "add normalisation before the activation, or use ReLU/GELU"),
+        "ModelHealthCheck",
+    ),
+    _c(
+        "grad.vanishing",
+        "warning",
+        "Vanishing gradients in the lower layers",
+        "Over a check interval, the first layer's gradient RMS is more than 1000x below the last layer's (median of "
+        "the sampled steps) and not recovering.",
+        (
+            "depth without normalisation or residual connections; saturating activations",
+            "initialisation too small for the depth",
+            "a bug: a detach/no_grad in the middle of the forward",
+        ),
+        (
+            "add residual connections or normalisation (BatchNorm/LayerNorm)",
+            "use ReLU/GELU and He init",
+            "look for `.detach()` or `torch.no_grad()` between the layers",
+        ),
+        "ModelHealthCheck",
+    ),
+    _c(
+        "grad.exploding",
+        "error",
+        "Exploding gradients",
+        "The global gradient norm (sampled before clipping) became NaN/Inf, or grew 1000x over its smallest earlier "
+        "level while the loss did not fall.",
+        (
+            "learning rate too high",
+            "a recurrent model without gradient clipping; an initialisation too large for the depth",
+            "a bug: a loss that is not averaged (grows with batch/sequence length), fp16 overflow",
+        ),
+        (
+            "add gradient clipping (`Trainer(gradient_clip_val=1.0)`)",
+            "lower the learning rate 10x",
+            "check the loss reduction",
+        ),
+        "ModelHealthCheck",
+    ),
+    _c(
+        "grad.update_ratio",
+        "warning",
+        "Update/weight ratio far from the usual range",
+        "Over a check interval, the per-step update ||dW|| / ||W|| (measured on sampled steps) is above 0.3 for a "
+        "layer, or below 1e-6 for the median layer at a learning rate not in warm-up or decay. The usual value is "
+        "around 1e-3.",
+        (
+            "learning rate far too high (ratio high) or far too low (ratio low) for this model and optimizer",
+            "initialisation: weights near zero make any update large relative to them",
+            "a bug: the optimizer steps on the wrong parameters, or the learning rate is scaled twice",
+        ),
+        ("scale the learning rate towards a ratio of ~1e-3", "check the scheduler's values", "check weight init"),
+        "ModelHealthCheck",
+    ),
+    _c(
+        "grad.clipping_always",
+        "warning",
+        "Gradient clipping is active on nearly every step",
+        "The pre-clip gradient norm (or largest entry, for `gradient_clip_algorithm='value'`) exceeded "
+        "`gradient_clip_val` on at least 95% of the sampled steps of a check interval: every update is rescaled.",
+        (
+            "learning rate too high (large gradients from an unstable run)",
+            "`gradient_clip_val` set far below the usual gradient norm of this model",
+            "a bug: a loss summed instead of averaged",
+        ),
+        ("lower the learning rate", "raise `gradient_clip_val` to about the median pre-clip norm", "average the loss"),
+        "ModelHealthCheck",
+    ),
 )
 
 CATALOGUE: dict[str, CheckInfo] = {c.id: c for c in _CHECKS}

@@ -233,3 +233,26 @@ class Sink:
         directory = self.directory
         os.makedirs(directory, exist_ok=True)
         return directory / f"{name}.{ext}"
+
+    @_safe
+    def log_heatmap(
+        self, key: str, panels: Mapping[str, Any], row_labels: Sequence[str], column_labels: Sequence[int]
+    ) -> None:
+        """One image of stacked heat maps (title -> (rows, columns) array, NaN blank) over the same rows and
+        columns, e.g. a value per layer over training steps: to W&B, else PNG (through :meth:`log_figure`)."""
+        import matplotlib.pyplot as plt
+        import numpy as np
+
+        n = len(panels)
+        fig, axes = plt.subplots(n, 1, figsize=(8, 0.25 * len(row_labels) * n + 1.5 * n), squeeze=False)
+        for ax, (title, values) in zip(axes[:, 0], panels.items(), strict=True):
+            arr = np.ma.masked_invalid(np.asarray(values, dtype=float))
+            image = ax.imshow(arr, aspect="auto", interpolation="nearest", cmap="viridis")
+            ax.set_yticks(range(len(row_labels)), labels=list(row_labels), fontsize=7)
+            ticks = np.linspace(0, len(column_labels) - 1, min(8, len(column_labels))).astype(int)
+            ax.set_xticks(ticks, labels=[str(column_labels[i]) for i in ticks], fontsize=7)
+            ax.set_xlabel("step")
+            ax.set_title(title, fontsize=9)
+            fig.colorbar(image, ax=ax)
+        fig.tight_layout()
+        self.log_figure(key, fig)

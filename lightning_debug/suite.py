@@ -15,6 +15,7 @@ from lightning_debug.callbacks.decoding import DecodingConsistencyCheck
 from lightning_debug.callbacks.divergence import LossMetricDivergence
 from lightning_debug.callbacks.early_stopping import MetricEarlyStopping
 from lightning_debug.callbacks.grokking import GrokkingMonitor
+from lightning_debug.callbacks.health import ModelHealthCheck
 from lightning_debug.callbacks.loss import LossConvergenceMonitor
 from lightning_debug.callbacks.overfit import OverfitBatchCheck
 from lightning_debug.report import DebugReport
@@ -50,6 +51,7 @@ _SUITE: dict[str, Component] = {
     "batch": Component(BatchConsistencyCheck),
     "decoding": Component(DecodingConsistencyCheck),
     "loss": Component(LossConvergenceMonitor),
+    "health": Component(ModelHealthCheck),
     "calibration": Component(CalibrationMonitor),
     "divergence": Component(
         LossMetricDivergence,

@@ -1,8 +1,8 @@
 """A saved W&B workspace for lightning-debug runs, as code (``pip install wandb-workspaces``, optional).
 
 ``wandb_workspace(entity, project).save()`` creates a workspace view with one section per area: Convergence,
-Divergence, Calibration, Grokking (log-x panels) and Findings. Building it needs no network; ``save()`` needs a
-W&B server and an API key.
+Divergence, Calibration, Grokking (log-x panels), Findings and Gradients. Building it needs no network;
+``save()`` needs a W&B server and an API key.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any
 
 from lightning_debug.callbacks.calibration import PREFIX as CALIBRATION
 from lightning_debug.callbacks.grokking import PREFIX as GROKKING
+from lightning_debug.callbacks.health import PREFIX as GRAD
 
 
 def wandb_workspace(entity: str, project: str, name: str = "lightning-debug") -> Any:
@@ -65,6 +66,22 @@ def wandb_workspace(entity: str, project: str, name: str = "lightning-debug") ->
         ws.Section(
             name="Findings",
             panels=[wr.WeavePanelSummaryTable(table_name="debug/findings/table")],
+            is_open=True,
+        ),
+        ws.Section(
+            name="Gradients",
+            panels=[
+                lines("Gradient norm per layer (before clipping)", [], metric_regex=GRAD + ".*/norm", log_y=True),
+                lines(
+                    "Update / weight per step, per layer (usual ~1e-3)",
+                    [],
+                    metric_regex=GRAD + ".*/update_ratio",
+                    log_y=True,
+                ),
+                lines("Global gradient norm and clipping", [GRAD + "global_norm", GRAD + "clip_active"]),
+                wr.MediaBrowser(title="Per-layer heat map over steps", media_keys=[GRAD + "heatmap"]),
+                wr.WeavePanelSummaryTable(table_name=GRAD + "table"),
+            ],
             is_open=True,
         ),
     ]

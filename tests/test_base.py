@@ -98,8 +98,8 @@ PER_STEP_HOOKS = (
 
 
 def test_lightning_dispatches_only_the_hooks_a_callback_defines(tmp_path):
-    """Lightning pays ~2 us per hook call per callback, no-op or not: the suite leaves it 3 calls per step
-    (of 6 hooks x 9 callbacks), and a run still sees every hook a callback does define."""
+    """Lightning pays ~2 us per hook call per callback, no-op or not: the suite leaves it 5 calls per step
+    (of 6 hooks x 10 callbacks), and a run still sees every hook a callback does define."""
     suite = debug_callbacks("val_acc")
     dispatched = sorted(
         f"{type(cb).__name__}.{name}" for cb in suite for name in PER_STEP_HOOKS if callable(getattr(cb, name))
@@ -108,6 +108,8 @@ def test_lightning_dispatches_only_the_hooks_a_callback_defines(tmp_path):
         "GrokkingMonitor.on_train_batch_end",
         "LossConvergenceMonitor.on_train_batch_end",
         "MetricEarlyStopping.on_train_batch_end",
+        "ModelHealthCheck.on_before_optimizer_step",
+        "ModelHealthCheck.on_train_batch_end",
     ], dispatched
 
     class Counting(DebugCallback):

@@ -140,7 +140,8 @@ def test_wandb_workspace_spec_has_one_section_per_area_and_log_x_grokking_panels
     model = wandb_workspace("team", "proj")._to_model()  # built offline; .save() would need a server
     spec = model.model_dump(by_alias=True, exclude_none=True)
     sections = spec["spec"]["section"]["panelBankConfig"]["sections"]
-    assert [s["name"] for s in sections] == ["Convergence", "Divergence", "Calibration", "Grokking", "Findings"]
+    names = ["Convergence", "Divergence", "Calibration", "Grokking", "Findings", "Gradients"]
+    assert [s["name"] for s in sections] == names
     grokking = [p["config"] for p in sections[3]["panels"] if p["viewType"] == "Run History Line Plot"]
     assert grokking and all(c["xLogScale"] and c["xAxis"] == "trainer/global_step" for c in grokking)
     plotted = {m for c in grokking for m in c["metrics"]}

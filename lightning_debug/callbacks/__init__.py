@@ -6,6 +6,7 @@ from lightning_debug.callbacks.decoding import DecodingConsistencyCheck
 from lightning_debug.callbacks.divergence import LossMetricDivergence
 from lightning_debug.callbacks.early_stopping import MetricEarlyStopping
 from lightning_debug.callbacks.grokking import GrokkingMonitor
+from lightning_debug.callbacks.health import ModelHealthCheck
 from lightning_debug.callbacks.loss import LossConvergenceMonitor
 from lightning_debug.callbacks.overfit import OverfitBatchCheck
 
@@ -17,5 +18,6 @@ __all__ = [
     "LossConvergenceMonitor",
     "LossMetricDivergence",
     "MetricEarlyStopping",
+    "ModelHealthCheck",
     "OverfitBatchCheck",
 ]

@@ -1,0 +1,268 @@
+"""Model-health decisions: optimizer coverage, loss at initialisation, dead/saturated units, gradient health.
+
+Pure functions over names, counts and numpy arrays; each returns a verdict dataclass. The thresholds are the
+module constants below; ``benchmarks/health_thresholds.py`` measures the statistics they bound on healthy and
+faulty runs (tuned on seeds 0-1, reported on seeds 2-4) and ``docs/callbacks/model_health.md`` gives the numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# init.loss_off_chance: healthy default inits sit within 0.25 nats of ln C (measured max 0.11 on the healthy set)
+LOSS_GAP_NATS = 1.0
+# init.dead_units: share of a ReLU layer's units zero for every example of the batch. Healthy PyTorch-default
+# inits reach 0.39 (4-layer MLP, batch 32, tuning seeds); AUTOTRAINER and DeepDiagnosis use 0.7
+DEAD_SHARE = 0.7
+# init.saturated_units: share of a tanh/sigmoid layer's outputs saturated (SageMaker: 50% of a layer)
+SATURATED_SHARE = 0.5
+# grad.vanishing: median log10(first layer's grad RMS / last layer's) below this (1e-3: AUTOTRAINER's beta_1)
+VANISHING_LOG10 = -3.0
+RECOVERY_LOG10 = 1.0  # ...and not recovering: the window's second half at most this much above its first half
+# grad.exploding: the global gradient norm grew by this factor over its smallest earlier level, the loss too
+EXPLODING_FACTOR = 1e3
+# grad.update_ratio: per-step ||dW|| / ||W|| per layer. Usual ~1e-3; "far" = beyond these
+UPDATE_RATIO_HIGH = 1.0  # largest sampled step of a layer: more than the layer's own norm
+UPDATE_RATIO_LOW = 1e-6
+ANNEALED = 0.5  # a learning rate below this share of its peak (schedule decay or warm-up) explains small updates
+# grad.clipping_always: clipping active on at least this share of the sampled steps...
+CLIPPING_SHARE = 0.95
+MIN_SAMPLES = 5  # ...and every windowed gradient rule needs at least this many sampled steps
+
+
+def module_of(param_name: str) -> str:
+    """``net.0.weight`` -> ``net.0``; a top-level parameter is its own module."""
+    return param_name.rsplit(".", 1)[0] if "." in param_name else param_name
+
+
+def modules_of(names: Sequence[str]) -> list[str]:
+    """The distinct modules of parameter names, in first-seen order."""
+    return list(dict.fromkeys(module_of(n) for n in names))
+
+
+def column_medians(a: np.ndarray) -> np.ndarray:
+    """Median of the finite values of each column (NaN for a column with none). ``np.nanmedian`` goes through
+    masked arrays: ~50x slower on the few-row arrays a check judges."""
+    if not len(a):
+        return np.full(a.shape[1:], np.nan)
+    a = np.where(np.isfinite(a), a, np.nan)
+    k = np.isfinite(a).sum(axis=0)
+    s = np.sort(a, axis=0)  # NaNs last
+    lo = np.take_along_axis(s, np.maximum((k - 1) // 2, 0)[None], axis=0)[0]
+    hi = np.take_along_axis(s, np.minimum(k // 2, len(a) - 1)[None], axis=0)[0]
+    return np.where(k > 0, (lo + hi) / 2, np.nan)
+
+
+# ---------------------------------------------------------------------------------------------- optimizer coverage
+@dataclass(frozen=True)
+class Coverage:
+    """Which parameters the backward and the optimizer disagree on."""
+
+    not_in_optimizer: tuple[str, ...]  # receive a gradient, in no param group: never updated
+    not_in_optimizer_elements: int
+    unused: tuple[str, ...]  # in a param group and trainable, but no gradient: never used by the forward
+    unused_elements: int
+    grad_tensors: int  # tensors that receive a gradient
+    grad_tensors_in_optimizer: int
+
+
+def optimizer_coverage(with_grad: Mapping[str, int], optimized: Mapping[str, int]) -> Coverage:
+    """``with_grad``: {name: numel} of trainable parameters that got a gradient in one backward;
+    ``optimized``: {name: numel} of trainable tensors in any optimizer param group (tensors that are not
+    parameters of the module, e.g. captured before a layer was replaced, under a name of their own)."""
+    missing = tuple(n for n in with_grad if n not in optimized)
+    unused = tuple(n for n in optimized if n not in with_grad)
+    return Coverage(
+        not_in_optimizer=missing,
+        not_in_optimizer_elements=sum(with_grad[n] for n in missing),
+        unused=unused,
+        unused_elements=sum(optimized[n] for n in unused),
+        grad_tensors=len(with_grad),
+        grad_tensors_in_optimizer=len(with_grad) - len(missing),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- loss at init
+@dataclass(frozen=True)
+class InitLoss:
+    loss: float
+    num_classes: int
+    chance: float  # ln C: the loss of uniform predictions, whatever the labels
+    prior_entropy: float  # the loss of predicting the label prior (the best an input-blind model can do)
+    scale_loss: float  # the loss these logits give a uniformly random label: the part due to their scale alone
+    logit_std: float  # spread of the logits across classes, averaged over examples
+    gap: float  # loss - chance
+    off: bool
+
+
+def init_loss(loss: float, logits: np.ndarray, class_counts: np.ndarray, tolerance: float = LOSS_GAP_NATS) -> InitLoss:
+    """A C-class cross-entropy at initialisation against ``ln C``.
+
+    ``logits``: (N, C) of the scored examples; ``class_counts``: (C,) label counts. Off when the loss exceeds
+    ``ln C`` by more than ``tolerance`` nats, or sits more than ``tolerance`` below the label-prior entropy
+    (an uninformed model cannot beat the prior: labels leak into the inputs, or the loss is not what it seems).
+    ``scale_loss`` = mean(logsumexp(z) - mean(z)): when it is close to ``loss``, the logit scale alone explains
+    the gap (too-large init of the output layer, a missing temperature, logits multiplied by mistake).
+    """
+    c = logits.shape[1]
+    z = logits.astype(np.float64)
+    zmax = z.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(z - zmax).sum(axis=1)) + zmax[:, 0]
+    scale_loss = float(np.mean(lse - z.mean(axis=1)))
+    p = class_counts / max(class_counts.sum(), 1)
+    prior = float(-(p[p > 0] * np.log(p[p > 0])).sum())
+    chance = math.log(c)
+    gap = loss - chance
+    off = bool(gap > tolerance or loss < prior - tolerance)
+    std = float(z.std(axis=1).mean())
+    return InitLoss(loss, c, chance, prior, scale_loss, std, gap, off)
+
+
+# ---------------------------------------------------------------------------------------------- dead / saturated
+@dataclass(frozen=True)
+class UnitStats:
+    """One activation site on one batch: ``units`` features, ``flat`` of them in that state for every example
+    (zero for ReLU, saturated for tanh/sigmoid), and the share of output values in that state."""
+
+    layer: str
+    kind: str  # "relu", "tanh" or "sigmoid"
+    units: int
+    flat: int
+    value_share: float
+
+    @property
+    def share(self) -> float:
+        """ReLU: the share of units dead for the whole batch (a unit zero for some examples still learns).
+        tanh/sigmoid: the share of outputs saturated (a unit at +1 for some examples and -1 for others passes
+        no gradient either), SageMaker's and DeepDiagnosis' per-layer measure."""
+        if self.kind != "relu":
+            return self.value_share
+        return self.flat / self.units if self.units else 0.0
+
+
+@dataclass(frozen=True)
+class UnitVerdict:
+    dead: tuple[UnitStats, ...]  # ReLU-family layers with too many dead units, worst first
+    saturated: tuple[UnitStats, ...]  # tanh/sigmoid layers with too many saturated units, worst first
+
+
+def unit_health(
+    stats: Sequence[UnitStats], dead: float = DEAD_SHARE, saturated: float = SATURATED_SHARE
+) -> UnitVerdict:
+    """ReLU layers where at least ``dead`` of the units are zero for the whole batch; tanh/sigmoid layers where
+    at least ``saturated`` of the outputs are saturated."""
+    bad = sorted(
+        (s for s in stats if s.units and s.share >= (dead if s.kind == "relu" else saturated)), key=lambda s: -s.share
+    )
+    return UnitVerdict(
+        dead=tuple(s for s in bad if s.kind == "relu"), saturated=tuple(s for s in bad if s.kind != "relu")
+    )
+
+
+# ---------------------------------------------------------------------------------------------- gradients
+@dataclass(frozen=True)
+class Vanishing:
+    fires: bool
+    bottom: str
+    top: str
+    log10_ratio: float  # median over the window of log10(grad RMS of the bottom layer / of the top layer)
+    falling: bool  # the window's second half recovers less than RECOVERY_LOG10 on its first half
+
+
+def vanishing(rms: np.ndarray, layers: Sequence[str], threshold: float = VANISHING_LOG10) -> Vanishing:
+    """``rms``: (samples, layers) gradient RMS per layer (layers input to output). The lowest layer's gradient
+    orders of magnitude below the top layer's, and not recovering."""
+    ok = np.isfinite(rms).all(axis=0) & (rms > 0).any(axis=0)
+    idx = np.flatnonzero(ok)
+    if len(idx) < 2 or rms.shape[0] < MIN_SAMPLES:
+        return Vanishing(False, "", "", math.nan, False)
+    lo, hi = idx[0], idx[-1]
+    ratio = np.log10(np.maximum(rms[:, lo], 1e-30) / np.maximum(rms[:, hi], 1e-30))
+    half = len(ratio) // 2
+    falling = bool(np.median(ratio[half:]) <= np.median(ratio[:half]) + RECOVERY_LOG10)
+    level = float(np.median(ratio))
+    return Vanishing(bool(level < threshold and falling), layers[lo], layers[hi], level, falling)
+
+
+@dataclass(frozen=True)
+class Exploding:
+    fires: bool
+    growth: float  # latest level / smallest earlier level of the global gradient norm
+    nonfinite: bool
+    loss_before: float
+    loss_now: float
+
+
+def exploding(norms: np.ndarray, losses: np.ndarray, factor: float = EXPLODING_FACTOR, group: int = 3) -> Exploding:
+    """Global gradient norm (one per sampled step) growing by ``factor`` over its smallest earlier level (medians
+    of ``group`` samples), while the loss (same samples) is not lower than it was then; any NaN/Inf norm fires."""
+    if not np.isfinite(norms).all():
+        return Exploding(True, math.inf, True, math.nan, math.nan)
+    n = len(norms) // group * group
+    if n < 2 * group:
+        return Exploding(False, math.nan, False, math.nan, math.nan)
+    levels = np.median(norms[-n:].reshape(-1, group), axis=1)
+    loss_levels = np.median(losses[-n:].reshape(-1, group), axis=1)
+    low = int(np.argmin(levels[:-1]))
+    growth = float(levels[-1] / max(levels[low], 1e-30))
+    before, now = float(loss_levels[low]), float(loss_levels[-1])
+    loss_up = not math.isfinite(now) or not now < before
+    return Exploding(bool(growth >= factor and loss_up), growth, False, before, now)
+
+
+@dataclass(frozen=True)
+class UpdateRatio:
+    too_high: tuple[tuple[str, float], ...]  # (layer, largest sampled ratio) above the high bound, worst first
+    too_low: bool  # the median layer's ratio below the low bound at an unannealed learning rate
+    median: float  # median over layers of the per-layer median ratios
+    per_layer: dict[str, float] = field(default_factory=dict)  # per-layer median ratios
+
+
+def update_ratio(
+    ratios: np.ndarray,
+    layers: Sequence[str],
+    lrs: np.ndarray,
+    peak_lr: float,
+    high: float = UPDATE_RATIO_HIGH,
+    low: float = UPDATE_RATIO_LOW,
+) -> UpdateRatio:
+    """``ratios``: (samples, layers) per-step ||dW|| / ||W||; ``lrs``: the learning rate at each sample.
+
+    Too high: a sampled step changed a layer by more than ``high`` times its norm (the step rewrote the layer:
+    one such step is enough to kill ReLUs or blow up the loss). Too low:
+    the median layer's ratio below ``low`` while the learning rate is at least ``ANNEALED`` of its peak and
+    not rising (a warm-up or a decayed schedule explains small steps)."""
+    if ratios.shape[0] < MIN_SAMPLES:
+        return UpdateRatio((), False, math.nan)
+    finite = np.where(np.isfinite(ratios), ratios, np.nan)
+    seen: np.ndarray = np.asarray(np.isfinite(finite).any(axis=0))
+    if not seen.any():
+        return UpdateRatio((), False, math.nan)
+    med = column_medians(finite[:, seen])
+    top = np.nanmax(finite[:, seen], axis=0)
+    names = [layer for i, layer in enumerate(layers) if seen[i]]
+    per_layer = {layer: float(m) for layer, m in zip(names, med, strict=True)}
+    overall = float(np.median(med))
+    high_layers = tuple(
+        sorted(((k, float(v)) for k, v in zip(names, top, strict=True) if v > high), key=lambda kv: -kv[1])
+    )
+    steady = len(lrs) > 0 and lrs[-1] >= ANNEALED * peak_lr and lrs[-1] <= lrs[0]
+    return UpdateRatio(high_layers, bool(overall < low and steady), overall, per_layer)
+
+
+@dataclass(frozen=True)
+class Clipping:
+    fires: bool
+    share: float
+    samples: int
+
+
+def clipping(active: np.ndarray, threshold: float = CLIPPING_SHARE) -> Clipping:
+    """Clipping active on at least ``threshold`` of the sampled steps (at least ``MIN_SAMPLES`` of them)."""
+    n = len(active)
+    share = float(np.mean(active)) if n else math.nan
+    return Clipping(bool(n >= MIN_SAMPLES and share >= threshold), share, n)

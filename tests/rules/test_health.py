@@ -1,0 +1,107 @@
+"""Model-health rules without a Trainer: each verdict on hand-built evidence."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from lightning_debug.rules import health as rules
+
+
+def test_coverage_names_what_the_optimizer_misses_and_holds_unused():
+    cov = rules.optimizer_coverage(
+        {"net.0.weight": 640, "net.0.bias": 10, "head.weight": 100},
+        {"net.0.weight": 640, "net.0.bias": 10, "aux.weight": 4096},
+    )
+    assert cov.not_in_optimizer == ("head.weight",) and cov.not_in_optimizer_elements == 100
+    assert cov.unused == ("aux.weight",) and cov.unused_elements == 4096
+    assert (cov.grad_tensors, cov.grad_tensors_in_optimizer) == (3, 2)
+    assert rules.modules_of(["net.0.weight", "net.0.bias", "scale"]) == ["net.0", "scale"]
+
+
+def test_init_loss_at_chance_is_fine_and_large_logits_are_off_with_the_scale_explaining_it():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 256)
+    counts = np.bincount(labels, minlength=10)
+
+    def ce(z: np.ndarray) -> float:
+        lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
+        return float(np.mean(lse - z[np.arange(len(z)), labels]))
+
+    small = rng.normal(0, 0.1, (256, 10))
+    v = rules.init_loss(ce(small), small, counts)
+    assert not v.off and abs(v.gap) < 0.05, v
+    big = rng.normal(0, 8.0, (256, 10))
+    v = rules.init_loss(ce(big), big, counts)
+    assert v.off and v.gap > 5, v
+    assert abs(v.scale_loss - v.loss) < 0.5 * v.gap, f"the scale should explain the gap: {v}"
+    assert math.isclose(v.chance, math.log(10))
+
+
+def test_init_loss_below_the_label_prior_is_off():
+    counts = np.full(10, 10)
+    z = np.zeros((100, 10))
+    v = rules.init_loss(0.01, z, counts)  # an input-blind model cannot reach 0.01 on balanced labels
+    assert v.off and math.isclose(v.prior_entropy, math.log(10))
+
+
+def test_unit_health_splits_dead_relu_and_saturated_layers_worst_first():
+    stats = [
+        rules.UnitStats("net.1", "relu", 64, 64, 1.0),
+        rules.UnitStats("net.3", "relu", 64, 3, 0.5),
+        rules.UnitStats("rnn:tanh", "tanh", 32, 20, 0.8),
+    ]
+    v = rules.unit_health(stats)
+    assert [s.layer for s in v.dead] == ["net.1"] and [s.layer for s in v.saturated] == ["rnn:tanh"]
+
+
+def test_vanishing_fires_on_a_bottom_layer_orders_below_the_top_and_not_on_a_flat_profile():
+    layers = ["l0", "l1", "l2"]
+    falling = np.array([[10.0 ** (-3 - 0.1 * t), 1e-2, 1.0] for t in range(10)])
+    v = rules.vanishing(falling, layers)
+    assert v.fires and (v.bottom, v.top) == ("l0", "l2") and v.log10_ratio < -3
+    assert not rules.vanishing(np.ones((10, 3)), layers).fires
+    assert not rules.vanishing(falling[:3], layers).fires, "fewer than MIN_SAMPLES samples: no verdict"
+
+
+def test_exploding_needs_growth_and_a_loss_that_did_not_fall_and_fires_on_nonfinite():
+    losses = np.full(12, 2.3)
+    norms = np.array([1.0] * 6 + [1e4] * 6)
+    assert rules.exploding(norms, losses).fires
+    assert not rules.exploding(norms, np.linspace(2.3, 0.1, 12)).fires, "the loss fell: large but useful gradients"
+    assert not rules.exploding(np.linspace(1, 5, 12), losses).fires
+    assert rules.exploding(np.array([1.0, math.nan]), losses[:2]).nonfinite
+
+
+def test_update_ratio_high_per_layer_low_only_at_a_steady_learning_rate():
+    layers = ["a", "b"]
+    high = np.tile([[1e-3, 1e-3]], (10, 1))
+    high[0, 1] = 5.0  # one step rewrote layer b five times over
+    v = rules.update_ratio(high, layers, np.full(10, 1e-2), 1e-2)
+    assert v.too_high == (("b", 5.0),) and not v.too_low
+    low = np.full((10, 2), 1e-8)
+    assert rules.update_ratio(low, layers, np.full(10, 1e-7), 1e-7).too_low
+    warmup = np.linspace(1e-6, 1e-3, 10)
+    assert not rules.update_ratio(low, layers, warmup, 1e-3).too_low, "warm-up explains small steps"
+    decayed = np.full(10, 1e-5)
+    assert not rules.update_ratio(low, layers, decayed, 1e-3).too_low, "a decayed schedule explains small steps"
+
+
+def test_clipping_always_needs_nearly_every_sampled_step():
+    assert rules.clipping(np.ones(10)).fires
+    assert not rules.clipping(np.array([1.0] * 8 + [0.0] * 2)).fires
+    assert not rules.clipping(np.ones(3)).fires
+
+
+def test_column_medians_match_nanmedian():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(7, 4))
+    a[2, 1] = math.nan
+    a[:, 3] = math.nan
+    a[0, 0] = math.inf
+    expected = [np.median(a[1:, 0]), np.median(np.delete(a[:, 1], 2)), np.median(a[:, 2]), math.nan]
+    np.testing.assert_allclose(rules.column_medians(a), expected)
+    np.testing.assert_allclose(
+        rules.column_medians(a[:6, :3]), np.nanmedian(np.where(np.isfinite(a[:6, :3]), a[:6, :3], np.nan), axis=0)
+    )

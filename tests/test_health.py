@@ -1,0 +1,218 @@
+"""ModelHealthCheck on real digits-sized trainings: each named fault, the right layer, silence when healthy."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
+
+from lightning_debug import ModelHealthCheck, debug_callbacks
+from lightning_debug.callbacks.health import PREFIX
+
+from models import DigitsMLP, digits, loaders, make_trainer
+
+_spec = importlib.util.spec_from_file_location(
+    "benchmarks_health_thresholds", Path(__file__).parents[1] / "benchmarks" / "health_thresholds.py"
+)
+assert _spec is not None and _spec.loader is not None
+bench = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = bench
+_spec.loader.exec_module(bench)
+
+
+def _fit(tmp_path, module, train, callbacks=None, **kwargs):
+    cb = ModelHealthCheck(verbose=False)
+    trainer = make_trainer(tmp_path, [cb, *(callbacks or [])], limit_val_batches=0, **kwargs)
+    trainer.fit(module, train)
+    return cb, trainer
+
+
+def _warnings(cb):
+    return {f.check: f for f in cb.findings if f.severity.rank >= 1}
+
+
+def test_healthy_digits_run_is_silent_at_warning_level_and_samples_every_interval(tmp_path):
+    cb, _ = _fit(tmp_path, DigitsMLP(), loaders(batch_size=32)[0], max_steps=120)
+    assert not _warnings(cb), [f.message for f in cb.findings]
+    assert cb.history["step"][:3] == [0, 10, 20] and len(cb.history["step"]) == 12
+    assert cb.layers == ["net.0", "net.2"]
+
+
+@pytest.mark.parametrize(
+    ("setup", "check", "layer"),
+    [
+        ("dead_init", "init.dead_units", "net.1"),
+        ("saturated_init", "init.saturated_units", "net.3"),
+        ("logit_scale", "init.loss_off_chance", "net.2"),
+        ("not_in_optimizer", "setup.params_not_in_optimizer", None),
+        ("unused_params", "setup.optimizer_params_unused", None),
+        ("stale_optimizer", "setup.optimizer_params_unused", None),
+    ],
+)
+def test_each_startup_fault_is_named_at_step_zero_with_its_layer(tmp_path, setup, check, layer):
+    module, train = bench.SETUPS[setup][0]()
+    cb, _ = _fit(tmp_path, module, train, max_steps=1)
+    found = _warnings(cb)
+    assert check in found, f"{setup}: expected {check}, got {[f.message for f in cb.findings]}"
+    f = found[check]
+    assert f.step == 0 and f.data["cause"], f
+    if layer is not None:
+        assert f.data["layer"] == layer, f.data
+
+
+def test_optimizer_coverage_evidence_the_loss_monitor_can_cite(tmp_path):
+    module, train = bench.SETUPS["not_in_optimizer"][0]()
+    cb, _ = _fit(tmp_path, module, train, max_steps=1)
+    d = _warnings(cb)["setup.params_not_in_optimizer"].data
+    assert d["modules"] == ["net.2"] and d["tensors"] == ["net.2.weight", "net.2.bias"] and d["elements"] == 650
+    assert (d["grad_tensors"], d["grad_tensors_in_optimizer"]) == (4, 2)
+    assert d["cause"] == "the optimizer holds 2 of the 4 tensors that receive gradients"
+    module, train = bench.SETUPS["stale_optimizer"][0]()
+    cb, _ = _fit(tmp_path, module, train, max_steps=1)
+    found = _warnings(cb)
+    assert found["setup.params_not_in_optimizer"].data["modules"] == ["net.2"], "the new head is never updated"
+    assert found["setup.optimizer_params_unused"].data["elements"] == 650, "the replaced head's tensors are held"
+
+
+@pytest.mark.parametrize(
+    ("setup", "check"),
+    [
+        ("lr_too_high_sgd", "grad.update_ratio"),
+        ("lr_too_low", "grad.update_ratio"),
+        pytest.param("exploding_rnn", "grad.exploding", marks=pytest.mark.slow),
+        ("vanishing_sigmoid", "grad.vanishing"),
+        ("clip_too_low", "grad.clipping_always"),
+    ],
+)
+def test_each_gradient_fault_is_found_within_one_interval(tmp_path, setup, check):
+    build, trainer_kwargs, _ = bench.SETUPS[setup]
+    module, train = build()
+    cb, _ = _fit(tmp_path, module, train, **trainer_kwargs)  # max_steps=100: one check interval
+    found = _warnings(cb)
+    assert check in found, f"{setup}: expected {check}, got {[f.message for f in cb.findings]}"
+    assert found[check].step <= cb.check_every_n_steps
+
+
+def test_startup_leaves_no_trace_on_model_optimizer_rng_data_or_logs(tmp_path):
+    """Same seed, with and without the check (BatchNorm + dropout + a shuffled loader): identical weights,
+    BatchNorm statistics, optimizer state, logged metrics and RNG state after a few steps."""
+
+    def run(with_check: bool):
+        pl.seed_everything(0, verbose=False)
+        module = DigitsMLP(hidden=(32,), batchnorm=True, dropout=0.2)
+        seen = []
+
+        class Record(pl.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, i):
+                seen.append(batch[1].clone())
+
+        cbs = [Record()] + (
+            [ModelHealthCheck(verbose=False, sample_every_n_steps=1, check_every_n_steps=5)] if with_check else []
+        )
+        trainer = make_trainer(tmp_path / str(with_check), cbs, max_steps=6, limit_val_batches=0, log_every_n_steps=1)
+        trainer.fit(module, loaders(batch_size=16)[0])
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        return module.state_dict(), trainer.optimizers[0].state_dict()["state"], seen, metrics, torch.rand(3)
+
+    a, b = run(False), run(True)
+    for k in a[0]:
+        assert torch.equal(a[0][k], b[0][k]), f"{k} differs"
+    for i in a[1]:
+        for k in a[1][i]:
+            assert torch.equal(torch.as_tensor(a[1][i][k]), torch.as_tensor(b[1][i][k])), f"optimizer state {i}/{k}"
+    assert all(torch.equal(x, y) for x, y in zip(a[2], b[2], strict=True)), "the data stream changed"
+    assert a[3] == b[3], "logged metrics changed"
+    assert torch.equal(a[4], b[4]), "RNG state changed"
+
+
+def test_state_survives_checkpoint_with_weights_only(tmp_path):
+    cb, _ = _fit(tmp_path, DigitsMLP(), loaders(batch_size=32)[0], max_steps=50)
+    torch.save(cb.state_dict(), tmp_path / "s.pt")
+    restored = ModelHealthCheck()
+    restored.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+    assert restored.history == cb.history and restored.startup_done and restored.checked == cb.checked
+    trainer2 = make_trainer(tmp_path / "b", [restored], max_steps=60, limit_val_batches=0)
+    trainer2.fit(DigitsMLP(), loaders(batch_size=32)[0])
+    assert restored.startup_seconds != restored.startup_seconds, "startup does not run again after a resume"
+
+
+def test_sharded_strategy_gathers_nothing_and_says_why(tmp_path):
+    """A real FSDP/DeepSpeed run cannot happen on this CPU-only machine: a strategy class that has the
+    FSDP name in its MRO stands in for it (the detection is by class name, as Lightning's are optional)."""
+
+    class FSDPStrategy(SingleDeviceStrategy):
+        pass
+
+    cb = ModelHealthCheck(verbose=False)
+    trainer = make_trainer(tmp_path, [cb], max_steps=20, limit_val_batches=0, strategy=FSDPStrategy(device="cpu"))
+    trainer.fit(DigitsMLP(), loaders(batch_size=32)[0])
+    assert [f.check for f in cb.findings] == ["check.skipped"] and "FSDPStrategy" in cb.findings[0].message
+    assert not cb.history["step"]
+
+
+def test_wandb_gets_per_layer_series_table_and_heatmap(tmp_path, wandb_logger):
+    from wandb_reader import read_offline_run
+
+    cb = ModelHealthCheck(verbose=False)
+    trainer = make_trainer(tmp_path, [cb], logger=wandb_logger, max_steps=300, max_epochs=10, limit_val_batches=0)
+    trainer.fit(DigitsMLP(), loaders(batch_size=32)[0])
+    import wandb
+
+    wandb.finish()
+    run = read_offline_run(tmp_path)
+    keys = set(run.keys())
+    for key in ("net.0/norm", "net.2/norm", "net.0/update_ratio", "global_norm"):
+        assert PREFIX + key in keys, sorted(k for k in keys if k.startswith(PREFIX))
+    assert len([v for v in run.series(PREFIX + "net.0/norm") if v is not None]) == 3, "one point per check"
+    assert PREFIX + "table" in keys and PREFIX + "heatmap" in keys
+
+
+def test_without_wandb_the_heatmap_is_a_png_and_the_table_a_csv(tmp_path):
+    _fit(tmp_path, DigitsMLP(), loaders(batch_size=32)[0], max_steps=60)
+    out = next(tmp_path.rglob("lightning_debug"))
+    assert [p.name for p in out.glob("grad_heatmap*.png")], list(out.iterdir())
+    assert (out / "grad_table.csv").read_text().startswith("step,layer,grad_norm,update_ratio")
+
+
+def test_suite_has_the_health_component_on_by_default():
+    assert any(isinstance(cb, ModelHealthCheck) for cb in debug_callbacks())
+    assert not any(isinstance(cb, ModelHealthCheck) for cb in debug_callbacks(health=False))
+
+
+def test_misuse_names_the_argument():
+    with pytest.raises(ValueError, match="sample_every_n_steps"):
+        ModelHealthCheck(sample_every_n_steps=0)
+    with pytest.raises(ValueError, match="check_every_n_steps"):
+        ModelHealthCheck(sample_every_n_steps=10, check_every_n_steps=20)
+
+
+def test_wandb_workspace_has_a_gradients_section():
+    pytest.importorskip("wandb_workspaces")
+    import json
+
+    from lightning_debug.workspace import wandb_workspace
+
+    spec = wandb_workspace("team", "proj")._to_model().model_dump(by_alias=True, exclude_none=True)
+    section = next(s for s in spec["spec"]["section"]["panelBankConfig"]["sections"] if s["name"] == "Gradients")
+    text = json.dumps(section)
+    for key in ("debug/grad/.*/norm", "debug/grad/.*/update_ratio", "debug/grad/heatmap", "debug/grad/table"):
+        assert key in text, key
+
+
+def test_iterable_dataset_gets_its_first_batch_checked(tmp_path):
+    from torch.utils.data import DataLoader, IterableDataset
+
+    train, _ = digits()
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(train)
+
+    cb, _ = _fit(tmp_path, DigitsMLP(), DataLoader(Stream(), batch_size=32), max_steps=2)
+    assert not _warnings(cb) and cb.evidence["units"] == {"net.1": cb.evidence["units"]["net.1"]}
+    assert abs(cb.evidence["init_gap"]) < 0.25, cb.evidence
