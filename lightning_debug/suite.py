@@ -12,6 +12,7 @@ from lightning_debug.callbacks.calibration import CalibrationMonitor
 from lightning_debug.callbacks.decoding import DecodingConsistencyCheck
 from lightning_debug.callbacks.divergence import LossMetricDivergence
 from lightning_debug.callbacks.early_stopping import MetricEarlyStopping, train_key
+from lightning_debug.callbacks.errors import ErrorAnalysis
 from lightning_debug.callbacks.grokking import GrokkingMonitor
 from lightning_debug.callbacks.loss import LossConvergenceMonitor
 from lightning_debug.callbacks.overfit import OverfitBatchCheck
@@ -34,6 +35,7 @@ _SUITE: dict[str, tuple[Callable[..., Callback], bool]] = {
     "decoding": (lambda metric, mode, **kw: DecodingConsistencyCheck(**kw), False),
     "loss": (lambda metric, mode, **kw: LossConvergenceMonitor(**kw), False),
     "calibration": (lambda metric, mode, **kw: CalibrationMonitor(**kw), False),
+    "errors": (lambda metric, mode, **kw: ErrorAnalysis(**kw), False),
     "divergence": (lambda metric, mode, **kw: LossMetricDivergence(**{"metric": metric, "mode": mode, **kw}), True),
     "grokking": (_grokking, True),
     "early_stopping": (_early_stopping, True),

@@ -235,8 +235,7 @@ def test_buckets_and_compaction():
     assert compact(ids, keep, 5).tolist() == [[7, 8, 9, -1, -1], [1, 2, -1, -1, -1]]
 
 
-@pytest.mark.parametrize("bad", [{"min_size": 30, "alpha": 0.005, "min_gap": 0.05}])
-def test_defaults_are_the_documented_ones(bad):
+def test_defaults_are_the_documented_ones():
     from lightning_debug.rules import errors
 
-    assert (errors.MIN_SIZE, errors.ALPHA, errors.MIN_GAP) == (bad["min_size"], bad["alpha"], bad["min_gap"])
+    assert (errors.MIN_SIZE, errors.ALPHA, errors.MIN_GAP) == (30, 0.005, 0.05)
