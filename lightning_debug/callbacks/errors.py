@@ -110,7 +110,7 @@ class ErrorAnalysis(DebugCallback):
         self.max_tokens = max_tokens
         self.budget = budget
         self.every_n_evaluations = every_n_evaluations
-        self.test = {"min_size": min_slice_size, "alpha": alpha, "min_gap": min_gap}
+        self.min_slice_size, self.alpha, self.min_gap = min_slice_size, alpha, min_gap
         self.cap = max_slice_values
         self.ignore_index = ignore_index
         self.shift_labels = shift_labels
@@ -227,8 +227,8 @@ class ErrorAnalysis(DebugCallback):
             ex.first_diff,
         ]
         parts = [torch.stack([s.double() for s in scalars + [m for m, _ in meta]], 1)]
-        if run["in_width"]:
-            parts.append(rules.compact(inputs[0], inputs[2], run["in_width"]).double())  # type: ignore[index]
+        if run["in_width"] and inputs is not None:
+            parts.append(rules.compact(inputs[0], inputs[2], run["in_width"]).double())
         if run["out_width"]:
             parts += [
                 rules.compact(t, ex.token_valid, run["out_width"]).double() for t in (ex.reference, ex.prediction)
@@ -284,7 +284,7 @@ class ErrorAnalysis(DebugCallback):
         run["token_task"] = ex.reference.shape[1] > 1
         run["meta"] = metadata_fields(batch, outputs, ex.loss.shape[0])
         run["codes"] = {name: {} for name, kind in run["meta"] if kind == "str"}
-        run["in_width"] = self.max_tokens if inputs is not None and inputs[0] is not None else 0
+        run["in_width"] = self.max_tokens if inputs is not None else 0
         run["out_width"] = self.max_tokens if run["token_task"] else 0
         width = len(SCALAR_FIELDS) + len(run["meta"]) + run["in_width"] + 2 * run["out_width"]
         run["keys"], run["rows"] = rules.empty_selection(self.sizes, width, dev)
@@ -341,7 +341,7 @@ class ErrorAnalysis(DebugCallback):
         )
         counts = self._slice_counts(run, slices, frequency)
         overall = counts.pop(0)
-        stats = rules.slice_statistics(counts, **self.test)
+        stats = rules.slice_statistics(counts, min_size=self.min_slice_size, alpha=self.alpha, min_gap=self.min_gap)
         accuracy = overall.accuracy
         units = overall.units or math.nan
         summary = {
@@ -352,7 +352,7 @@ class ErrorAnalysis(DebugCallback):
         }
         sink = Sink(trainer)
         scalars = {PREFIX + k: v for k, v in summary.items() if math.isfinite(v)}
-        tested = [s for s in stats if s.count >= self.test["min_size"]][:MAX_SLICE_SCALARS]
+        tested = [s for s in stats if s.count >= self.min_slice_size][:MAX_SLICE_SCALARS]
         scalars.update({f"{SLICE_PREFIX}{s.column}/{s.value}/acc": s.accuracy for s in tested})
         sink.log_scalars(scalars)
         epoch = trainer.current_epoch
@@ -451,7 +451,9 @@ class ErrorAnalysis(DebugCallback):
             return
         before = [rules.SliceStat(**d) for d in self.last_slices]
         previous = self.history[-1]["accuracy"]
-        for r in rules.slice_regressions(before, stats, previous, accuracy, **self.test):
+        for r in rules.slice_regressions(
+            before, stats, previous, accuracy, min_size=self.min_slice_size, alpha=self.alpha, min_gap=self.min_gap
+        ):
             self.emit(
                 trainer,
                 "eval.slice_regression",
@@ -503,8 +505,8 @@ def batch_target(batch: Any) -> Tensor | None:
     return y if isinstance(y, Tensor) else None
 
 
-def batch_inputs(batch: Any) -> tuple[Tensor | None, Tensor, Tensor] | None:
-    """``(token ids or None, lengths, kept positions)`` of a token batch (``input_ids`` and ``attention_mask``,
+def batch_inputs(batch: Any) -> tuple[Tensor, Tensor, Tensor] | None:
+    """``(token ids, lengths, kept positions)`` of a token batch (``input_ids`` and ``attention_mask``,
     or an integer ``x`` of ``(x, y)``); ``None`` for other inputs (features, images)."""
     ids: Any = batch.get("input_ids") if isinstance(batch, Mapping) else None
     if ids is None and isinstance(batch, (tuple, list)) and len(batch) == 2:
