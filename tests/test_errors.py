@@ -219,3 +219,38 @@ def test_it_is_in_the_default_suite_and_rejects_bad_arguments():
     with pytest.raises(ValueError, match="budget"):
         ErrorAnalysis(budget=2.0)
     assert math.isclose(ErrorAnalysis().budget, 0.02)
+
+
+def test_digits_zero_config_rows_summarise_feature_inputs_and_slice_by_label(tmp_path):
+    from models import DigitsMLP, loaders
+
+    _, val = loaders()
+    callback = ErrorAnalysis()
+    make_trainer(tmp_path, [callback]).validate(DigitsMLP(), val, verbose=False)  # untrained: ~90% errors
+    samples, slices = (pd.read_parquet(p) for p in callback.last_files[:2])
+    assert (samples.input == "float32 [64]").all() and set(samples.reference) <= {str(d) for d in range(10)}
+    assert set(slices.column) == {"label"} and slices["count"].sum() == 400, slices
+    assert "first_difference" not in samples.columns, "classification rows have no token columns"
+
+
+@pytest.mark.slow
+def test_the_example_names_both_planted_weaknesses_and_renders_the_figure(tmp_path):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "error_analysis.py"
+    spec = importlib.util.spec_from_file_location("example_error_analysis", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    trainer = module.main(["--out", str(tmp_path), "--figure", str(tmp_path / "tables.png")])
+    found = {
+        f.data["column"] + "=" + f.data["value"]
+        for cb in trainer.callbacks
+        if isinstance(cb, ErrorAnalysis)
+        for f in cb.findings
+        if f.check == "eval.weak_slice"
+    }
+    assert {"source=forum", "input_length=17-32"} <= found, found
+    assert (tmp_path / "tables.png").stat().st_size > 10_000

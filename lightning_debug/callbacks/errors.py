@@ -60,8 +60,9 @@ class ErrorAnalysis(DebugCallback):
         sample_size: errors kept by the seeded uniform sample.
         top_k: rows kept by each of the other selections.
         max_tokens: tokens kept per input / reference / prediction row.
-        budget: share of validation time the callback may use; evaluations are analysed while its own time
-            stays within it (the first always is). ``None``: every ``every_n_evaluations``.
+        budget: share of validation time the callback may use during ``fit``: an evaluation is analysed when its
+            time so far plus the expected cost stays within it (the first never is: nothing is measured yet;
+            ``trainer.validate`` always is). ``None``: every ``every_n_evaluations``.
         every_n_evaluations: analyse every N-th evaluation when ``budget`` is ``None``.
         min_slice_size / alpha / min_gap: a slice is weak when it has ``min_slice_size`` examples, is worse than
             the rest of its column by ``min_gap`` and a one-sided Fisher test is significant at family-wise
@@ -285,6 +286,7 @@ class ErrorAnalysis(DebugCallback):
         run["meta"] = metadata_fields(batch, outputs, ex.loss.shape[0])
         run["codes"] = {name: {} for name, kind in run["meta"] if kind == "str"}
         run["in_width"] = self.max_tokens if inputs is not None else 0
+        run["summary"] = input_summary(batch)
         run["out_width"] = self.max_tokens if run["token_task"] else 0
         width = len(SCALAR_FIELDS) + len(run["meta"]) + run["in_width"] + 2 * run["out_width"]
         run["keys"], run["rows"] = rules.empty_selection(self.sizes, width, dev)
@@ -516,6 +518,14 @@ def batch_inputs(batch: Any) -> tuple[Tensor, Tensor, Tensor] | None:
     mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
     keep = mask.bool() if isinstance(mask, Tensor) else torch.ones_like(ids, dtype=torch.bool)
     return ids, keep.sum(1), keep
+
+
+def input_summary(batch: Any) -> str:
+    """What a non-token input is, per example: ``"float32 [64]"`` for features, ``"float32 [3, 32, 32]"``."""
+    x = batch.get("pixel_values", batch.get("x")) if isinstance(batch, Mapping) else None
+    if x is None and isinstance(batch, (tuple, list)) and batch:
+        x = batch[0]
+    return f"{str(x.dtype).removeprefix('torch.')} {list(x.shape[1:])}" if isinstance(x, Tensor) else ""
 
 
 def metadata_fields(batch: Any, outputs: Any, n: int) -> list[tuple[str, str]]:
