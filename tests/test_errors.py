@@ -254,3 +254,11 @@ def test_the_example_names_both_planted_weaknesses_and_renders_the_figure(tmp_pa
     }
     assert {"source=forum", "input_length=17-32"} <= found, found
     assert (tmp_path / "tables.png").stat().st_size > 10_000
+
+
+def test_the_token_counting_hook_switches_itself_off_for_classification(tmp_path):
+    from models import DigitsMLP, loaders
+
+    callback = ErrorAnalysis()
+    make_trainer(tmp_path, [callback], max_steps=3).fit(DigitsMLP(), loaders()[0])
+    assert callback.on_train_batch_end is None and callback.token_counts is None, "Lightning no longer calls it"

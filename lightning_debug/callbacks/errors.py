@@ -206,16 +206,25 @@ class ErrorAnalysis(DebugCallback):
             return
         scores, target, fmt, preds = found
         ex = rules.per_example(scores, target, fmt, preds, self.ignore_index)
-        n = ex.loss.shape[0]
+        n, dev = ex.loss.shape[0], ex.loss.device
         inputs = batch_inputs(batch)
         if run["rows"] is None:
             self._start_run(run, ex, inputs, batch, outputs)
-        dev = ex.loss.device
         lengths = inputs[1] if inputs is not None else torch.full((n,), -1, device=dev)
         meta = [
             self._meta_values(run, name, kind, values_of(batch, outputs, name), n, dev) for name, kind in run["meta"]
         ]
-        token_acc = ex.correct_tokens / ex.tokens.clamp_min(1)
+        rows = self._rows(run, ex, inputs, lengths, [m for m, _ in meta])
+        keys = self._keys(ex, batch_idx)
+        run["keys"], run["rows"] = rules.merge_selections(run["keys"], run["rows"], keys, rows, self.sizes)
+        self._add_to_slices(run, ex, lengths if inputs is not None else None, [c for _, c in meta])
+        run["offset"] += n
+
+    def _rows(
+        self, run: dict[str, Any], ex: rules.Examples, inputs: Any, lengths: Tensor, meta: list[Tensor]
+    ) -> Tensor:
+        """``(B, F)`` float64: the scalar fields, the metadata values, then input / reference / prediction ids."""
+        n, dev = ex.loss.shape[0], ex.loss.device
         scalars = [
             torch.arange(run["offset"], run["offset"] + n, device=dev),
             ex.loss,
@@ -224,46 +233,53 @@ class ErrorAnalysis(DebugCallback):
             ex.prediction[:, 0],
             ex.reference[:, 0],
             lengths,
-            token_acc,
+            ex.correct_tokens / ex.tokens.clamp_min(1),
             ex.first_diff,
         ]
-        parts = [torch.stack([s.double() for s in scalars + [m for m, _ in meta]], 1)]
+        parts = [torch.stack([s.double() for s in scalars + meta], 1)]
         if run["in_width"] and inputs is not None:
             parts.append(rules.compact(inputs[0], inputs[2], run["in_width"]).double())
         if run["out_width"]:
             parts += [
                 rules.compact(t, ex.token_valid, run["out_width"]).double() for t in (ex.reference, ex.prediction)
             ]
+        return torch.cat(parts, 1)
+
+    def _keys(self, ex: rules.Examples, batch_idx: int) -> Tensor:
+        """One key column per selection (:data:`SELECTIONS`); ``-inf``: not eligible."""
+        n, dev = ex.loss.shape[0], ex.loss.device
         scored = ex.tokens > 0
         error = scored & ~ex.exact
         none = torch.full_like(ex.loss, -math.inf, dtype=torch.float64)
-        keys = torch.stack(
-            [
-                torch.where(error, rules.sample_keys(self.seed, self.evaluation, batch_idx, n, dev), none),
-                torch.where(scored, ex.loss.double(), none),
-                torch.where(error, ex.confidence.double(), none),
-                torch.where(error & (ex.tokens > 1), token_acc.double(), none),
-            ],
-            1,
-        )
-        run["keys"], run["rows"] = rules.merge_selections(
-            run["keys"], run["rows"], keys, torch.cat(parts, 1), self.sizes
-        )
+        token_acc = ex.correct_tokens.double() / ex.tokens.clamp_min(1)
+        columns = [
+            torch.where(error, rules.sample_keys(self.seed, self.evaluation, batch_idx, n, dev), none),
+            torch.where(scored, ex.loss.double(), none),
+            torch.where(error, ex.confidence.double(), none),
+            torch.where(error & (ex.tokens > 1), token_acc, none),
+        ]
+        return torch.stack(columns, 1)
+
+    def _add_to_slices(
+        self, run: dict[str, Any], ex: rules.Examples, lengths: Tensor | None, meta: list[Tensor]
+    ) -> None:
+        """One ``index_add_`` for every example-level column, one for the token-frequency buckets."""
+        n, dev = ex.loss.shape[0], ex.loss.device
         codes = [torch.zeros(n, dtype=torch.long, device=dev)]
         if not run["token_task"]:
             codes.append(ex.reference[:, 0].clamp(0, self.cap))
-        if inputs is not None:
+        if lengths is not None:
             codes.append(rules.length_bucket(lengths).clamp_max(self.cap))
-        codes += [c for _, c in meta]
+        codes += meta
+        scored = ex.tokens > 0
         values = torch.stack([scored, ex.tokens, ex.correct_tokens, ex.loss, ex.exact], 1).double() * scored[:, None]
         index = (torch.stack(codes, 1) + torch.arange(len(codes), device=dev) * (self.cap + 1)).flatten()
         run["slices"].index_add_(0, index, values.repeat_interleave(len(codes), 0))
         if run["freq_of_token"] is not None:
             bucket = run["freq_of_token"][ex.reference.clamp_min(0) % run["freq_of_token"].shape[0]]
-            v = ex.token_valid.double()
-            per_token = torch.stack([v, v, ex.token_ok.double(), ex.token_nll.double(), ex.token_ok.double()], -1)
+            v, ok = ex.token_valid.double(), ex.token_ok.double()
+            per_token = torch.stack([v, v, ok, ex.token_nll.double(), ok], -1)
             run["frequency"].index_add_(0, bucket.flatten(), per_token.reshape(-1, 5))
-        run["offset"] += n
 
     def _predictions(self, outputs: Any, batch: Any) -> tuple[Tensor, Tensor, str, Tensor | None] | str:
         if self._captured is not None and not _has_scores(outputs):
