@@ -43,7 +43,7 @@ SCALAR_FIELDS = (
 )
 NOT_METADATA = {"input_ids", "attention_mask", "labels", "target", "token_type_ids", "position_ids", "preds"}
 MAX_SLICE_SCALARS = 100
-FIRST_COST = 0.1  # seconds: an analysis with W&B tables on a small validation set (measured 0.08-0.1 s)
+FIRST_COST = 1.0  # seconds assumed for a first analysis: measured 0.1 s (idle) to 1.5 s (loaded 2-core machine)
 
 
 class ErrorAnalysis(DebugCallback):
