@@ -1,6 +1,6 @@
 """Look at the errors: a text classifier with a mislabelled source and a truncation bug, found by slices.
 
-    python examples/error_analysis.py            # both weaknesses named by eval.weak_slice, ~15 s on 2 CPU cores
+    python examples/error_analysis.py            # both weaknesses named by eval.weak_slice (see below for time)
     python examples/error_analysis.py --healthy  # nothing planted: no eval.weak_slice
     python examples/error_analysis.py --figure docs/img/error_analysis_tables.png   # + render the W&B tables
 

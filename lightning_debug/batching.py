@@ -2,8 +2,8 @@
 
 Turning a user's batch (tuple, list, dict, Hugging Face ``BatchEncoding``) into what the checks need:
 per-example token counts and padding amounts, the module's per-example outputs, the input embedding whose
-output stands in for integer token inputs, a float64-on-CPU copy of the computation to tell float noise
-from bugs, and the BxB dependency matrix from one batched vector-Jacobian product.
+output stands in for integer token inputs, and the BxB dependency matrix from one batched vector-Jacobian
+product. (The float64 re-run that tells float noise from bugs is in :mod:`lightning_debug.precision`.)
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections.abc import Callable, Iterator, Mapping
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -20,8 +22,13 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
 
 ForwardFn = Callable[[nn.Module, Any], Any]
+
+
+class CannotCheck(Exception):
+    """The batch check cannot judge this setup; the text is the reason."""
 
 
 def tensors_of(batch: Any) -> list[torch.Tensor]:
@@ -174,34 +181,115 @@ def dependency_matrix(
     return matrix.sqrt(), method
 
 
-@contextlib.contextmanager
-def float64_on_cpu(module: nn.Module) -> Iterator[Callable[[Any], Any]]:
-    """Run ``module`` in float64 on the CPU; its own parameters and buffers are not touched.
+def output_dependence(
+    module: nn.Module, batch: Any, b: int, forward_fn: ForwardFn, seed: int = 0
+) -> tuple[torch.Tensor, str]:
+    """:func:`dependency_matrix` of ``forward_fn(module, batch)`` through the input embedding (integer inputs)
+    and the floating inputs. Raises :class:`CannotCheck` when there is nothing differentiable to measure."""
+    leaves: list[tuple[torch.Tensor, int]] = []
 
-    The float64 copies are swapped in as module attributes for the duration (``torch.func``'s
-    reparametrisation), never through ``param.data``: a dtype change there resets the parameter's gradient
-    accumulator and silently drops the hooks DDP registered on it (rank 0 would then skip the gradient
-    all-reduce and hang the other ranks). Yields a function that converts a batch the same way. The default
-    dtype is float64 inside, so tensors the user's code creates match.
-    """
-    from torch.nn.utils.stateless import _reparametrize_module
+    def as_leaf(t: torch.Tensor) -> torch.Tensor:
+        dim = batch_dim(t, b)
+        if not t.is_floating_point() or dim is None:
+            return t
+        leaf = t.detach().clone().requires_grad_()
+        leaves.append((leaf, dim))
+        return leaf
 
-    def as64(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to("cpu", torch.float64 if t.is_floating_point() else t.dtype)
+    batch = apply_to_collection(batch, torch.Tensor, as_leaf)
+    handle = None
+    embedding = input_embedding(module)
+    if embedding is not None and any(not t.is_floating_point() for t in tensors_of(batch)):
+        captured: list[bool] = []
 
-    tensors = {name: as64(t) for name, t in (*module.named_parameters(), *module.named_buffers())}
-    default = torch.get_default_dtype()
+        def capture(_: torch.nn.Module, __: Any, out: Any) -> Any:
+            dim = batch_dim(out, b) if isinstance(out, torch.Tensor) and not captured else None
+            if dim is None:  # only the first call embeds the token inputs
+                return None
+            captured.append(True)
+            leaf = out.detach().requires_grad_()
+            leaves.insert(0, (leaf, dim))
+            return leaf
+
+        handle = embedding.register_forward_hook(capture)
     try:
-        torch.set_default_dtype(torch.float64)
-        with _reparametrize_module(module, tensors, tie_weights=True):
-            yield to_float64_cpu
+        with torch.enable_grad():
+            outputs = per_example_outputs(forward_fn(module, batch), b)
+    except Exception as err:
+        raise CannotCheck(f"the forward pass raised {type(err).__name__}: {err}; pass `forward_fn`") from err
     finally:
-        torch.set_default_dtype(default)
+        if handle is not None:
+            handle.remove()
+    if outputs is None or not outputs.requires_grad or not leaves:
+        raise CannotCheck(
+            "no differentiable per-example inputs or outputs (integer inputs without an embedding layer, "
+            "or no floating output with one row per example); pass `forward_fn`"
+        )
+    return dependency_matrix(outputs, leaves, seed)
 
 
-def to_float64_cpu(batch: Any) -> Any:
-    batch = move_data_to_device(batch, torch.device("cpu"))
-    return apply_to_collection(batch, torch.Tensor, lambda t: t.double() if t.is_floating_point() else t)
+@dataclass
+class Examples:
+    """A batch and its examples alone, for the batch-consistency check."""
+
+    batch: Any
+    singles: list[Any]
+    items: list[Any] | None  # dataset items, when pairs can be re-collated
+    collate: Callable[[list[Any]], Any] | None
+    move: Callable[[Any], Any]  # a collated batch to the module's device, as the training loop moves it
+
+
+def _same(a: Any, b: Any) -> bool:
+    ta, tb = tensors_of(a), tensors_of(b)
+    return len(ta) == len(tb) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(ta, tb, strict=True))
+
+
+def draw_examples(
+    loader: DataLoader,
+    batch_size: int,
+    seed: int,
+    split_fn: Callable[[Any], Sequence[Any]] | None,
+    move: Callable[[Any], Any],
+) -> Examples:
+    """``batch_size`` examples of ``loader``'s dataset (drawn with a private generator seeded by ``seed``),
+    collated as one batch and one by one (or cut by ``split_fn``), moved by ``move``. Raises
+    :class:`CannotCheck` when the data cannot be split into single examples that match the batch."""
+    dataset, collate = loader.dataset, loader.collate_fn
+    per_item = loader.batch_size is not None
+    items: list[Any] | None = None
+    if per_item and not isinstance(dataset, IterableDataset):
+        n = len(dataset)  # type: ignore[arg-type]
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:batch_size]
+        items = [dataset[int(i)] for i in idx]
+    elif per_item:
+        items = list(itertools.islice(iter(dataset), batch_size))
+    if items is not None:
+        if len(items) < 2:
+            raise CannotCheck(f"the train dataset has {len(items)} example(s); a batch of 1 has nothing to compare")
+        batch = collate(items)
+        if not _same(batch, collate(items)):  # e.g. MLM masking: a batch and its singles get different masks
+            if split_fn is None:
+                raise CannotCheck(
+                    "the collate_fn is random (two collations of the same examples differ, e.g. MLM masking), "
+                    "so examples collated alone would not match the batch; pass `split_fn` to cut the batch "
+                    "into unpadded single examples instead"
+                )
+            items = None
+            singles = list(split_fn(batch))
+        else:
+            singles = [collate([it]) for it in items]
+    elif split_fn is not None:
+        batch = next(iter(loader))
+        singles = list(split_fn(batch))
+    else:
+        raise CannotCheck(
+            "the train loader yields ready-made batches (batch_size=None or no per-item collate_fn), so "
+            "examples cannot be re-collated alone; pass `split_fn`"
+        )
+    b = batch_size_of(batch)
+    if b is None or b < 2 or b != len(singles):
+        raise CannotCheck(f"could not build a batch of >= 2 examples (batch size {b}, {len(singles)} singles)")
+    return Examples(move(batch), [move(s) for s in singles], items, collate if items is not None else None, move)
 
 
 def batch_mover(trainer: pl.Trainer, module: pl.LightningModule) -> Callable[[Any], Any]:

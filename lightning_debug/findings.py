@@ -5,10 +5,17 @@ numbers, a hint and the evidence. The :data:`CATALOGUE` lists every id the packa
 meaning and its likely causes in the order the debugging lecture diagnoses them: model capacity, then
 optimizer / learning rate / initialisation / batch size, then implementation bugs, then train/test
 disconnect, then search, then overfitting, then loss-metric mismatch.
+
+A number the code owns (a callback argument's default) is never written into the prose: write
+``{default:ClassName.argument}`` and it is read from the signature when the catalogue is rendered
+(:func:`with_defaults`), so ``docs/checks.md`` follows the code.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import re
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Any
@@ -88,6 +95,34 @@ class CheckInfo:
     def hint(self) -> str:
         return "Try, most likely first: " + "; ".join(self.fixes) + "."
 
+    @property
+    def description(self) -> str:
+        """``meaning`` with its ``{default:Class.argument}`` placeholders replaced by the current defaults."""
+        return with_defaults(self.meaning)
+
+
+_DEFAULT = re.compile(r"\{default:(\w+)\.(\w+)\}")
+
+
+@functools.cache
+def callback_default(owner: str, argument: str) -> Any:
+    """The default of ``argument`` in the ``__init__`` of the callback class ``owner`` (imported lazily: the
+    callbacks import this module)."""
+    import lightning_debug.callbacks as callbacks
+
+    return inspect.signature(getattr(callbacks, owner).__init__).parameters[argument].default
+
+
+def with_defaults(text: str) -> str:
+    """Replace every ``{default:Class.argument}`` in ``text`` by that default, so catalogue prose never repeats
+    (and never goes stale on) a number the code owns."""
+
+    def value(match: re.Match[str]) -> str:
+        v = callback_default(match.group(1), match.group(2))
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    return _DEFAULT.sub(value, text)
+
 
 def _c(
     id: str,
@@ -111,7 +146,7 @@ _CHECKS: tuple[CheckInfo, ...] = (
         (
             "read the exception text in `data`",
             "pass the offending argument explicitly",
-            "report it with the traceback; `strict=True` on the callback re-raises",
+            "report it with the traceback; `raise_errors=True` on the callback re-raises",
         ),
         "every DebugCallback",
     ),
@@ -440,8 +475,9 @@ _CHECKS: tuple[CheckInfo, ...] = (
         "calibration.overconfident",
         "warning",
         "The model is overconfident",
-        "ECE >= 0.1 (default) over enough validation predictions, mean confidence above accuracy by more than 3 "
-        "standard errors and a fitted temperature above 1, for 2 evaluations in a row.",
+        "ECE >= {default:CalibrationMonitor.ece_threshold} (default) over enough validation predictions, mean "
+        "confidence above accuracy by more than {default:CalibrationMonitor.z} standard errors and a fitted "
+        "temperature above 1, for {default:CalibrationMonitor.patience} evaluations in a row.",
         (
             "overfitting the likelihood: large weights, long training, little regularisation",
             "loss-metric mismatch: accuracy still fine while confidence grows",
@@ -457,8 +493,10 @@ _CHECKS: tuple[CheckInfo, ...] = (
         "calibration.underconfident",
         "warning",
         "The model is underconfident",
-        "ECE >= 0.1 (default) with accuracy above mean confidence (3 standard errors, fitted temperature below 1) "
-        "for the last 2 evaluations of the fit: judged at the end, as every run starts underconfident.",
+        "ECE >= {default:CalibrationMonitor.ece_threshold} (default) with accuracy above mean confidence "
+        "({default:CalibrationMonitor.z} standard errors, fitted temperature below 1) for the last "
+        "{default:CalibrationMonitor.patience} evaluations of the fit: judged at the end, as every run starts "
+        "underconfident.",
         ("too much regularisation or label smoothing", "training stopped very early"),
         ("reduce label smoothing / regularisation", "apply temperature scaling (T < 1)"),
         "CalibrationMonitor",
@@ -467,7 +505,8 @@ _CHECKS: tuple[CheckInfo, ...] = (
         "grokking.memorized",
         "info",
         "Training data memorised, dev metric far behind",
-        "The training metric reached its threshold (0.99) while the dev metric is at least 0.2 below it.",
+        "The training metric reached its threshold ({default:GrokkingMonitor.threshold}) while the dev metric is at "
+        "least {default:GrokkingMonitor.min_gap} below it.",
         ("memorisation before generalisation (normal early in grokking)", "overfitting"),
         ("keep training with weight decay if you expect late generalisation; do not stop on dev loss",),
         "GrokkingMonitor",
@@ -485,8 +524,9 @@ _CHECKS: tuple[CheckInfo, ...] = (
         "grokking.stalled",
         "warning",
         "Memorised long ago, no sign of generalising",
-        "Memorised for 10x the steps memorising took; over the last 10 evaluations the dev metric shows no "
-        "significant rise and the weight norm no significant fall (Theil-Sen 95% CIs).",
+        "Memorised for {default:GrokkingMonitor.stall_factor}x the steps memorising took; over the last "
+        "{default:GrokkingMonitor.stall_window} evaluations the dev metric shows no significant rise and the "
+        "weight norm no significant fall (Theil-Sen 95% CIs).",
         ("too little weight decay for late generalisation", "too little training data", "plain overfitting"),
         ("increase weight decay", "add training data", "stop the run and regularise"),
         "GrokkingMonitor",
@@ -563,7 +603,7 @@ def render_catalogue() -> str:
     ]
     lines += [f"| `{c.id}` | {c.severity.value} | {c.emitted_by} | {c.title} |" for c in _CHECKS]
     for c in _CHECKS:
-        lines += ["", f"## `{c.id}`", "", f"**{c.title}** ({c.severity.value}, {c.emitted_by})", "", c.meaning]
+        lines += ["", f"## `{c.id}`", "", f"**{c.title}** ({c.severity.value}, {c.emitted_by})", "", c.description]
         lines += ["", "Likely causes, most likely first:", ""]
         lines += [f"{i}. {cause}" for i, cause in enumerate(c.causes, 1)]
         lines += ["", "What to try:", ""]

@@ -58,9 +58,25 @@ def preserved_modes(module: torch.nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def preserved_parameters(module: torch.nn.Module) -> Iterator[None]:
+    """Restore every parameter's ``requires_grad`` flag and its ``.grad`` (the same tensor, or ``None``) on exit.
+
+    A check that freezes parameters or runs ``backward()`` must not leave a gradient for the next optimizer
+    step; the values are not copied, so a check must never write into an existing ``.grad`` in place.
+    """
+    saved = [(p, p.requires_grad, p.grad) for p in module.parameters()]
+    try:
+        yield
+    finally:
+        for p, requires_grad, grad in saved:
+            p.requires_grad_(requires_grad)
+            p.grad = grad
+
+
+@contextlib.contextmanager
 def isolated(module: pl.LightningModule) -> Iterator[None]:
     """All of the above together: what every startup check wraps its work in."""
-    with preserved_rng(), silenced_logging(module), preserved_modes(module):
+    with preserved_rng(), silenced_logging(module), preserved_modes(module), preserved_parameters(module):
         yield
 
 

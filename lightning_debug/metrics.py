@@ -11,15 +11,15 @@ torchmetrics does (``bucketize(right=True)`` on ``linspace(0, 1, n_bins + 1)``),
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
-InputFormat = Literal["logits", "probs"]
+from lightning_debug.signals import InputFormat
+
 _SUM = torch.float64  # sums of up to ~1e15 confidences stay exact to ~1e-9
 
 
@@ -233,41 +233,74 @@ def fit_temperature(logits: Tensor, target: Tensor, weight: Tensor | None = None
     return math.exp(float(res.x))
 
 
-def find_predictions(
-    outputs: Any,
-    batch: Any,
-    *,
-    logits_key: str = "logits",
-    probs_key: str = "probs",
-    target_key: str = "target",
-) -> tuple[Tensor, Tensor, InputFormat] | str:
-    """``(scores, target, input_format)`` from a step's outputs and batch, or why none were found.
+class LogitSample:
+    """The first rows of logits (and targets) of an evaluation, up to a budget, kept on the device to fit a
+    temperature: the same rows every epoch, so temperatures compare across epochs.
 
-    Scores: ``outputs[logits_key]`` (a dict or a Hugging Face ``ModelOutput``), ``outputs.logits``, then
-    ``outputs[probs_key]``. Target: ``outputs[target_key]`` or ``outputs["labels"]``, then ``batch[target_key]``
-    or ``batch["labels"]`` for a dict batch, then the second element of an ``(x, y)`` batch whose shape fits.
+    ``rows``: predictions kept (0: none); a wide vocabulary keeps fewer, so at most ``max_elements`` floats are
+    held (4M floats, 16 MiB by default). Rows with non-finite scores, targets outside the classes or equal to
+    ``ignore_index`` are kept with weight 0.
     """
-    scores: Any = None
-    fmt: InputFormat = "logits"
-    if isinstance(outputs, Mapping):
-        if outputs.get(logits_key) is not None:
-            scores = outputs[logits_key]
-        elif outputs.get(probs_key) is not None:
-            scores, fmt = outputs[probs_key], "probs"
-    elif getattr(outputs, logits_key, None) is not None:
-        scores = getattr(outputs, logits_key)
-    if not isinstance(scores, Tensor) or not scores.is_floating_point():
-        return f"no floating `{logits_key}` or `{probs_key}` in what validation_step returned"
-    target: Any = None
-    for source in (outputs, batch):
-        if isinstance(source, Mapping):
-            target = next((source[k] for k in (target_key, "labels") if source.get(k) is not None), None)
-            if target is not None:
-                break
-    if target is None and isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], Tensor):
-        y = batch[1]
-        if y.shape == scores.shape or y.shape == scores.shape[:-1]:
-            target = y
-    if not isinstance(target, Tensor):
-        return f"no `{target_key}` in what validation_step returned, and no `labels` or (x, y) target in the batch"
-    return scores, target, fmt
+
+    def __init__(self, rows: int, ignore_index: int | None, max_elements: int = 1 << 22) -> None:
+        self.rows = rows
+        self.ignore_index = ignore_index
+        self.max_elements = max_elements
+        self.parts: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.kept = 0
+
+    def reset(self) -> None:
+        self.parts, self.kept = [], 0
+
+    def _budget(self, width: int) -> int:
+        return min(self.rows, self.max_elements // width)
+
+    def add(self, logits: Tensor, target: Tensor) -> None:
+        """Keep rows of ``logits`` (``target``-shaped or ``(..., 1)`` for binary, else ``(..., C)``)."""
+        binary = logits.shape == target.shape or (logits.shape[-1] == 1 and logits.shape[:-1] == target.shape)
+        width = 1 if binary else logits.shape[-1]
+        budget = self._budget(width) - self.kept
+        if budget <= 0:
+            return
+        x = logits.reshape(-1) if binary else logits.reshape(-1, width)
+        t = target.reshape(-1)[:budget]
+        x = x[:budget].float()
+        finite = torch.isfinite(x) if binary else torch.isfinite(x).all(-1)
+        valid = finite & (t >= 0) & (t < max(width, 2))
+        if self.ignore_index is not None:
+            valid &= t != self.ignore_index
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        x = torch.where(finite if binary else finite.unsqueeze(-1), x, zero)
+        self.parts.append((x, torch.where(valid, t, torch.zeros_like(t)), valid.float()))
+        self.kept += len(t)
+
+    def temperature(self, all_gather: Any = None) -> float:
+        """:func:`fit_temperature` on the sample (NaN when empty). ``all_gather`` (the strategy's, under DDP)
+        pools every rank's sample first, so all ranks fit the same temperature on the whole validation set."""
+        if not self.parts:
+            return float("nan")
+        x, t, w = (torch.cat(parts) for parts in zip(*self.parts, strict=True))
+        if all_gather is not None:
+            budget = self._budget(1 if x.dim() == 1 else x.shape[-1])
+            x, t, w = (self._gather(all_gather, r, budget) for r in (x, t, w))
+        return fit_temperature(x, t, w)
+
+    @staticmethod
+    def _gather(all_gather: Any, rows: Tensor, budget: int) -> Tensor:
+        """Padded with weight-0 rows to the budget so ``all_gather`` can stack ranks that kept different counts."""
+        padded = torch.cat([rows, rows.new_zeros((budget - rows.shape[0], *rows.shape[1:]))])
+        return all_gather(padded).reshape(-1, *rows.shape[1:])
+
+
+def prediction_sums(scores: Tensor, target: Tensor, fmt: InputFormat, ignore_index: int | None) -> Tensor:
+    """On-device ``[correct, tokens, nll, seq_correct, seqs]``; sequences when ``target`` has a time axis."""
+    _, correct, nll, _, valid, _, _ = per_prediction(scores, target, fmt, ignore_index)
+    w = valid.to(torch.float64)
+    rows = target.reshape(target.shape[0], -1) if target.ndim >= 2 else None
+    if rows is None:
+        seq_correct = seqs = torch.zeros((), dtype=torch.float64, device=w.device)
+    else:
+        ok = (correct | ~valid).reshape(rows.shape)
+        has = valid.reshape(rows.shape).any(-1)
+        seq_correct, seqs = (ok.all(-1) & has).sum().double(), has.sum().double()
+    return torch.stack([(correct.double() * w).sum(), w.sum(), (nll.double() * w).sum(), seq_correct, seqs])

@@ -92,7 +92,7 @@ class DebugReport(LeanCallback):
 
     @staticmethod
     def _to_wandb(sink: Sink, report: dict[str, Any]) -> None:
-        if sink.wandb_run is None:
+        if not sink.has_wandb:
             return
         rows = [[json.dumps(f[c]) if c == "data" else f[c] for c in TABLE_COLUMNS] for f in report["findings"]]
         sink.log_table("debug/findings/table", TABLE_COLUMNS, rows)

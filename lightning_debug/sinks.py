@@ -1,8 +1,10 @@
-"""The one place that talks to loggers.
+"""The one place that talks to loggers: every W&B and matplotlib call of the package is made here.
 
-Scalars go through ``trainer.loggers`` (CSV, TensorBoard, W&B alike). Rich media (tables, charts, figures,
-alerts, summaries, metric definitions) go to W&B when a ``WandbLogger`` is attached; without one, figures
-are written as PNG under ``<log_dir>/lightning_debug/`` and added to TensorBoard when that logger is present.
+Scalars go through ``trainer.loggers`` (CSV, TensorBoard, W&B alike). Rich media (tables, native charts,
+figures, alerts, summaries, metric definitions) go to W&B when a ``WandbLogger`` is attached; without one,
+tables are written as CSV and figures as PNG under ``<log_dir>/lightning_debug/`` (figures also to TensorBoard
+when that logger is present). Figures are passed as a function that draws them (see :mod:`lightning_debug.media`),
+so nothing is drawn, and matplotlib is not imported, unless a figure is actually logged.
 Every method is rank-zero only and swallows logger failures: a dashboard problem must never stop training.
 """
 
@@ -11,8 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +28,7 @@ log = logging.getLogger("lightning_debug")
 
 ALERT_WAIT = timedelta(minutes=5)
 ALERT_LIMIT = 10  # per run: an alert storm helps nobody
-_ALERTS_SENT: Counter[str] = Counter()  # by W&B run id (a wandb Run accepts no new attributes)
+_ALERTS_SENT = "_lightning_debug_alerts_sent"  # the per-run budget, kept on the run's WandbLogger
 
 
 def output_dir(trainer: pl.Trainer) -> Path:
@@ -63,13 +64,18 @@ def _safe(fn: Any) -> Any:
 
 
 class Sink:
-    """Logging for one trainer. Cheap to build and stateless (the alert budget is kept per W&B run id)."""
+    """Logging for one trainer. Cheap to build and stateless (the alert budget lives on the W&B logger)."""
 
     def __init__(self, trainer: pl.Trainer) -> None:
         self.trainer = trainer
 
     @property
-    def wandb_run(self) -> Any | None:
+    def has_wandb(self) -> bool:
+        """A ``WandbLogger`` is attached: native charts, tables and summaries will reach W&B."""
+        return _wandb_logger(self.trainer) is not None
+
+    @property
+    def _wandb_run(self) -> Any | None:
         lg = _wandb_logger(self.trainer)
         return None if lg is None else lg.experiment
 
@@ -87,7 +93,7 @@ class Sink:
     @_safe
     def define_metric(self, key: str, *, summary: str | None = None, step_metric: str | None = None) -> None:
         """W&B metric definition (``summary`` like ``"min,max"``); a no-op for other loggers."""
-        run = self.wandb_run
+        run = self._wandb_run
         if run is None:
             return
         kwargs: dict[str, Any] = {"summary": summary} if summary else {}
@@ -97,7 +103,7 @@ class Sink:
 
     @_safe
     def set_summary(self, items: Mapping[str, Any]) -> None:
-        run = self.wandb_run
+        run = self._wandb_run
         if run is not None:
             for k, v in items.items():
                 run.summary[k] = v
@@ -105,7 +111,7 @@ class Sink:
     @_safe
     def log_table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         """A ``wandb.Table`` under ``key``; without W&B, a CSV file under the output directory."""
-        run = self.wandb_run
+        run = self._wandb_run
         if run is not None:
             import wandb
 
@@ -120,19 +126,63 @@ class Sink:
             writer.writerows(rows)
 
     @_safe
-    def log_chart(self, key: str, chart: Any) -> None:
-        """A native W&B chart (``wandb.plot.*``); dropped without W&B (a figure covers that case)."""
-        run = self.wandb_run
-        if run is not None:
-            run.log({key: chart})
+    def log_line_series(
+        self,
+        key: str,
+        xs: Sequence[float] | Sequence[Sequence[float]],
+        ys: Sequence[Sequence[float]],
+        names: Sequence[str],
+        *,
+        title: str,
+        x_name: str,
+    ) -> None:
+        """A native W&B line chart of several series (``xs`` shared, or one list per series); dropped
+        without W&B (a figure covers that case)."""
+        run = self._wandb_run
+        if run is None:
+            return
+        import wandb
+
+        chart = wandb.plot.line_series(
+            xs=[list(x) for x in xs] if xs and isinstance(xs[0], Sequence) else list(xs),  # type: ignore[arg-type]
+            ys=[list(y) for y in ys],
+            keys=list(names),
+            title=title,
+            xname=x_name,
+        )
+        run.log({key: chart})
 
     @_safe
-    def log_figure(self, key: str, figure: Any) -> Path | None:
-        """A matplotlib figure: to W&B as an image, else PNG on disk (+ TensorBoard when present)."""
-        import matplotlib.pyplot as plt
+    def log_bar(
+        self, key: str, labels: Sequence[str], values: Sequence[float], *, label_name: str, value_name: str, title: str
+    ) -> None:
+        """A native W&B bar chart (a histogram when ``labels`` are bins); dropped without W&B."""
+        run = self._wandb_run
+        if run is None:
+            return
+        import wandb
 
+        table = wandb.Table(
+            columns=[label_name, value_name], data=[[lb, v] for lb, v in zip(labels, values, strict=True)]
+        )
+        run.log({key: wandb.plot.bar(table, label_name, value_name, title=title)})
+
+    @_safe
+    def log_figure(self, key: str, figure: Any | Callable[[], Any], *, with_wandb: bool = True) -> Path | None:
+        """A matplotlib figure, or a function that draws one (called only here, so only when it is logged):
+        to W&B as an image, else PNG on disk (+ TensorBoard when present). ``with_wandb=False``: W&B gets
+        native charts of the same data instead, so with W&B attached nothing is drawn. Without matplotlib
+        installed (the ``plots`` extra), nothing is drawn either."""
+        if not with_wandb and self.has_wandb:
+            return None
         try:
-            run = self.wandb_run
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        if callable(figure):
+            figure = figure()
+        try:
+            run = self._wandb_run
             if run is not None:
                 import wandb
 
@@ -150,13 +200,14 @@ class Sink:
     @_safe
     def alert(self, title: str, text: str, level: str = "ERROR") -> None:
         """A W&B alert (Slack/e-mail once synced); rate limited per run."""
-        run = self.wandb_run
-        if run is None:
+        lg = _wandb_logger(self.trainer)
+        if lg is None:
             return
-        if _ALERTS_SENT[run.id] >= ALERT_LIMIT:
+        sent = getattr(lg, _ALERTS_SENT, 0)
+        if sent >= ALERT_LIMIT:
             return
-        run.alert(title=title[:63], text=text, level=level, wait_duration=ALERT_WAIT)
-        _ALERTS_SENT[run.id] += 1
+        lg.experiment.alert(title=title[:63], text=text, level=level, wait_duration=ALERT_WAIT)
+        setattr(lg, _ALERTS_SENT, sent + 1)
 
     def _file_for(self, key: str, ext: str, step: int | None = None) -> Path:
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", key.replace("debug/", "", 1))
@@ -171,38 +222,25 @@ class Sink:
     def log_frame(self, key: str, file: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path | None:
         """A table of rows: a ``wandb.Table`` under ``key`` with W&B, else ``<directory>/<file>.parquet`` (CSV
         when pyarrow is missing), loadable with ``pandas.read_parquet`` / ``read_csv``. Returns the file."""
-        if self.wandb_run is not None:
+        if self.has_wandb:
             self.log_table(key, columns, rows)
             return None
         path = self.directory / file
         path.parent.mkdir(parents=True, exist_ok=True)
         return write_rows(path, columns, rows)
 
-    @_safe
-    def log_bars(
+    def log_interval_bars(
         self,
         key: str,
         labels: Sequence[str],
         values: Sequence[float],
-        errors: Sequence[tuple[float, float]],
+        intervals: Sequence[tuple[float, float]],
         title: str,
     ) -> Path | None:
-        """A bar chart (e.g. accuracy per slice with its interval): a native W&B bar chart, else a PNG figure
-        through :meth:`log_figure`. Returns the PNG path when one was written."""
-        run = self.wandb_run
-        if run is not None:
-            import wandb
-
-            table = wandb.Table(
-                columns=["label", "value"], data=[[lb, v] for lb, v in zip(labels, values, strict=True)]
-            )
-            run.log({key: wandb.plot.bar(table, "label", "value", title=title)})
-            return None
-        try:
-            import matplotlib  # noqa: F401  (the `plots` extra)
-        except ImportError:
-            return None
-        return self.log_figure(key, bar_figure(labels, values, errors, title))
+        """Accuracy per label with its interval: a native W&B bar chart, else a PNG through :meth:`log_figure`
+        (drawn only then). Returns the PNG path when one was written."""
+        self.log_bar(key, labels, values, label_name="slice", value_name="accuracy", title=title)
+        return self.log_figure(key, lambda: bar_figure(labels, values, intervals, title), with_wandb=False)
 
 
 def write_rows(path: Path, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:

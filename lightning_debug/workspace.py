@@ -59,7 +59,6 @@ def wandb_workspace(entity: str, project: str, name: str = "lightning-debug") ->
                 grok("Train vs dev loss (log step)", ["train_loss", "val_loss"], log_y=True),
                 grok("Global L2 weight norm (log step)", ["weight_norm"]),
                 grok("Token vs exact-match accuracy (log step)", ["val_token_acc", "val_seq_acc"]),
-                wr.MediaBrowser(title="Grokking curves", media_keys=[GROKKING + "curves"]),
             ],
             is_open=True,
         ),

@@ -8,7 +8,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 torch.set_flush_denormal(True)
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # 2 cores shared by pytest and other jobs: more threads only oversubscribe them
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_DISABLE_GIT", "true")

@@ -123,3 +123,43 @@ def test_lightning_dispatches_only_the_hooks_a_callback_defines(tmp_path):
     assert Counting.on_before_backward is None and Counting.on_train_batch_start is None
     make_trainer(tmp_path, [counting], max_steps=5).fit(DigitsMLP(), loaders()[0])
     assert counting.batches == 5
+
+
+class Listener(DebugCallback):
+    """Learns about the other callbacks' findings only through the base class."""
+
+    def __init__(self, fail: bool = False):
+        super().__init__()
+        self.heard: list[tuple[str, int]] = []
+        self.fail = fail
+
+    def on_finding(self, trainer, finding):
+        self.heard.append((finding.check, finding.count))
+        if self.fail:
+            raise RuntimeError("listener failed on purpose")
+
+
+def test_callbacks_hear_each_others_findings_through_the_base_class(tmp_path):
+    probe, listener = Probe(), Listener()
+    train, _ = loaders(n_train=320)
+    trainer = make_trainer(tmp_path, [probe, listener], max_epochs=1)
+    trainer.fit(DigitsMLP(), train)
+    assert listener.heard == [("loss.plateau", n) for n in range(1, 11)], "every emit, repeats with their count"
+    assert [f.check for f in listener.findings_on(trainer)] == ["loss.plateau"]
+    assert listener.findings_on(trainer, "loss.nonfinite") == [] and probe.findings_on(trainer) == []
+    assert DebugCallback.emissions_on(trainer) == 10
+    assert not listener.watched_on(trainer, "loss.plateau"), "no LossConvergenceMonitor on this trainer"
+    assert listener.skip(trainer, "no data", key="x").message == "Listener: no data"
+
+
+def test_a_failing_listener_becomes_one_check_error_without_recursion(tmp_path):
+    probe, listener = Probe(), Listener(fail=True)
+    train, _ = loaders(n_train=320)
+    make_trainer(tmp_path, [probe, listener], max_epochs=1).fit(DigitsMLP(), train)
+    errors = [f for f in listener.findings if f.check == "check.error"]
+    assert len(errors) == 1 and errors[0].count == 10 and errors[0].data["hook"] == "on_finding", errors
+
+
+def test_new_argument_names_and_the_former_ones():
+    assert Probe(raise_errors=True).raise_errors and not Probe(print_findings=False).print_findings
+    assert Probe(strict=True).raise_errors and not Probe(verbose=False).print_findings

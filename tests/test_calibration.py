@@ -13,7 +13,8 @@ from torchmetrics.classification import MulticlassCalibrationError
 from torchmetrics.functional.classification import binary_calibration_error
 
 from lightning_debug.callbacks.calibration import CalibrationMonitor
-from lightning_debug.metrics import StreamingCalibration, find_predictions, fit_temperature
+from lightning_debug.metrics import StreamingCalibration, fit_temperature
+from lightning_debug.signals import find_predictions
 
 from models import DigitsMLP, loaders, make_trainer
 from wandb_reader import read_offline_run

@@ -150,7 +150,7 @@ def test_gpt2_rows_reach_wandb_decoded_and_an_off_by_one_decode_shows_in_the_fir
     assert any(k.startswith("debug/slices/input_length/") for k in logged), sorted(logged)
     assert "debug/errors/slice_accuracy" in run.config["_wandb"]["visualize"], "the bar chart"
     bars = _frame(run.table("debug/errors/slice_accuracy_table", 0))
-    assert bars.label.str.startswith("input_length=").any(), bars
+    assert bars.slice.str.startswith("input_length=").any(), bars
     # the off-by-one decode: every one of the first rows differs at the first word, shifted by one
     top = buggy.head(10)
     assert (top.first_difference == 0).all(), top[["reference", "prediction", "first_difference"]]

@@ -61,3 +61,14 @@ def test_catalogue_has_causes_fixes_and_the_docs_are_current():
 def test_unknown_check_id_is_a_clear_error():
     with pytest.raises(ValueError, match=r"Unknown check id 'loss\.plateu'"):
         check_info("loss.plateu")
+
+
+def test_catalogue_prose_reads_defaults_from_the_callbacks():
+    from lightning_debug.callbacks import CalibrationMonitor, GrokkingMonitor
+    from lightning_debug.findings import with_defaults
+
+    assert with_defaults("{default:CalibrationMonitor.ece_threshold}") == f"{CalibrationMonitor().ece_threshold:g}"
+    assert with_defaults("{default:GrokkingMonitor.stall_window}") == str(GrokkingMonitor().stall_window)
+    unresolved = [c.id for c in CATALOGUE.values() if "{default:" in c.description]
+    assert not unresolved, unresolved
+    assert "{default:" not in render_catalogue()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_debug.callbacks.grokking import GrokkingMonitor, log10_step, log_spaced_steps, prediction_sums
+from lightning_debug.callbacks.grokking import GrokkingMonitor, log10_step, prediction_sums
 from lightning_debug.demos.modular import ModularAdditionMLP, modular_addition_loaders
 
 from models import make_trainer
@@ -32,6 +32,7 @@ class GroundTruth(Callback):
                 self.first[name] = step
 
 
+@pytest.mark.slow
 def test_modular_addition_memorizes_then_generalizes_on_a_log_step_axis(tmp_path, wandb_logger):
     train, val = modular_addition_loaders()
     truth = GroundTruth(train.dataset, val.dataset)
@@ -69,7 +70,7 @@ def test_modular_addition_memorizes_then_generalizes_on_a_log_step_axis(tmp_path
     assert run.summary["debug/grokking/generalized_step"] == generalized.step
     assert run.summary["debug/grokking/val_acc"]["max"] > 0.99
     assert run.config["_wandb"]["visualize"]["debug/grokking/accuracy_curves"]["panel_type"] == "Vega2"
-    assert len(run.series("debug/grokking/curves")) == 1, "one log-x figure at the end"
+    assert "debug/grokking/curves" not in run.keys(), "W&B gets native charts: no figure is drawn"  # noqa: SIM118
 
 
 @pytest.mark.slow
@@ -83,9 +84,15 @@ def test_no_weight_decay_memorizes_and_stalls(tmp_path):
     assert checks == ["grokking.memorized", "grokking.stalled"], [f.message for f in monitor.findings]
 
 
-def test_log_spaced_steps_are_even_in_log10():
-    assert sorted(log_spaced_steps(5, 1000)) == [1, 2, 3, 4, 6, 10, 16, 25, 40, 63, 100, 158, 251, 398, 631, 1000]
-    assert max(log_spaced_steps(10, 350)) <= 350
+def test_without_wandb_the_log_x_figure_is_drawn_at_fit_end(tmp_path):
+    """No W&B to take the native charts: one PNG of the curves under <log_dir>/lightning_debug/."""
+    train, val = modular_addition_loaders()
+    monitor = GrokkingMonitor(evals_per_decade=3)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=60, max_epochs=-1)
+    trainer.fit(ModularAdditionMLP(), train, val)
+    pngs = sorted(p.name for p in (tmp_path / "csv" / "version_0" / "lightning_debug").glob("*.png"))
+    assert pngs == ["grokking_curves_step60.png"], pngs
+    assert [r["step"] for r in monitor.records][:3] == [1.0, 2.0, 5.0], monitor.records[:3]
 
 
 def test_sequences_give_token_and_exact_match_accuracy():
@@ -119,6 +126,8 @@ def test_example_runs_and_says_where_the_dashboard_is(tmp_path, capsys):
     steps = [r["trainer/global_step"] for r in run.history if "debug/grokking/val_acc" in r]
     assert steps == [1, 2, 5, 10, 22, 46, 50, 100], steps
     assert "debug/findings/status" in run.summary, "the findings report reached W&B"
+    assert "debug/grokking/accuracy_curves" in run.config["_wandb"]["visualize"], "native log-x chart in W&B"
+    assert "debug/grokking/curves" not in run.keys(), "W&B has the native charts: no figure drawn"  # noqa: SIM118
 
 
 def test_wandb_workspace_spec_has_one_section_per_area_and_log_x_grokking_panels():

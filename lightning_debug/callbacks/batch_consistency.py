@@ -15,83 +15,55 @@ the working precision is re-run in float64 on the CPU, where noise shrinks by ~1
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning_utilities.core.apply_func import apply_to_collection
-from scipy.stats import kendalltau
-from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_debug.base import DebugCallback
 from lightning_debug.batching import (
+    CannotCheck,
+    Examples,
     ForwardFn,
-    batch_dim,
     batch_mover,
-    batch_size_of,
     default_forward,
-    dependency_matrix,
-    float64_on_cpu,
-    input_embedding,
+    draw_examples,
+    output_dependence,
     padding_of,
-    per_example_outputs,
     tensors_of,
     token_counts,
 )
 from lightning_debug.isolation import batch_stat_modules, isolated
+from lightning_debug.precision import float64_on_cpu, module_tolerance
+from lightning_debug.rules.batch import (
+    Fit,
+    aggregation_fits,
+    best_attribution,
+    leaking_pairs,
+    padding_verdict,
+    pair_rows,
+    rejudged,
+    relative_dependence,
+)
+from lightning_debug.signals import first_dataloader
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 SplitFn = Callable[[Any], Sequence[Any]]
-# Aggregations tried, in the order reported when several match (equal weights make them indistinguishable).
-_TOKEN_RULES = ("labels_shifted", "labels", "attention_mask_shifted", "attention_mask")
 _WORST = 5  # examples / pairs named in a finding
-_F64_RTOL = 1e-9
-
-
-def _median(values: list[float]) -> float:
-    return float(torch.tensor(values).median())
 
 
 def _identity(batch: Any) -> Any:
     return batch
 
 
-def _same(a: Any, b: Any) -> bool:
-    ta, tb = tensors_of(a), tensors_of(b)
-    return len(ta) == len(tb) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(ta, tb, strict=True))
-
-
-class _Skip(Exception):
-    """The check cannot judge this setup; the text is the reason."""
-
-
-@dataclass
-class _Examples:
-    batch: Any
-    singles: list[Any]
-    items: list[Any] | None  # dataset items, when pairs can be re-collated
-    collate: Callable[[list[Any]], Any] | None
-    move: Callable[[Any], Any]  # a collated batch to the module's device, as the training loop moves it
-
-
-@dataclass
-class _Fit:
-    """How well one aggregation rule explains the batched loss."""
-
-    name: str
-    coef: torch.Tensor  # batched loss ≈ Σ coef_i · loss_i
-    predicted: float
-    residual: float
-    tol: float
-
-    @property
-    def ratio(self) -> float:
-        return self.residual / self.tol if self.tol > 0 else float("inf")
+def _usable(rel: torch.Tensor | str) -> torch.Tensor:
+    if isinstance(rel, str):
+        raise CannotCheck(rel)
+    return rel
 
 
 @dataclass
@@ -139,10 +111,12 @@ class BatchConsistencyCheck(DebugCallback):
         split_fn: SplitFn | None = None,
         forward_fn: ForwardFn | None = None,
         seed: int = 0,
-        strict: bool = False,
-        verbose: bool = True,
+        raise_errors: bool = False,
+        print_findings: bool = True,
+        strict: bool | None = None,
+        verbose: bool | None = None,
     ) -> None:
-        super().__init__(strict=strict, verbose=verbose)
+        super().__init__(raise_errors=raise_errors, print_findings=print_findings, strict=strict, verbose=verbose)
         if not isinstance(batch_size, int) or batch_size < 2:
             raise ValueError(f"`batch_size` must be an int >= 2, got {batch_size!r}")
         if rtol is not None and not rtol > 0:
@@ -176,8 +150,8 @@ class BatchConsistencyCheck(DebugCallback):
         with isolated(pl_module):  # RNG included: datasets and collate functions may draw random numbers
             try:
                 ex = self._examples(trainer, pl_module)
-            except _Skip as reason:
-                self.emit(trainer, "check.skipped", f"BatchConsistencyCheck skipped: {reason}", key="batch")
+            except CannotCheck as reason:
+                self.skip(trainer, str(reason), key="batch")
                 return
             cost = _Cost()
             with torch.autocast(pl_module.device.type, enabled=False):
@@ -201,64 +175,18 @@ class BatchConsistencyCheck(DebugCallback):
         self._report(trainer, pl_module, ex, loss, dep, data)
 
     # ------------------------------------------------------------------ inputs
-    def _examples(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> _Examples:
+    def _examples(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Examples:
         if not pl_module.automatic_optimization:
-            raise _Skip("manual optimization: `training_step` steps the optimizer itself, so it cannot be replayed")
-        loaders: list[DataLoader] = []
-        apply_to_collection(trainer.train_dataloader, DataLoader, loaders.append)
-        if not loaders:
-            raise _Skip("no train DataLoader to draw examples from")
-        loader = loaders[0]
-        dataset, collate = loader.dataset, loader.collate_fn
-        per_item = loader.batch_size is not None
-        items: list[Any] | None = None
-        if per_item and not isinstance(dataset, IterableDataset):
-            n = len(dataset)  # type: ignore[arg-type]
-            idx = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[: self.batch_size]
-            items = [dataset[int(i)] for i in idx]
-        elif per_item:
-            items = list(itertools.islice(iter(dataset), self.batch_size))
-        if items is not None:
-            if len(items) < 2:
-                raise _Skip(f"the train dataset has {len(items)} example(s); a batch of 1 has nothing to compare")
-            batch = collate(items)
-            if not _same(batch, collate(items)):  # e.g. MLM masking: a batch and its singles get different masks
-                if self.split_fn is None:
-                    raise _Skip(
-                        "the collate_fn is random (two collations of the same examples differ, e.g. MLM masking), "
-                        "so examples collated alone would not match the batch; pass `split_fn` to cut the batch "
-                        "into unpadded single examples instead"
-                    )
-                items = None
-                singles = list(self.split_fn(batch))
-            else:
-                singles = [collate([it]) for it in items]
-        elif self.split_fn is not None:
-            batch = next(iter(loader))
-            singles = list(self.split_fn(batch))
-        else:
-            raise _Skip(
-                "the train loader yields ready-made batches (batch_size=None or no per-item collate_fn), so "
-                "examples cannot be re-collated alone; pass `split_fn`"
+            raise CannotCheck(
+                "manual optimization: `training_step` steps the optimizer itself, so it cannot be replayed"
             )
-        b = batch_size_of(batch)
-        if b is None or b < 2 or b != len(singles):
-            raise _Skip(f"could not build a batch of >= 2 examples (batch size {b}, {len(singles)} singles)")
-        move = batch_mover(trainer, pl_module)
-        return _Examples(move(batch), [move(s) for s in singles], items, collate if items is not None else None, move)
+        loader = first_dataloader(trainer.train_dataloader)
+        if loader is None:
+            raise CannotCheck("no train DataLoader to draw examples from")
+        return draw_examples(loader, self.batch_size, self.seed, self.split_fn, batch_mover(trainer, pl_module))
 
     def _rtol(self, pl_module: pl.LightningModule) -> float:
-        if self.rtol is not None:
-            return self.rtol
-        dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), torch.float32)
-        if dtype == torch.float64:
-            return _F64_RTOL
-        if dtype in (torch.bfloat16, torch.float16):
-            return 3e-2
-        if pl_module.device.type != "cuda":
-            return 1e-5
-        tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
-        return 5e-3 if tf32 else 1e-4
+        return self.rtol if self.rtol is not None else module_tolerance(pl_module)[0]
 
     # ------------------------------------------------------------------ loss decomposition
     @staticmethod
@@ -266,10 +194,10 @@ class BatchConsistencyCheck(DebugCallback):
         try:
             out = module.training_step(batch, 0)
         except Exception as err:  # the user's code cannot run this way (e.g. BatchNorm on a batch of 1)
-            raise _Skip(f"`training_step` raised {type(err).__name__}: {err}") from err
+            raise CannotCheck(f"`training_step` raised {type(err).__name__}: {err}") from err
         loss = out.get("loss") if isinstance(out, Mapping) else out
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise _Skip(f"`training_step` returned {type(out).__name__}, not a scalar loss")
+            raise CannotCheck(f"`training_step` returned {type(out).__name__}, not a scalar loss")
         return float(loss)
 
     def _losses(self, module: pl.LightningModule, batch: Any, singles: list[Any]) -> tuple[float, torch.Tensor]:
@@ -278,32 +206,14 @@ class BatchConsistencyCheck(DebugCallback):
                 [self._step(module, s) for s in singles], dtype=torch.float64
             )
 
-    def _fits(self, total: float, losses: torch.Tensor, counts: list[dict[str, int]], rtol: float) -> list[_Fit]:
-        """Every aggregation rule the data supports, best first."""
-        ones = torch.ones_like(losses)
-        rules: dict[str, tuple[torch.Tensor, bool]] = {"mean": (ones, True), "sum": (ones, False)}
-        for rule in _TOKEN_RULES:
-            if all(c.get(rule, 0) > 0 for c in counts):
-                rules[f"token_mean:{rule}"] = (torch.tensor([float(c[rule]) for c in counts]), True)
-        tokens = torch.tensor([float(max(c.values(), default=1)) for c in counts])
-        tol_i = rtol * losses.abs() + self.atol * tokens
-        fits = []
-        for name, (w, normalized) in rules.items():
-            coef = w / w.sum() if normalized else w
-            predicted = float((coef * losses).sum())
-            tol = float((coef * tol_i).sum()) + rtol * abs(total)
-            fits.append(_Fit(name, coef, predicted, abs(total - predicted), tol))
-        return sorted(fits, key=lambda f: f.ratio)
-
     def _loss_part(
-        self, trainer: pl.Trainer, module: pl.LightningModule, ex: _Examples, cost: _Cost
+        self, trainer: pl.Trainer, module: pl.LightningModule, ex: Examples, cost: _Cost
     ) -> dict[str, Any] | None:
         if self.coupled_loss:
-            self.emit(
+            self.skip(
                 trainer,
-                "check.skipped",
-                "BatchConsistencyCheck: loss decomposition skipped, the loss is declared coupled "
-                "(`coupled_loss=True`); cross-sample dependence of the outputs is still checked",
+                "loss decomposition skipped, the loss is declared coupled (`coupled_loss=True`); cross-sample "
+                "dependence of the outputs is still checked",
                 key="loss",
             )
             return None
@@ -318,14 +228,12 @@ class BatchConsistencyCheck(DebugCallback):
         try:
             total, losses = self._losses(module, ex.batch, ex.singles)
             pair_totals = {short: self._pair_total(module, ex, short, ref, _identity)} if probe else {}
-        except _Skip as reason:
-            self.emit(
-                trainer, "check.skipped", f"BatchConsistencyCheck: loss decomposition skipped: {reason}", key="loss"
-            )
+        except CannotCheck as reason:
+            self.skip(trainer, f"loss decomposition skipped: {reason}", key="loss")
             return None
         cost.forwards += 1 + len(ex.singles) + len(pair_totals)
-        fits = self._fits(total, losses, counts, rtol)
-        probe_rows = self._pair_rows(pair_totals, losses, fits[0], ref, pads, counts, rtol)
+        fits = aggregation_fits(total, losses, counts, rtol, self.atol)
+        probe_rows = pair_rows(pair_totals, losses, fits[0], ref, pads, counts, rtol, self.atol)
         result: dict[str, Any] = {"fits": fits, "total": total, "rtol": rtol, "pads": pads, "probe": probe_rows}
         if fits[0].ratio <= 1 and all(r["ratio"] <= 1 for r in probe_rows):
             return result
@@ -334,10 +242,7 @@ class BatchConsistencyCheck(DebugCallback):
         with float64_on_cpu(module) as convert:
             total64, losses64 = self._losses(module, convert(ex.batch), [convert(s) for s in ex.singles])
             cost.float64_forwards += 1 + len(ex.singles)
-            fits64 = self._fits(total64, losses64, counts, rtol)
-            for f64 in fits64:
-                f64.tol = next(f.tol for f in fits if f.name == f64.name)
-            fits64.sort(key=lambda f: f.ratio)
+            fits64 = rejudged(aggregation_fits(total64, losses64, counts, rtol, self.atol), fits)
             result.update(fits64=fits64, failed=fits64[0].ratio > 1)
             if probe:
                 # every example next to the longest (the padding it had in the batch), the longest next to itself
@@ -345,117 +250,35 @@ class BatchConsistencyCheck(DebugCallback):
                 assert ex.items is not None
                 totals = {i: self._pair_total(module, ex, i, ref, convert) for i in range(len(ex.items))}
                 cost.float64_forwards += len(totals)
-                name, rows = max(
-                    ((f.name, self._pair_rows(totals, losses64, f, ref, pads, counts, rtol)) for f in fits64),
-                    key=lambda nr: (sum(r["ratio"] <= 1 for r in nr[1]), -_median([r["ratio"] for r in nr[1]])),
-                )
+                name, rows = best_attribution(fits64, totals, losses64, ref, pads, counts, rtol, self.atol)
                 result.update(attribution=(name, rows), failed=result["failed"] or any(r["ratio"] > 1 for r in rows))
         return result
 
     def _pair_total(
-        self, module: pl.LightningModule, ex: _Examples, i: int, ref: int, convert: Callable[[Any], Any]
+        self, module: pl.LightningModule, ex: Examples, i: int, ref: int, convert: Callable[[Any], Any]
     ) -> float:
         assert ex.items is not None and ex.collate is not None
         with torch.no_grad():
             pair = ex.collate([ex.items[i], ex.items[ref]])
             return self._step(module, convert(ex.move(pair)))
 
-    def _pair_rows(
-        self,
-        totals: dict[int, float],
-        losses: torch.Tensor,
-        fit: _Fit,
-        ref: int,
-        pads: list[int],
-        counts: list[dict[str, int]],
-        rtol: float,
-    ) -> list[dict[str, Any]]:
-        """Per-example difference ``Δ_i`` in the pair ``[i, ref]`` under ``fit``'s aggregation, with tolerance."""
-        rows = []
-        for i, pair_total in totals.items():
-            w = (fit.coef / fit.coef.max())[[i, ref]]
-            coef = w if fit.name == "sum" else w / w.sum()
-            predicted = float(coef[0] * losses[i] + coef[1] * losses[ref])
-            delta = (pair_total - predicted) / float(coef.sum() if i == ref else coef[0])
-            tol = rtol * abs(float(losses[i])) + self.atol * max(counts[i].values(), default=1)
-            ratio = abs(delta) / tol if tol > 0 else float("inf")
-            rows.append({"index": i, "padding": pads[i], "loss_alone": float(losses[i]), "delta": delta, "tol": tol})
-            rows[-1]["ratio"] = ratio
-        return rows
-
     # ------------------------------------------------------------------ cross-sample dependence
-    def _matrix(self, module: pl.LightningModule, batch: Any, b: int) -> tuple[torch.Tensor, str]:
-        """BxB dependency matrix through the input embedding (integer inputs) and float inputs."""
-        leaves: list[tuple[torch.Tensor, int]] = []
-
-        def as_leaf(t: torch.Tensor) -> torch.Tensor:
-            dim = batch_dim(t, b)
-            if not t.is_floating_point() or dim is None:
-                return t
-            leaf = t.detach().clone().requires_grad_()
-            leaves.append((leaf, dim))
-            return leaf
-
-        batch = apply_to_collection(batch, torch.Tensor, as_leaf)
-        handle = None
-        embedding = input_embedding(module)
-        if embedding is not None and any(not t.is_floating_point() for t in tensors_of(batch)):
-            captured: list[bool] = []
-
-            def capture(_: torch.nn.Module, __: Any, out: Any) -> Any:
-                dim = batch_dim(out, b) if isinstance(out, torch.Tensor) and not captured else None
-                if dim is None:  # only the first call embeds the token inputs
-                    return None
-                captured.append(True)
-                leaf = out.detach().requires_grad_()
-                leaves.insert(0, (leaf, dim))
-                return leaf
-
-            handle = embedding.register_forward_hook(capture)
-        try:
-            with torch.enable_grad():
-                outputs = per_example_outputs(self.forward_fn(module, batch), b)
-        except Exception as err:
-            raise _Skip(f"the forward pass raised {type(err).__name__}: {err}; pass `forward_fn`") from err
-        finally:
-            if handle is not None:
-                handle.remove()
-        if outputs is None or not outputs.requires_grad or not leaves:
-            raise _Skip(
-                "no differentiable per-example inputs or outputs (integer inputs without an embedding layer, "
-                "or no floating output with one row per example); pass `forward_fn`"
-            )
-        return dependency_matrix(outputs, leaves, self.seed)
-
-    def _leaks(self, matrix: torch.Tensor) -> tuple[torch.Tensor, float]:
-        scale = float(matrix.diagonal().max())
-        if not scale > 0 or not torch.isfinite(matrix).all():
-            raise _Skip(
-                f"the dependency matrix is degenerate (largest self-gradient {scale}, finite: "
-                f"{bool(torch.isfinite(matrix).all())})"
-            )
-        rel = matrix / scale
-        rel.fill_diagonal_(0.0)
-        return rel, scale
-
     def _dependence_part(
-        self, trainer: pl.Trainer, module: pl.LightningModule, ex: _Examples, cost: _Cost
+        self, trainer: pl.Trainer, module: pl.LightningModule, ex: Examples, cost: _Cost
     ) -> dict[str, Any] | None:
         b = len(ex.singles)
         try:
-            matrix, method = self._matrix(module, ex.batch, b)
+            matrix, method = output_dependence(module, ex.batch, b, self.forward_fn, self.seed)
             cost.vjps += 1  # one forward with gradients and one batched backward
-            rel, _ = self._leaks(matrix)
+            rel = _usable(relative_dependence(matrix))
             result: dict[str, Any] = {"rel": rel, "method": method}
             if float(rel.max()) > self.dependence_rtol:
                 with float64_on_cpu(module) as convert:
-                    matrix64, _ = self._matrix(module, convert(ex.batch), b)
+                    matrix64, _ = output_dependence(module, convert(ex.batch), b, self.forward_fn, self.seed)
                 cost.float64_forwards += 1
-                result["rel64"], _ = self._leaks(matrix64)
-        except _Skip as reason:
-            self.emit(
-                trainer, "check.skipped", f"BatchConsistencyCheck: dependence check skipped: {reason}", key="dependence"
-            )
+                result["rel64"] = _usable(relative_dependence(matrix64))
+        except CannotCheck as reason:
+            self.skip(trainer, f"dependence check skipped: {reason}", key="dependence")
             return None
         return result
 
@@ -464,7 +287,7 @@ class BatchConsistencyCheck(DebugCallback):
         self,
         trainer: pl.Trainer,
         module: pl.LightningModule,
-        ex: _Examples,
+        ex: Examples,
         loss: dict[str, Any] | None,
         dep: dict[str, Any] | None,
         data: dict[str, Any],
@@ -517,12 +340,7 @@ class BatchConsistencyCheck(DebugCallback):
         if not leaking:
             return None
         rel64 = dep["rel64"]
-        flagged = (rel64 > self.dependence_rtol).nonzero().tolist()
-        flagged.sort(key=lambda ij: -float(rel64[ij[0], ij[1]]))
-        pairs = [
-            {"output": i, "input": j, "relative": float(rel[i, j]), "relative_float64": float(rel64[i, j])}
-            for i, j in flagged
-        ]
+        pairs = leaking_pairs(rel, rel64, self.dependence_rtol)
         mixing = [name for name, m in batch_stat_modules(module) if m.running_mean is None]
         data["dependence"].update(
             pairs=pairs[: _WORST * 4],
@@ -541,13 +359,13 @@ class BatchConsistencyCheck(DebugCallback):
     def _report_loss(
         self,
         trainer: pl.Trainer,
-        ex: _Examples,
+        ex: Examples,
         loss: dict[str, Any],
         data: dict[str, Any],
         leaking: bool,
         failed: bool,
     ) -> None:
-        fits: list[_Fit] = loss["fits"]
+        fits: list[Fit] = loss["fits"]
         pads = loss["pads"]
         data["max_padding"] = max(pads)
         matches = [f.name for f in fits if f.ratio <= 1]
@@ -565,7 +383,7 @@ class BatchConsistencyCheck(DebugCallback):
         }
         if "fits64" not in loss:
             return
-        best64: _Fit = loss["fits64"][0]
+        best64: Fit = loss["fits64"][0]
         data["loss"].update(
             difference_float64=best64.residual,
             aggregation_float64=best64.name if best64.ratio <= 1 else None,
@@ -575,29 +393,7 @@ class BatchConsistencyCheck(DebugCallback):
             data["loss"]["aggregation"] = best64.name
             data["loss"]["note"] = "the working-precision difference vanished in float64: float noise"
             return
-        check, detail = "batch.loss_mismatch", ""
-        if "attribution" in loss:
-            data["loss"]["attribution_aggregation"], rows = loss["attribution"]
-            rows.sort(key=lambda r: -r["ratio"])
-            data["loss"]["worst_examples"] = rows[:_WORST]
-            bad = [r for r in rows if r["ratio"] > 1]
-            padded_only = bool(bad) and all(r["padding"] > 0 for r in bad)
-            tau = kendalltau([r["padding"] for r in rows], [abs(r["delta"]) for r in rows]).statistic
-            data["loss"]["padding_kendall_tau"] = float(tau) if tau == tau else None
-            if padded_only and not leaking:
-                check = "batch.padding_dependence"
-                amounts = sorted({r["padding"] for r in bad})
-                detail = (
-                    f" Re-collated next to the longest example, only padded examples change their loss (padding "
-                    f"{amounts} positions; unpadded ones match; Kendall tau of |difference| vs padding {tau:.2f}): "
-                    "worst "
-                )
-            else:
-                detail = " Worst examples: "
-            detail += ", ".join(
-                f"#{r['index']} (padding {r['padding']}: alone {r['loss_alone']:.4g}, difference {r['delta']:.3g})"
-                for r in rows[:3]
-            )
+        check, detail = self._attribution(loss, data, leaking) if "attribution" in loss else ("batch.loss_mismatch", "")
         if leaking:
             detail += " Consistent with the cross-sample dependence reported alongside."
         if best64.ratio <= 1:
@@ -612,6 +408,27 @@ class BatchConsistencyCheck(DebugCallback):
                 f"working precision, {best64.residual:.3g} in float64, tolerance {fits[0].tol:.2g})."
             )
         self.emit(trainer, check, head + detail, data=data)
+
+    @staticmethod
+    def _attribution(loss: dict[str, Any], data: dict[str, Any], leaking: bool) -> tuple[str, str]:
+        """Which finding the pair re-runs point to (padding dependence or a plain mismatch), and its detail."""
+        data["loss"]["attribution_aggregation"], rows = loss["attribution"]
+        rows.sort(key=lambda r: -r["ratio"])
+        data["loss"]["worst_examples"] = rows[:_WORST]
+        padding = padding_verdict(rows, leaking)
+        data["loss"]["padding_kendall_tau"] = padding.tau
+        worst = ", ".join(
+            f"#{r['index']} (padding {r['padding']}: alone {r['loss_alone']:.4g}, difference {r['delta']:.3g})"
+            for r in rows[:3]
+        )
+        if not padding.padding_only:
+            return "batch.loss_mismatch", " Worst examples: " + worst
+        tau = padding.tau if padding.tau is not None else float("nan")
+        return "batch.padding_dependence", (
+            f" Re-collated next to the longest example, only padded examples change their loss (padding "
+            f"{padding.amounts} positions; unpadded ones match; Kendall tau of |difference| vs padding "
+            f"{tau:.2f}): worst " + worst
+        )
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -9,14 +9,20 @@ diagram and the confidence histogram, and warns when the model is clearly over- 
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from lightning_debug import media
 from lightning_debug.base import DebugCallback
-from lightning_debug.metrics import StreamingCalibration, find_predictions, fit_temperature
+from lightning_debug.integrations.hf import is_causal_lm
+from lightning_debug.metrics import LogitSample, StreamingCalibration
+from lightning_debug.rules.calibration import assess_calibration
+from lightning_debug.rules.persistence import streak
+from lightning_debug.signals import predictions
 from lightning_debug.sinks import Sink
 
 if TYPE_CHECKING:
@@ -24,13 +30,6 @@ if TYPE_CHECKING:
 
 PREFIX = "debug/calibration/"
 SCALARS = ("ece", "mce", "rms_ce", "adaptive_ece", "brier", "nll", "gap", "accuracy", "confidence", "count")
-_CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
-_SAMPLE_ELEMENTS = 1 << 22  # the temperature sample never holds more than 4M floats (16 MiB), whatever the vocab
-
-
-def is_causal_lm(module: torch.nn.Module) -> bool:
-    """A Hugging Face causal LM inside ``module``: its logits at position t predict the label at t + 1."""
-    return any(type(m).__name__.endswith(_CAUSAL_LM_SUFFIXES) for m in module.modules())
 
 
 class CalibrationMonitor(DebugCallback):
@@ -80,10 +79,12 @@ class CalibrationMonitor(DebugCallback):
         temperature_samples: int = 4096,
         plot_every_n_epochs: int = 5,
         dataloader_idx: int = 0,
-        strict: bool = False,
-        verbose: bool = True,
+        raise_errors: bool = False,
+        print_findings: bool = True,
+        strict: bool | None = None,
+        verbose: bool | None = None,
     ) -> None:
-        super().__init__(strict=strict, verbose=verbose)
+        super().__init__(raise_errors=raise_errors, print_findings=print_findings, strict=strict, verbose=verbose)
         if not 0 < ece_threshold < 1:
             raise ValueError(f"ece_threshold must be in (0, 1), got {ece_threshold!r}")
         if min_samples < 1:
@@ -115,8 +116,7 @@ class CalibrationMonitor(DebugCallback):
         self.history: list[dict[str, float]] = []  # one row of scalars per judged validation epoch
         self._over = 0  # consecutive overconfident evaluations
         self._under = 0
-        self._sample: list[tuple[Tensor, Tensor, Tensor]] = []
-        self._sample_rows = 0
+        self.sample = LogitSample(temperature_samples, ignore_index)
         self._missing: str | None = None
         self._shift = False
 
@@ -133,7 +133,8 @@ class CalibrationMonitor(DebugCallback):
         for metric in self.metrics.values():
             metric.to(pl_module.device)
             metric.reset()
-        self._sample, self._sample_rows, self._missing = [], 0, None
+        self.sample.reset()
+        self._missing = None
 
     def on_validation_batch_end(
         self,
@@ -146,46 +147,13 @@ class CalibrationMonitor(DebugCallback):
     ) -> None:
         if trainer.sanity_checking or dataloader_idx != self.dataloader_idx:
             return
-        found = find_predictions(outputs, batch, **self.keys)
+        found = predictions(outputs, batch, shift=self._shift, **self.keys)
         if isinstance(found, str):
             self._missing = found
             return
         scores, target, fmt = found
-        scores, target = scores.detach(), target.detach()
-        if self._shift:
-            scores, target = scores[..., :-1, :], target[..., 1:]
         self.metrics[fmt].update(scores, target)
-        self._keep_sample(scores if fmt == "logits" else scores.clamp_min(1e-12).log(), target)
-
-    def _keep_sample(self, logits: Tensor, target: Tensor) -> None:
-        """The first rows of each epoch, up to the budget: a fixed sample, so temperatures compare over epochs."""
-        binary = logits.shape == target.shape or (logits.shape[-1] == 1 and logits.shape[:-1] == target.shape)
-        width = 1 if binary else logits.shape[-1]
-        budget = min(self.temperature_samples, _SAMPLE_ELEMENTS // width) - self._sample_rows
-        if budget <= 0:
-            return
-        x = logits.reshape(-1) if binary else logits.reshape(-1, width)
-        t = target.reshape(-1)[:budget]
-        x = x[:budget].float()
-        finite = torch.isfinite(x) if binary else torch.isfinite(x).all(-1)
-        valid = finite & (t >= 0) & (t < max(width, 2))
-        if self.ignore_index is not None:
-            valid &= t != self.ignore_index
-        zero = torch.zeros((), dtype=x.dtype, device=x.device)
-        x = torch.where(finite if binary else finite.unsqueeze(-1), x, zero)
-        self._sample.append((x, torch.where(valid, t, torch.zeros_like(t)), valid.float()))
-        self._sample_rows += len(t)
-
-    def _gathered(self, trainer: pl.Trainer, *rows: Tensor) -> list[Tensor]:
-        """Every rank's sample, each padded with weight-0 rows to the sample budget so ``all_gather`` can stack
-        them (ranks may keep different numbers of rows)."""
-        width = 1 if rows[0].dim() == 1 else rows[0].shape[-1]
-        budget = min(self.temperature_samples, _SAMPLE_ELEMENTS // width)
-        out = []
-        for r in rows:
-            padded = torch.cat([r, r.new_zeros((budget - r.shape[0], *r.shape[1:]))])
-            out.append(trainer.strategy.all_gather(padded).reshape(-1, *r.shape[1:]))
-        return out
+        self.sample.add(scores if fmt == "logits" else scores.clamp_min(1e-12).log(), target)
 
     # -- judging (once per epoch) ---------------------------------------------------------------------------
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -193,68 +161,66 @@ class CalibrationMonitor(DebugCallback):
             return
         used = [m for m in self.metrics.values() if m.update_count > 0]
         if not used:
-            self.emit(
-                trainer,
-                "check.skipped",
-                f"CalibrationMonitor found nothing to measure: {self._missing or 'no validation batches'}.",
-                key="calibration:no-predictions",
-                data={"reason": self._missing},
-            )
+            why = self._missing or "no validation batches"
+            self.skip(trainer, f"nothing to measure: {why}.", key="calibration:no-predictions")
             return
         result = used[0].compute()
         scalars = dict(zip(SCALARS, torch.stack([result[k] for k in SCALARS]).tolist(), strict=True))
         scalars["gap_se"] = float(result["gap_se"])
-        nonfinite, out_of_range = float(result["nonfinite"]), float(result["out_of_range"])
-        if self._sample:
-            x, t, w = (torch.cat(parts) for parts in zip(*self._sample, strict=True))
-            if trainer.world_size > 1:  # one temperature for the whole validation set, the same on every rank
-                x, t, w = self._gathered(trainer, x, t, w)
-            scalars["temperature"] = fit_temperature(x, t, w)
+        if self.sample.parts:  # one temperature for the whole validation set, the same on every rank
+            scalars["temperature"] = self.sample.temperature(
+                trainer.strategy.all_gather if trainer.world_size > 1 else None
+            )
+        self._report_left_out(trainer, float(result["nonfinite"]), float(result["out_of_range"]))
+        if scalars["count"] == 0:
+            return
+        Sink(trainer).log_scalars({PREFIX + k: v for k, v in scalars.items() if math.isfinite(v)})
+        self.history.append({"step": float(trainer.global_step), "epoch": float(trainer.current_epoch), **scalars})
+        if self.plot_every_n_epochs and (len(self.history) - 1) % self.plot_every_n_epochs == 0:
+            self._plot(trainer, result, scalars)
+        self._judge(trainer, scalars)
+
+    def _report_left_out(self, trainer: pl.Trainer, nonfinite: float, out_of_range: float) -> None:
         if nonfinite:
-            self.emit(
+            self.skip(
                 trainer,
-                "check.skipped",
                 f"{nonfinite:.0f} validation predictions had NaN/Inf scores; calibration leaves them out.",
                 key="calibration:nonfinite",
                 data={"nonfinite": nonfinite, "epoch": trainer.current_epoch},
             )
         if out_of_range:
-            self.emit(
+            self.skip(
                 trainer,
-                "check.skipped",
                 f"{out_of_range:.0f} validation targets are not a class of the scores (ignore_index="
                 f"{self.ignore_index}); calibration leaves them out. If they are padding labels, pass their "
                 "value as `ignore_index`; otherwise the scores have fewer classes than the labels.",
                 key="calibration:out-of-range",
                 data={"out_of_range": out_of_range, "ignore_index": self.ignore_index, "epoch": trainer.current_epoch},
             )
-        if scalars["count"] == 0:
-            return
-        Sink(trainer).log_scalars({PREFIX + k: v for k, v in scalars.items() if math.isfinite(v)})
-        self.history.append({"step": float(trainer.global_step), "epoch": float(trainer.current_epoch), **scalars})
-        n = len(self.history)
-        if self.plot_every_n_epochs and (n - 1) % self.plot_every_n_epochs == 0:
-            self._plot(trainer, result, scalars)
-        self._judge(trainer, scalars)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._under >= self.patience:
             self._warn(trainer, "underconfident", self.history[-1])
 
     def _judge(self, trainer: pl.Trainer, s: dict[str, float]) -> None:
-        """Miscalibrated = enough predictions, ECE over the threshold, a gap ``z`` standard errors from 0, and a
-        fitted temperature on the same side of 1 (mixed miscalibration, which one temperature cannot fix, is
-        not called over- or underconfident)."""
-        bad = s["count"] >= self.min_samples and s["ece"] >= self.ece_threshold
-        temp = s.get("temperature", float("nan"))  # when fitted, it must agree: T > 1 softens an overconfident model
-        over = bad and s["gap"] > self.z * s["gap_se"] and not temp <= 1
-        under = bad and -s["gap"] > self.z * s["gap_se"] and not temp >= 1
-        self._over = self._over + 1 if over else 0
-        self._under = self._under + 1 if under else 0
+        """Overconfidence is reported once it persists for ``patience`` evaluations; underconfidence only at the
+        end of fit (every run starts underconfident); both at once outside fitting (``trainer.validate``)."""
+        v = assess_calibration(
+            ece=s["ece"],
+            gap=s["gap"],
+            gap_se=s["gap_se"],
+            count=s["count"],
+            temperature=s.get("temperature", math.nan),
+            ece_threshold=self.ece_threshold,
+            min_samples=self.min_samples,
+            z=self.z,
+        )
+        self._over = streak(self._over, v.overconfident)
+        self._under = streak(self._under, v.underconfident)
         standalone = trainer.state.fn != "fit"
-        if over and (self._over >= self.patience or standalone):
+        if v.overconfident and (self._over >= self.patience or standalone):
             self._warn(trainer, "overconfident", s)
-        if under and standalone:
+        if v.underconfident and standalone:
             self._warn(trainer, "underconfident", s)
 
     def _warn(self, trainer: pl.Trainer, kind: str, s: dict[str, float]) -> None:
@@ -298,70 +264,24 @@ class CalibrationMonitor(DebugCallback):
         sink = Sink(trainer)
         sink.log_table(PREFIX + "reliability", ["bin_low", "bin_high", "confidence", "accuracy", "gap", "count"], rows)
         epoch = trainer.current_epoch
-        if sink.wandb_run is not None:
-            import wandb
-
-            centers = [(r[0] + r[1]) / 2 for r in rows]
-            sink.log_chart(
-                PREFIX + "reliability_diagram",
-                wandb.plot.line_series(
-                    xs=[centers, centers, [0.0, 1.0]],
-                    ys=[[r[3] for r in rows], [r[2] for r in rows], [0.0, 1.0]],
-                    keys=["accuracy", "mean confidence", "perfect calibration"],
-                    title=f"Reliability diagram, epoch {epoch} (ECE {s['ece']:.3f})",
-                    xname="confidence bin",
-                ),
-            )
-            total = max(sum(counts), 1.0)
-            hist = wandb.Table(
-                columns=["confidence", "fraction"],
-                data=[
-                    [f"{lo:.2f}-{hi:.2f}", c / total] for lo, hi, c in zip(edges[:-1], edges[1:], counts, strict=True)
-                ],
-            )
-            sink.log_chart(
-                PREFIX + "confidence_histogram",
-                wandb.plot.bar(hist, "confidence", "fraction", title=f"Confidence histogram, epoch {epoch}"),
-            )
-        try:
-            import matplotlib  # noqa: F401  (the `plots` extra)
-        except ImportError:
-            return
-        sink.log_figure(PREFIX + "reliability_figure", reliability_figure(edges, counts, accs, confs, s, epoch))
-
-
-def reliability_figure(
-    edges: list[float], counts: list[float], accs: list[float], confs: list[float], s: dict[str, float], epoch: int
-) -> Any:
-    """Guo et al.'s Fig. 1 for one epoch: confidence histogram above, reliability diagram below."""
-    import matplotlib.pyplot as plt
-
-    width = edges[1] - edges[0]
-    lefts = edges[:-1]
-    total = max(sum(counts), 1.0)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5, 7), sharex=True, gridspec_kw={"height_ratios": [1, 2]})
-    top.bar(lefts, [c / total for c in counts], width=width, align="edge", edgecolor="black", color="tab:blue")
-    top.axvline(s["accuracy"], color="black", linestyle="--", label=f"accuracy {s['accuracy']:.3f}")
-    top.axvline(s["confidence"], color="tab:red", linestyle="--", label=f"avg confidence {s['confidence']:.3f}")
-    top.set_ylabel("fraction of predictions")
-    top.legend(loc="upper left", fontsize=8)
-    top.set_title(f"Calibration, epoch {epoch}")
-    filled = [c > 0 for c in counts]
-    bar_acc = [a if f else 0.0 for a, f in zip(accs, filled, strict=True)]
-    bottom.bar(lefts, bar_acc, width=width, align="edge", edgecolor="black", color="tab:blue", label="accuracy")
-    gap_base = [min(a, c) if f else 0.0 for a, c, f in zip(accs, confs, filled, strict=True)]
-    gap_h = [abs(c - a) if f else 0.0 for a, c, f in zip(accs, confs, filled, strict=True)]
-    bottom.bar(
-        lefts, gap_h, bottom=gap_base, width=width, align="edge", color="tab:red", alpha=0.3, hatch="//", label="gap"
-    )
-    bottom.plot([0, 1], [0, 1], color="gray", linestyle="--", label="perfect calibration")
-    for left, acc, c in zip(lefts, accs, counts, strict=True):
-        if c > 0:
-            bottom.text(left + width / 2, min(acc, 0.97) + 0.01, f"{int(c)}", ha="center", fontsize=6)
-    bottom.set_xlim(0, 1)
-    bottom.set_ylim(0, 1.05)
-    bottom.set_xlabel("confidence")
-    bottom.set_ylabel("accuracy")
-    bottom.legend(loc="upper left", fontsize=8, title=f"ECE {s['ece']:.3f}  MCE {s['mce']:.3f}")
-    fig.tight_layout()
-    return fig
+        centers = [(r[0] + r[1]) / 2 for r in rows]
+        sink.log_line_series(
+            PREFIX + "reliability_diagram",
+            [centers, centers, [0.0, 1.0]],
+            [[r[3] for r in rows], [r[2] for r in rows], [0.0, 1.0]],
+            ["accuracy", "mean confidence", "perfect calibration"],
+            title=f"Reliability diagram, epoch {epoch} (ECE {s['ece']:.3f})",
+            x_name="confidence bin",
+        )
+        total = max(sum(counts), 1.0)
+        sink.log_bar(
+            PREFIX + "confidence_histogram",
+            [f"{lo:.2f}-{hi:.2f}" for lo, hi in itertools.pairwise(edges)],
+            [c / total for c in counts],
+            label_name="confidence",
+            value_name="fraction",
+            title=f"Confidence histogram, epoch {epoch}",
+        )
+        sink.log_figure(
+            PREFIX + "reliability_figure", lambda: media.reliability_figure(edges, counts, accs, confs, s, epoch)
+        )

@@ -9,204 +9,25 @@ validation checks; everything it touches is restored.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning_utilities.core.apply_func import apply_to_collection
-from scipy.stats import binomtest
-from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_debug.base import DebugCallback
-from lightning_debug.batching import batch_mover, to_float64_cpu
+from lightning_debug.batching import batch_mover
+from lightning_debug.decoders import DecodeTarget, ProtocolTarget, first_examples, run_decoders
+from lightning_debug.integrations import hf
 from lightning_debug.isolation import isolated
+from lightning_debug.precision import module_tolerance
+from lightning_debug.rules.decoding import beam_monotonicity, difference, score_mismatches
 from lightning_debug.sinks import Sink
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
-
-
-def default_tolerance(dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
-    """``(rtol, atol per token)`` for comparing summed log-probabilities (reference §4, measured).
-
-    KV-cached decoding and a full forward use different kernels and shapes: bit-equality is not expected.
-    """
-    if dtype in (torch.float16, torch.bfloat16):
-        return 3e-2, 1e-3
-    if dtype == torch.float64 or device.type == "cpu":  # float64 too: HF generate() upcasts logits to fp32 only
-        return 1e-5, 1e-6
-    if torch.get_float32_matmul_precision() != "highest" or torch.backends.cuda.matmul.allow_tf32:
-        return 5e-3, 1e-5
-    return 1e-4, 1e-6
-
-
-class DecodeTarget(Protocol):
-    """One prompt batch and a way to decode it and to teacher-force the result."""
-
-    kind: str
-    calls: dict[str, int]
-
-    def decode(self, beam_size: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
-        """``(outputs, decoder scores [B], scored tokens [B])``."""
-
-    def score(self, outputs: Any) -> torch.Tensor:
-        """Teacher-forced summed log-likelihood of ``outputs`` [B]."""
-
-    def in_float64(self) -> DecodeTarget:
-        """The same target on a float64 CPU copy of the model."""
-
-
-def _as_scores(scores: Any, what: str) -> torch.Tensor:
-    out = torch.as_tensor(scores).detach().flatten()
-    if not out.is_floating_point():
-        raise ValueError(f"{what} must return floating-point per-example scores, got {out.dtype}")
-    return out
-
-
-def _lengths(outputs: Any, n: int) -> torch.Tensor:
-    """Scored tokens per example, an upper bound when outputs are padded (only the tolerance uses it)."""
-    if isinstance(outputs, torch.Tensor) and outputs.dim() >= 2:
-        return torch.full((n,), outputs.shape[1])
-    if isinstance(outputs, (list, tuple)) and len(outputs) == n and all(hasattr(o, "__len__") for o in outputs):
-        return torch.tensor([len(o) for o in outputs])
-    return torch.ones(n, dtype=torch.long)
-
-
-class ProtocolTarget:
-    """A hand-written decoder on the LightningModule: ``decode_with_scores`` and ``score_outputs``."""
-
-    kind = "protocol"
-
-    def __init__(self, module: pl.LightningModule, batch: Any, calls: dict[str, int] | None = None) -> None:
-        self.module = module
-        self.batch = batch
-        self.calls = calls if calls is not None else {"generate": 0, "forward": 0}
-
-    def decode(self, beam_size: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
-        outputs, scores = self.module.decode_with_scores(self.batch, beam_size)  # type: ignore[operator]
-        self.calls["generate"] += 1
-        scores = _as_scores(scores, "decode_with_scores")
-        return outputs, scores, _lengths(outputs, len(scores))
-
-    def score(self, outputs: Any) -> torch.Tensor:
-        scores = self.module.score_outputs(self.batch, outputs)  # type: ignore[operator]
-        self.calls["forward"] += 1
-        return _as_scores(scores, "score_outputs")
-
-    def in_float64(self) -> ProtocolTarget:
-        module = copy.deepcopy(self.module).double().cpu()  # LightningModule pickling drops the trainer
-        return ProtocolTarget(module, to_float64_cpu(self.batch), self.calls)
-
-
-@dataclass
-class _Run:
-    """Scores of every hypothesis, per beam size, as float64 on the CPU."""
-
-    decoder: dict[int, torch.Tensor] = field(default_factory=dict)
-    model: dict[int, torch.Tensor] = field(default_factory=dict)
-    tokens: dict[int, torch.Tensor] = field(default_factory=dict)
-
-
-def _run(target: DecodeTarget, beam_sizes: Sequence[int]) -> tuple[_Run, list[int]]:
-    """Decode and teacher-force at each beam size; beam sizes the decoder refuses are returned apart."""
-    run, unsupported = _Run(), []
-    for k in beam_sizes:
-        try:
-            outputs, dec, n = target.decode(k)
-        except NotImplementedError:
-            unsupported.append(k)
-            continue
-        mod = target.score(outputs)
-        if len(mod) != len(dec):
-            raise ValueError(f"score_outputs returned {len(mod)} scores for {len(dec)} decoded examples")
-        run.decoder[k], run.model[k] = dec.double().cpu(), mod.double().cpu()
-        run.tokens[k] = n.cpu()
-    return run, unsupported
-
-
-def _difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """|a - b|, with equal infinities counting as equal and any NaN as an infinite difference."""
-    diff = torch.where(a == b, torch.zeros_like(a), (a - b).abs())
-    return torch.nan_to_num(diff, nan=float("inf"))
-
-
-def _mismatches(run: _Run, rtol: float, atol: float) -> dict[str, Any]:
-    """Hypotheses whose |decoder - model| exceeds ``rtol·|model| + atol·n_tokens``, worst (relative) first."""
-    rows = []
-    for k in run.decoder:
-        dec, mod, n = run.decoder[k], run.model[k], run.tokens[k].double()
-        diff = _difference(dec, mod)
-        tol = rtol * mod.abs().nan_to_num(posinf=0.0) + atol * n
-        for i in range(len(diff)):
-            if diff[i] > tol[i]:
-                ratio = float(diff[i] / tol[i]) if tol[i] > 0 else float("inf")
-                rows.append(
-                    (
-                        ratio,
-                        {
-                            "beam": k,
-                            "example": i,
-                            "decoder": float(dec[i]),
-                            "model": float(mod[i]),
-                            "diff": float(diff[i]),
-                            "tolerance": float(tol[i]),
-                            "n_tokens": int(n[i]),
-                        },
-                    )
-                )
-    rows.sort(key=lambda r: r[0], reverse=True)
-    diffs = torch.cat([_difference(run.decoder[k], run.model[k]) for k in run.decoder])
-    refs = torch.cat([run.model[k].abs() for k in run.decoder]).clamp(min=1e-12)
-    return {
-        "count": len(rows),
-        "total": len(diffs),
-        "beams": sorted({r[1]["beam"] for r in rows}),
-        "worst": [r[1] for r in rows[:3]],
-        "max_abs": float(diffs.max()),
-        "max_rel": float((diffs / refs).max()),
-    }
-
-
-def _first_loader(loaders: Any) -> DataLoader | None:
-    if isinstance(loaders, DataLoader):
-        return loaders
-    if isinstance(loaders, Mapping):
-        loaders = list(loaders.values())
-    if isinstance(loaders, (list, tuple)):
-        return next((dl for dl in loaders if isinstance(dl, DataLoader)), None)
-    return None
-
-
-def _slice(batch: Any, n: int) -> Any:
-    """The first ``n`` rows of every tensor whose first dimension is the batch size."""
-    sizes: list[int] = []
-    apply_to_collection(batch, torch.Tensor, lambda t: sizes.append(t.shape[0]) if t.dim() else None)
-    if not sizes:
-        return batch
-    return apply_to_collection(batch, torch.Tensor, lambda t: t[:n] if t.dim() and t.shape[0] == sizes[0] else t)
-
-
-def first_examples(trainer: pl.Trainer, n: int) -> Any | None:
-    """The first ``n`` examples of the validation (else training) data, built by the loader's ``collate_fn``.
-
-    Map-style datasets are indexed directly, so a shuffling sampler's generator is never advanced.
-    """
-    for loaders in (trainer.val_dataloaders, trainer.train_dataloader):
-        loader = _first_loader(loaders)
-        if loader is None:
-            continue
-        data: Any = loader.dataset
-        if isinstance(data, IterableDataset) or not hasattr(data, "__len__") or len(data) == 0:
-            return _slice(next(iter(loader)), n)
-        if loader.batch_size is None and loader.batch_sampler is None:  # the dataset yields whole batches
-            return _slice(loader.collate_fn(data[0]), n)
-        return loader.collate_fn([data[i] for i in range(min(n, len(data)))])
-    return None
 
 
 class DecodingConsistencyCheck(DebugCallback):
@@ -251,10 +72,12 @@ class DecodingConsistencyCheck(DebugCallback):
         beam_violation_rate: float = 0.02,
         confidence: float = 0.99,
         *,
-        strict: bool = False,
-        verbose: bool = True,
+        raise_errors: bool = False,
+        print_findings: bool = True,
+        strict: bool | None = None,
+        verbose: bool | None = None,
     ) -> None:
-        super().__init__(strict=strict, verbose=verbose)
+        super().__init__(raise_errors=raise_errors, print_findings=print_findings, strict=strict, verbose=verbose)
         beams = tuple(int(k) for k in beam_sizes)
         if not beams or any(k < 1 for k in beams) or list(beams) != sorted(set(beams)):
             raise ValueError(f"`beam_sizes` must be distinct positive integers in increasing order, got {beam_sizes}")
@@ -271,8 +94,8 @@ class DecodingConsistencyCheck(DebugCallback):
                 raise ValueError(f"`{name}` must be None or >= 0, got {value}")
         if not 0.0 <= beam_violation_rate < 1.0:
             raise ValueError(f"`beam_violation_rate` must be in [0, 1), got {beam_violation_rate}")
-        if not 0.5 <= confidence < 1.0:
-            raise ValueError(f"`confidence` must be in [0.5, 1), got {confidence}")
+        if not 0.5 < confidence < 1:  # the same range as every other `confidence` argument
+            raise ValueError(f"`confidence` must be in (0.5, 1), got {confidence}")
         self.beam_sizes = beams
         self.n_examples = n_examples
         self.max_new_tokens = max_new_tokens
@@ -283,7 +106,6 @@ class DecodingConsistencyCheck(DebugCallback):
         self.beam_violation_rate = beam_violation_rate
         self.confidence = confidence
         self._val_checks = 0
-        self._runs = 0
         self._started = False  # the start-of-training check ran (once per run, also across checkpoint resume)
 
     # ------------------------------------------------------------------ hooks
@@ -301,12 +123,11 @@ class DecodingConsistencyCheck(DebugCallback):
             self.check(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "val_checks": self._val_checks, "runs": self._runs, "started": self._started}
+        return {**super().state_dict(), "val_checks": self._val_checks, "started": self._started}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._val_checks = int(state_dict.get("val_checks", 0))
-        self._runs = int(state_dict.get("runs", 0))
         self._started = bool(state_dict.get("started", False))
 
     # ------------------------------------------------------------------ the check
@@ -315,36 +136,34 @@ class DecodingConsistencyCheck(DebugCallback):
         if trainer.global_rank != 0:
             return
         if type(trainer.strategy).__name__ in _SHARDED:
-            self._skip(trainer, f"a sharded strategy ({type(trainer.strategy).__name__}) needs every rank to decode")
+            self.skip(trainer, f"a sharded strategy ({type(trainer.strategy).__name__}) needs every rank to decode")
             return
         protocol, generator = self._decoder(pl_module)
         if not protocol and generator is None:  # decided before any isolation work: a model without a decoder is free
-            self._skip(
+            self.skip(
                 trainer,
                 "the module neither defines `decode_with_scores`/`score_outputs` nor holds a Hugging Face model "
                 "that can `generate()`",
             )
             return
-        attribute = generator[0] if generator is not None else None
         start = time.perf_counter()
         with isolated(pl_module), torch.no_grad():
             pl_module.eval()
             target = self._target(trainer, pl_module, generator)
             if isinstance(target, str):
-                self._skip(trainer, target)
+                self.skip(trainer, target)
                 return
-            run, unsupported = _run(target, self.beam_sizes)
+            run, unsupported = run_decoders(target, self.beam_sizes)
             if not run.decoder:
-                self._skip(trainer, f"the decoder supports none of the beam sizes {list(self.beam_sizes)}")
+                self.skip(trainer, f"the decoder supports none of the beam sizes {list(self.beam_sizes)}")
                 return
             rtol, atol = self._tolerance(pl_module)
-            mismatch = _mismatches(run, rtol, atol)
+            mismatch = score_mismatches(run, rtol, atol)
             recheck = self._float64(target, mismatch["beams"], rtol, atol) if mismatch["count"] else None
-        self._runs += 1
-        beam = self._beam_statistics(run, rtol, atol)
+        beam = beam_monotonicity(run, rtol, atol, self.beam_violation_rate)
         data: dict[str, Any] = {
             "path": target.kind,
-            "attribute": attribute,
+            "attribute": generator[0] if generator is not None else None,
             "examples": len(next(iter(run.decoder.values()))),
             "beam_sizes": sorted(run.decoder),
             "unsupported_beam_sizes": unsupported,
@@ -363,6 +182,13 @@ class DecodingConsistencyCheck(DebugCallback):
             data["settings"] = target.settings()
         if isinstance(recheck, dict):
             data["float64_max_abs_diff"] = recheck["max_abs"]
+        self._report(trainer, mismatch, recheck, data)
+
+    def _report(
+        self, trainer: pl.Trainer, mismatch: dict[str, Any], recheck: dict[str, Any] | str | None, data: dict[str, Any]
+    ) -> None:
+        """Log the scalars; a mismatch the float64 re-run confirms, a beam-search alarm, or else ``decode.ok``."""
+        beam = data["beam"]
         Sink(trainer).log_scalars(
             {
                 "debug/decode/max_abs_diff": mismatch["max_abs"],
@@ -388,21 +214,9 @@ class DecodingConsistencyCheck(DebugCallback):
         if not confirmed and not beam_alarm:
             self._report_ok(trainer, mismatch, data)
 
-    def _skip(self, trainer: pl.Trainer, reason: str) -> None:
-        self.emit(
-            trainer,
-            "check.skipped",
-            f"DecodingConsistencyCheck skipped: {reason}.",
-            data={"reason": reason},
-            key="DecodingConsistencyCheck",
-        )
-
     def _tolerance(self, pl_module: pl.LightningModule) -> tuple[float, float]:
-        param = next((p for p in pl_module.parameters() if p.is_floating_point()), None)
-        rtol, atol = default_tolerance(
-            param.dtype if param is not None else torch.float32,
-            param.device if param is not None else torch.device("cpu"),
-        )
+        # the scores pass through float32 even for a float64 model (HF generate() upcasts logits to fp32 only)
+        rtol, atol = module_tolerance(pl_module, scores_in_float32=True)
         return (self.rtol if self.rtol is not None else rtol), (self.atol if self.atol is not None else atol)
 
     @staticmethod
@@ -412,15 +226,13 @@ class DecodingConsistencyCheck(DebugCallback):
             getattr(pl_module, "score_outputs", None)
         ):
             return True, None
-        # Lightning itself imports transformers (lazily) when it is installed; the full import costs ~0.1 s, so it
-        # happens only for a module that holds a transformers class, which has imported it already.
-        if not any(type(m).__module__.startswith("transformers.") for m in pl_module.modules()):
+        # the full transformers import costs ~0.1 s: it happens only for a module that holds a transformers class
+        if not hf.holds_transformers(pl_module):
             return False, None
         try:
-            from lightning_debug.integrations import hf
+            return False, hf.find_generator(pl_module)
         except ImportError:  # a transformers too old or broken to use: no zero-config path
             return False, None
-        return False, hf.find_generator(pl_module)
 
     def _target(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, generator: tuple[str, Any] | None
@@ -434,18 +246,17 @@ class DecodingConsistencyCheck(DebugCallback):
             return ProtocolTarget(pl_module, batch)
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
             return "the batch is not a mapping with `input_ids` (define `decode_with_scores`/`score_outputs`)"
-        from lightning_debug.integrations import hf
-
         return hf.HFTarget(generator[1], batch, self.max_new_tokens, self.prompt_fraction)
 
     def _float64(self, target: DecodeTarget, beams: list[int], rtol: float, atol: float) -> dict[str, Any] | str:
         """Re-run the failing beam sizes in float64 on the CPU (reference §4): noise vanishes, a bug stays."""
         try:
-            run64, _ = _run(target.in_float64(), beams)
+            with target.in_float64() as target64:
+                run64, _ = run_decoders(target64, beams)
         except Exception as err:  # a model that cannot run in float64: alarm on the float32 evidence
             return f"float64 re-check unavailable ({type(err).__name__}: {err})"
-        mism = _mismatches(run64, rtol, atol)
-        diffs = {k: _difference(run64.decoder[k], run64.model[k]) for k in run64.decoder}
+        mism = score_mismatches(run64, rtol, atol)
+        diffs = {k: difference(run64.decoder[k], run64.model[k]) for k in run64.decoder}
         return {"confirmed": mism["count"] > 0, "max_abs": mism["max_abs"], "diffs": diffs}
 
     def _report_mismatch(
@@ -488,30 +299,3 @@ class DecodingConsistencyCheck(DebugCallback):
             f"Cost {cost['seconds']:.2f} s, {cost['generate_calls']} decode + {cost['forward_calls']} forward calls.",
             data=data,
         )
-
-    def _beam_statistics(self, run: _Run, rtol: float, atol: float) -> dict[str, Any]:
-        """Per example: does a beam's best hypothesis score worse than the best of all smaller beams?"""
-        beams = sorted(run.model)
-        stats: dict[str, Any] = {"examples": 0, "worse": 0, "fraction": 0.0, "p_value": 1.0, "per_beam": {}}
-        if len(beams) < 2:
-            return stats
-        scores = torch.stack([run.model[k] for k in beams], 1)  # [B, beams]
-        lengths = torch.stack([run.tokens[k].double() for k in beams], 1)
-        worse = torch.zeros(len(scores), dtype=torch.bool)
-        worst: dict[str, Any] = {"drop": 0.0, "beam": None, "than": None, "example": None}
-        for j in range(1, len(beams)):
-            best, arg = scores[:, :j].max(1)
-            ref_len = lengths.gather(1, arg[:, None]).squeeze(1)
-            drop = best - scores[:, j]
-            bad = drop > rtol * best.abs() + atol * ref_len
-            stats["per_beam"][str(beams[j])] = int(bad.sum())
-            worse |= bad
-            i = int(drop.argmax())
-            if bool(bad[i]) and float(drop[i]) > worst["drop"]:
-                worst = {"drop": float(drop[i]), "beam": beams[j], "than": beams[int(arg[i])], "example": i}
-        n, k = len(scores), int(worse.sum())
-        stats.update(examples=n, worse=k, fraction=k / n, worst=worst)
-        if k / n > self.beam_violation_rate:
-            stats["p_value"] = float(binomtest(k, n, self.beam_violation_rate, alternative="greater").pvalue)
-        stats["mean_score"] = {str(b): float(scores[:, j].mean()) for j, b in enumerate(beams)}
-        return stats

@@ -10,157 +10,23 @@ classic growing generalisation gap (training loss falling while dev loss rises).
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
 from lightning_debug.base import DebugCallback
+from lightning_debug.rules.divergence import DivergenceVerdict, assess_divergence
+from lightning_debug.rules.persistence import streak
+from lightning_debug.signals import ChanceLevel, check_mode, metric_value, mode_sign
 from lightning_debug.sinks import Sink
-from lightning_debug.stats import MIN_TREND_POINTS, Trend, robust_scale, trend_autocorrelated
+from lightning_debug.stats import MIN_TREND_POINTS, Trend
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-_MODES = ("min", "max")
-NOISE_MULTIPLE = 2.0  # the loss rise must also exceed this many step-to-step noise sigmas
-
-
-def metric_value(metrics: Mapping[str, Any], key: str) -> float | None:
-    """``key`` from ``trainer.callback_metrics`` as a float, preferring its epoch aggregate ``<key>_epoch``."""
-    value = metrics.get(f"{key}_epoch", metrics.get(key))
-    if value is None:
-        return None
-    return float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
-
-
-class ChanceLevel:
-    """The chance level of a classification metric, for "is the model better than guessing yet?".
-
-    Given explicitly, or, for an accuracy-like metric (``from_targets``), inferred from the ``target`` tensor
-    that ``validation_step`` returns (the majority class rate over the first validation epoch), or else the
-    metric's first observed value (the sanity check when it runs, i.e. the untrained model).
-    """
-
-    def __init__(self, explicit: float | None, from_targets: bool = True) -> None:
-        self.explicit = explicit
-        self.from_targets = from_targets
-        self.inferred: float | None = None
-        self.start: float | None = None
-        self._counts: torch.Tensor | None = None
-
-    @property
-    def level(self) -> float | None:
-        for v in (self.explicit, self.inferred, self.start):
-            if v is not None:
-                return v
-        return None
-
-    @property
-    def source(self) -> str:
-        if self.explicit is not None:
-            return "argument"
-        return "majority class of validation targets" if self.inferred is not None else "first validation"
-
-    def observe_outputs(self, outputs: Any) -> None:
-        """Count validation targets on the device until the first epoch ends (then never again)."""
-        if not self.from_targets or self.explicit is not None or self.inferred is not None:
-            return
-        if not isinstance(outputs, Mapping):
-            return
-        target = outputs.get("target")
-        if not isinstance(target, torch.Tensor) or target.is_floating_point():
-            return
-        t = target.detach().flatten()
-        counts = torch.bincount(t.clamp(min=0), weights=(t >= 0).to(torch.float32))
-        if self._counts is None:
-            self._counts = counts
-        else:
-            n = max(len(counts), len(self._counts))
-            self._counts = torch.nn.functional.pad(self._counts, (0, n - len(self._counts)))
-            self._counts = self._counts + torch.nn.functional.pad(counts, (0, n - len(counts)))
-
-    def end_epoch(self, metric: float | None) -> None:
-        if self._counts is not None and float(self._counts.sum()) > 0:
-            self.inferred = float(self._counts.max() / self._counts.sum())
-        self._counts = None
-        if self.start is None and metric is not None and np.isfinite(metric):
-            self.start = metric
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"inferred": self.inferred, "start": self.start}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inferred = state.get("inferred")
-        self.start = state.get("start")
-
-
-@dataclass(frozen=True)
-class DivergenceVerdict:
-    """One window's evidence; ``diverging`` / ``overfitting`` are the per-check conditions (before persistence)."""
-
-    loss: Trend
-    metric: Trend
-    train: Trend | None
-    loss_rise: float
-    metric_change: float
-    metric_given_back: float
-    above_chance: bool
-    diverging: bool
-    overfitting: bool
-
-
-def assess_divergence(
-    loss: list[float],
-    metric: list[float],
-    *,
-    mode: str,
-    loss_min: float,
-    metric_best: float,
-    chance: float | None,
-    min_rise: float,
-    max_metric_drop: float = 0.1,
-    train_loss: list[float] | None = None,
-    confidence: float = 0.95,
-) -> DivergenceVerdict:
-    """The per-check rule over one window (``loss``, ``metric`` aligned, oldest first).
-
-    Divergence needs all of: the dev loss slope's (autocorrelation-widened) interval above zero; the
-    metric's robust slope flat or improving; the metric's trend line within ``max_metric_drop`` of its best
-    (as a fraction of its best gain over chance: a metric that fell, then plateaued, is plain overfitting);
-    the dev loss's trend line at least ``min_rise`` (relative) above its best value; and the metric better
-    than chance. Overfitting needs the same dev-loss rise and a training loss whose slope interval is below
-    zero.
-    """
-    sign = 1.0 if mode == "max" else -1.0
-    lt = trend_autocorrelated(loss, confidence=confidence)
-    mt = trend_autocorrelated(metric, confidence=confidence)
-    tt = None
-    if train_loss is not None and int(np.isfinite(np.asarray(train_loss, dtype=float)).sum()) >= MIN_TREND_POINTS:
-        tt = trend_autocorrelated(train_loss, confidence=confidence)
-    loss_now = lt.intercept + lt.slope * (len(loss) - 1)
-    rise = (loss_now - loss_min) / max(abs(loss_min), 1e-12)
-    metric_change = mt.slope * (len(metric) - 1)
-    metric_now = mt.intercept + mt.slope * (len(metric) - 1)
-    gain = abs(metric_best - (chance if chance is not None else 0.0))
-    given_back = sign * (metric_best - metric_now) / gain if gain > 0 else 0.0
-    above = chance is None or sign * (float(np.median(metric)) - chance) > 0
-    noise = robust_scale(loss) / max(abs(loss_min), 1e-12)  # evaluation noise, relative to the best loss
-    loss_up = lt.rising and rise > max(min_rise, NOISE_MULTIPLE * noise)
-    return DivergenceVerdict(
-        loss=lt,
-        metric=mt,
-        train=tt,
-        loss_rise=rise,
-        metric_change=metric_change,
-        metric_given_back=given_back,
-        above_chance=above,
-        diverging=loss_up and sign * mt.slope >= 0 and given_back <= max_metric_drop and above,
-        overfitting=loss_up and tt is not None and tt.falling,
-    )
+PREFIX = "debug/divergence/"
+__all__ = ["DivergenceVerdict", "LossMetricDivergence", "assess_divergence"]
 
 
 class LossMetricDivergence(DebugCallback):
@@ -205,12 +71,13 @@ class LossMetricDivergence(DebugCallback):
         chance: float | None = None,
         confidence: float = 0.95,
         *,
-        strict: bool = False,
-        verbose: bool = True,
+        raise_errors: bool = False,
+        print_findings: bool = True,
+        strict: bool | None = None,
+        verbose: bool | None = None,
     ) -> None:
-        super().__init__(strict=strict, verbose=verbose)
-        if mode not in _MODES:
-            raise ValueError(f"`mode` must be 'min' or 'max', got {mode!r}")
+        super().__init__(raise_errors=raise_errors, print_findings=print_findings, strict=strict, verbose=verbose)
+        check_mode(mode)
         if window < MIN_TREND_POINTS:
             raise ValueError(
                 f"`window` must be at least {MIN_TREND_POINTS} validation checks (the minimum for a trend test "
@@ -272,23 +139,24 @@ class LossMetricDivergence(DebugCallback):
         missing = [keys[name] for name, v in values.items() if v is None]
         if missing:
             text = f"{missing} not logged; available: {sorted(metrics)}"
-            if self.strict:
+            if self.raise_errors:
                 raise RuntimeError(f"LossMetricDivergence monitors {text}")
-            self.emit(trainer, "check.skipped", f"LossMetricDivergence: {text}", data={"missing": missing})
+            self.skip(trainer, text, data={"missing": missing})
             return
-        loss, metric = float(values["loss"]), float(values["metric"])  # type: ignore[arg-type]
         train = metric_value(metrics, self.train_loss) if self.train_loss else None
+        self._record(trainer.global_step, float(values["loss"]), float(values["metric"]), train)  # type: ignore[arg-type]
+        if self.checks >= self.min_checks and np.isfinite(self.history["loss"]).all():
+            self._judge(trainer)
+
+    def _record(self, step: int, loss: float, metric: float, train: float | None) -> None:
+        """One validation check into the trailing window, the best loss and the best metric."""
         self.checks += 1
         if np.isfinite(loss) and loss < self.loss_min:
-            self.loss_min, self.loss_min_step = loss, trainer.global_step
-        sign = 1.0 if self.mode == "max" else -1.0
-        if np.isfinite(metric) and not sign * (self.metric_best - metric) >= 0:  # also replaces the initial NaN
+            self.loss_min, self.loss_min_step = loss, step
+        if np.isfinite(metric) and not mode_sign(self.mode) * (self.metric_best - metric) >= 0:  # also the first NaN
             self.metric_best = metric
-        for name, v in (("loss", loss), ("metric", metric), ("train", train), ("step", trainer.global_step)):
+        for name, v in (("loss", loss), ("metric", metric), ("train", train), ("step", step)):
             self.history[name] = [*self.history[name], float("nan") if v is None else float(v)][-self.window :]
-        if self.checks < self.min_checks or not np.isfinite(self.history["loss"]).all():
-            return
-        self._judge(trainer)
 
     def _judge(self, trainer: pl.Trainer) -> None:
         h = self.history
@@ -304,20 +172,30 @@ class LossMetricDivergence(DebugCallback):
             train_loss=h["train"] if self.train_loss else None,
             confidence=self.confidence,
         )
-        self.streaks["diverging"] = self.streaks["diverging"] + 1 if v.diverging else 0
-        self.streaks["overfitting"] = self.streaks["overfitting"] + 1 if v.overfitting else 0
+        self.streaks = {
+            "diverging": streak(self.streaks["diverging"], v.diverging),
+            "overfitting": streak(self.streaks["overfitting"], v.overfitting),
+        }
         scalars = {
-            "debug/divergence/loss_slope": v.loss.slope,
-            "debug/divergence/loss_slope_low": v.loss.low,
-            "debug/divergence/metric_slope": v.metric.slope,
-            "debug/divergence/metric_slope_low": v.metric.low,
-            "debug/divergence/metric_slope_high": v.metric.high,
-            "debug/divergence/loss_rise": v.loss_rise,
-            "debug/divergence/diverging": float(v.diverging),
+            PREFIX + "loss_slope": v.loss.slope,
+            PREFIX + "loss_slope_low": v.loss.low,
+            PREFIX + "metric_slope": v.metric.slope,
+            PREFIX + "metric_slope_low": v.metric.low,
+            PREFIX + "metric_slope_high": v.metric.high,
+            PREFIX + "loss_rise": v.loss_rise,
+            PREFIX + "diverging": float(v.diverging),
         }
         if v.train is not None:
-            scalars["debug/divergence/train_loss_slope"] = v.train.slope
+            scalars[PREFIX + "train_loss_slope"] = v.train.slope
         Sink(trainer).log_scalars(scalars)
+        if self.streaks["diverging"] >= self.persistence:
+            self._report_divergence(trainer, v)
+        if self.streaks["overfitting"] >= self.persistence and v.train is not None:
+            self._report_overfitting(trainer, v, v.train)
+
+    def _evidence(self, v: DivergenceVerdict) -> tuple[str, str, dict[str, Any]]:
+        """The window, the loss rise in words, and the data both findings carry."""
+        h = self.history
         steps = (int(h["step"][0]), int(h["step"][-1]))
         evidence = {
             "loss_trend": v.loss.as_dict(),
@@ -339,26 +217,32 @@ class LossMetricDivergence(DebugCallback):
             f"{self.loss} rose {v.loss_rise:.0%} above its minimum {self.loss_min:.4g} (step {self.loss_min_step}), "
             f"slope {v.loss.slope:+.3g}/check (95% CI {v.loss.low:+.3g} to {v.loss.high:+.3g})"
         )
-        if self.streaks["diverging"] >= self.persistence:
-            chance = "" if self.chance.level is None else f", above chance {self.chance.level:.3g}"
-            self.emit(
-                trainer,
-                "val.loss_metric_divergence",
-                f"{span}: {rise}, while {self.metric} held or improved "
-                f"({h['metric'][0]:.4g} -> {h['metric'][-1]:.4g}, slope {v.metric.slope:+.3g}/check{chance}). "
-                "The model is growing confident in its wrong answers; select and stop on the metric, not the loss.",
-                data=evidence,
-                key=self.metric,
-            )
-        if self.streaks["overfitting"] >= self.persistence and v.train is not None:
-            self.emit(
-                trainer,
-                "val.overfitting",
-                f"{span}: {rise}, while {self.train_loss} kept falling "
-                f"(slope {v.train.slope:+.3g}/check, 95% CI {v.train.low:+.3g} to {v.train.high:+.3g}).",
-                data={**evidence, "train_loss_trend": v.train.as_dict()},
-                key=self.loss,
-            )
+        return span, rise, evidence
+
+    def _report_divergence(self, trainer: pl.Trainer, v: DivergenceVerdict) -> None:
+        span, rise, evidence = self._evidence(v)
+        h = self.history
+        chance = "" if self.chance.level is None else f", above chance {self.chance.level:.3g}"
+        self.emit(
+            trainer,
+            "val.loss_metric_divergence",
+            f"{span}: {rise}, while {self.metric} held or improved "
+            f"({h['metric'][0]:.4g} -> {h['metric'][-1]:.4g}, slope {v.metric.slope:+.3g}/check{chance}). "
+            "The model is growing confident in its wrong answers; select and stop on the metric, not the loss.",
+            data=evidence,
+            key=self.metric,
+        )
+
+    def _report_overfitting(self, trainer: pl.Trainer, v: DivergenceVerdict, train: Trend) -> None:
+        span, rise, evidence = self._evidence(v)
+        self.emit(
+            trainer,
+            "val.overfitting",
+            f"{span}: {rise}, while {self.train_loss} kept falling "
+            f"(slope {train.slope:+.3g}/check, 95% CI {train.low:+.3g} to {train.high:+.3g}).",
+            data={**evidence, "train_loss_trend": train.as_dict()},
+            key=self.loss,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {

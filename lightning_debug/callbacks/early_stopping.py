@@ -20,8 +20,8 @@ from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 
 from lightning_debug.base import DebugCallback, debug_callbacks_of
-from lightning_debug.callbacks.divergence import ChanceLevel, metric_value
 from lightning_debug.findings import CATALOGUE
+from lightning_debug.signals import ChanceLevel, metric_value
 from lightning_debug.stats import trend
 
 if TYPE_CHECKING:
@@ -126,6 +126,8 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
             check_on_train_epoch_end=check_on_train_epoch_end,
             log_rank_zero_only=log_rank_zero_only,
         )
+        self.raise_errors = strict  # Lightning's `strict`: a missing monitor stops the run (DebugCallback's own
+        # name for this is `raise_errors`; wired separately by the early-stopping owner)
         if min_delta_mode not in ("abs", "rel"):
             raise ValueError(f"`min_delta_mode` must be 'abs' or 'rel', got {min_delta_mode!r}")
         if min_delta_mode == "rel" and min_delta < 0:

@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 
 from lightning_debug.base import DebugCallback
-from lightning_debug.callbacks.calibration import is_causal_lm  # TODO(arch foundation): integrations.hf
-from lightning_debug.metrics import find_predictions
+from lightning_debug.integrations.hf import is_causal_lm
 from lightning_debug.rules import errors as rules
+from lightning_debug.signals import find_predictions
 from lightning_debug.sinks import Sink
 
 if TYPE_CHECKING:
@@ -386,7 +386,7 @@ class ErrorAnalysis(DebugCallback):
             labels = [f"{s.column}={s.value}" for s in tested]
             title = f"Accuracy per slice, epoch {epoch} (overall {accuracy:.3f})"
             self.last_files.append(
-                sink.log_bars(
+                sink.log_interval_bars(
                     PREFIX + "slice_accuracy",
                     labels,
                     [s.accuracy for s in tested],

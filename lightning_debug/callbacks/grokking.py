@@ -17,47 +17,25 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from lightning_debug import media
 from lightning_debug.base import DebugCallback
-from lightning_debug.callbacks.calibration import is_causal_lm
+from lightning_debug.integrations.hf import is_causal_lm
 from lightning_debug.isolation import isolated
-from lightning_debug.metrics import find_predictions, per_prediction
+from lightning_debug.metrics import prediction_sums
+from lightning_debug.rules.grokking import assess_stall, is_generalized, is_memorized, log10_step, log_spaced_steps
+from lightning_debug.signals import first_dataloader, predictions, weight_norm
 from lightning_debug.sinks import Sink
-from lightning_debug.stats import trend
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
+__all__ = ["GrokkingMonitor", "log10_step", "log_spaced_steps", "prediction_sums"]
+
 PREFIX = "debug/grokking/"
 STEP_KEY = PREFIX + "log10_step"
-_SUMS = ("correct", "tokens", "nll", "seq_correct", "seqs")
 # series logged per evaluation (the token/sequence pair only when targets are sequences)
 SERIES = ("train_acc", "val_acc", "train_loss", "val_loss", "weight_norm")
 SEQ_SERIES = ("train_token_acc", "train_seq_acc", "val_token_acc", "val_seq_acc")
-
-
-def log10_step(step: int) -> float:
-    """The log-x coordinate: log10(step + 1), so step 0 sits at 0 and the axis stays monotonic."""
-    return math.log10(step + 1)
-
-
-def log_spaced_steps(per_decade: int, max_step: int) -> set[int]:
-    """Integer steps spaced evenly in log10 (``per_decade`` per factor of ten), from 1 to ``max_step``."""
-    n = int(per_decade * math.log10(max(max_step, 1))) + 1
-    return {round(10 ** (k / per_decade)) for k in range(n + 1)} & set(range(1, max_step + 1))
-
-
-def prediction_sums(scores: Tensor, target: Tensor, fmt: Any, ignore_index: int | None) -> Tensor:
-    """On-device ``[correct, tokens, nll, seq_correct, seqs]``; sequences when ``target`` has a time axis."""
-    _, correct, nll, _, valid, _, _ = per_prediction(scores, target, fmt, ignore_index)
-    w = valid.to(torch.float64)
-    rows = target.reshape(target.shape[0], -1) if target.ndim >= 2 else None
-    if rows is None:
-        seq_correct = seqs = torch.zeros((), dtype=torch.float64, device=w.device)
-    else:
-        ok = (correct | ~valid).reshape(rows.shape)
-        has = valid.reshape(rows.shape).any(-1)
-        seq_correct, seqs = (ok.all(-1) & has).sum().double(), has.sum().double()
-    return torch.stack([(correct.double() * w).sum(), w.sum(), (nll.double() * w).sum(), seq_correct, seqs])
 
 
 class GrokkingMonitor(DebugCallback):
@@ -100,10 +78,12 @@ class GrokkingMonitor(DebugCallback):
         stall_window: int = 10,
         ignore_index: int | None = -100,
         plot: bool = True,
-        strict: bool = False,
-        verbose: bool = True,
+        raise_errors: bool = False,
+        print_findings: bool = True,
+        strict: bool | None = None,
+        verbose: bool | None = None,
     ) -> None:
-        super().__init__(strict=strict, verbose=verbose)
+        super().__init__(raise_errors=raise_errors, print_findings=print_findings, strict=strict, verbose=verbose)
         for name, value in (("threshold", threshold), ("val_threshold", val_threshold), ("min_gap", min_gap)):
             if value is not None and not 0 < value <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {value!r}")
@@ -164,13 +144,10 @@ class GrokkingMonitor(DebugCallback):
         return max(1, per_epoch * epochs // max(1, trainer.accumulate_grad_batches))
 
     def _accumulate(self, stage: str, outputs: Any, batch: Any) -> None:
-        found = find_predictions(outputs, batch)
+        found = predictions(outputs, batch, shift=self._shift)
         if isinstance(found, str):
             return
         scores, target, fmt = found
-        scores, target = scores.detach(), target.detach()
-        if self._shift:
-            scores, target = scores[..., :-1, :], target[..., 1:]
         sums = prediction_sums(scores, target, fmt, self.ignore_index)
         prev = self._sums[stage]
         self._sums[stage] = sums if prev is None else prev + sums
@@ -182,7 +159,7 @@ class GrokkingMonitor(DebugCallback):
             self._accumulate("train", outputs, batch)
         step = trainer.global_step
         if step % self.norm_every_n_steps == 0 and (not self._pending_norms or self._pending_norms[-1][0] != step):
-            self._pending_norms.append((step, self._weight_norm(pl_module)))
+            self._pending_norms.append((step, weight_norm(pl_module)))
         if step in self._probe_steps:
             self._probe_steps.discard(step)
             values = self._probe(trainer, pl_module)
@@ -192,11 +169,6 @@ class GrokkingMonitor(DebugCallback):
                 self._probe_train = {k: v for k, v in values.items() if k.startswith("train_")}
             elif values:
                 self._record(trainer, pl_module, values)
-
-    @staticmethod
-    def _weight_norm(module: torch.nn.Module) -> Tensor:
-        norms = [p.detach().norm() for p in module.parameters()]
-        return torch.linalg.vector_norm(torch.stack(norms).float()) if norms else torch.zeros(())
 
     def on_validation_batch_end(
         self,
@@ -249,7 +221,7 @@ class GrokkingMonitor(DebugCallback):
             self._stash, self._probe_train = None, {}
         step = int(trainer.global_step)
         self._pending_norms = [(s, n) for s, n in self._pending_norms if s < step]
-        self._pending_norms.append((step, self._weight_norm(pl_module)))
+        self._pending_norms.append((step, weight_norm(pl_module)))
         norms = torch.stack([n for _, n in self._pending_norms]).tolist()
         new_norms = [(s, v) for (s, _), v in zip(self._pending_norms, norms, strict=True)]
         self._pending_norms = []
@@ -274,10 +246,9 @@ class GrokkingMonitor(DebugCallback):
         loaders = {"train": trainer.train_dataloader, "val": trainer.val_dataloaders}
         with isolated(pl_module), torch.no_grad():
             pl_module.eval()
-            for stage, loader in loaders.items():
-                if isinstance(loader, (list, tuple)):
-                    loader = loader[0] if loader else None
-                if not isinstance(loader, DataLoader):
+            for stage, loaders_of_stage in loaders.items():
+                loader = first_dataloader(loaders_of_stage)
+                if loader is None:
                     continue
                 # a sequential loader over the same data: the training loader's shuffling RNG is not touched
                 plain = DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
@@ -293,10 +264,9 @@ class GrokkingMonitor(DebugCallback):
         if "train_acc" in values and "val_acc" in values:
             return values
         self._probe_steps.clear()
-        self.emit(
+        self.skip(
             trainer,
-            "check.skipped",
-            "GrokkingMonitor cannot evaluate at log-spaced steps: validation_step returns no logits/target.",
+            "cannot evaluate at log-spaced steps: validation_step returns no logits/target.",
             key="grokking:probe",
         )
         return {}
@@ -308,55 +278,72 @@ class GrokkingMonitor(DebugCallback):
             return
         step = int(r["step"])
         if self.memorized_step is None:
-            if train >= self.threshold and val <= train - self.min_gap and val < self.val_threshold:
+            if is_memorized(
+                train, val, threshold=self.threshold, val_threshold=self.val_threshold, min_gap=self.min_gap
+            ):
                 self.memorized_step = step
-                self.emit(
-                    trainer,
-                    "grokking.memorized",
-                    f"Training set memorised at step {step}: train metric {train:.3f} >= {self.threshold}, "
-                    f"dev metric only {val:.3f}. Keep training (with weight decay) if you expect grokking; "
-                    "do not stop on dev loss.",
-                    data={"step": step, "train": train, "val": val, "val_loss": r.get("val_loss")},
-                )
+                self._report_memorized(trainer, r, step, train, val)
             return
-        if self.generalized_step is None and val >= self.val_threshold:
+        if self.generalized_step is None and is_generalized(val, val_threshold=self.val_threshold):
             self.generalized_step = step
-            ratio = step / max(self.memorized_step, 1)
-            self.emit(
-                trainer,
-                "grokking.generalized",
-                f"Dev metric reached {val:.3f} >= {self.val_threshold} at step {step}, {ratio:.1f}x the "
-                f"{self.memorized_step} steps it took to memorise the training set (grokking delay).",
-                data={
-                    "step": step,
-                    "memorized_step": self.memorized_step,
-                    "delay_ratio": ratio,
-                    "val": val,
-                    "max_val_loss": max((x.get("val_loss", -math.inf) for x in self.records), default=None),
-                },
-            )
+            self._report_generalized(trainer, step, val)
             return
         if self.generalized_step is None and not self.has_finding("grokking.stalled"):
             self._check_stall(trainer, step)
 
+    def _report_memorized(self, trainer: pl.Trainer, r: dict[str, float], step: int, train: float, val: float) -> None:
+        self.emit(
+            trainer,
+            "grokking.memorized",
+            f"Training set memorised at step {step}: train metric {train:.3f} >= {self.threshold}, "
+            f"dev metric only {val:.3f}. Keep training (with weight decay) if you expect grokking; "
+            "do not stop on dev loss.",
+            data={"step": step, "train": train, "val": val, "val_loss": r.get("val_loss")},
+        )
+
+    def _report_generalized(self, trainer: pl.Trainer, step: int, val: float) -> None:
+        assert self.memorized_step is not None
+        ratio = step / max(self.memorized_step, 1)
+        self.emit(
+            trainer,
+            "grokking.generalized",
+            f"Dev metric reached {val:.3f} >= {self.val_threshold} at step {step}, {ratio:.1f}x the "
+            f"{self.memorized_step} steps it took to memorise the training set (grokking delay).",
+            data={
+                "step": step,
+                "memorized_step": self.memorized_step,
+                "delay_ratio": ratio,
+                "val": val,
+                "max_val_loss": max((x.get("val_loss", -math.inf) for x in self.records), default=None),
+            },
+        )
+
     def _check_stall(self, trainer: pl.Trainer, step: int) -> None:
         assert self.memorized_step is not None
         since = [x for x in self.records if x["step"] >= self.memorized_step and "val_acc" in x]
-        if step < self.stall_factor * max(self.memorized_step, 1) or len(since) < self.stall_window:
-            return
-        window = since[-self.stall_window :]
-        steps = [x["step"] for x in window]
-        val = trend([x["val_acc"] for x in window], steps)
-        norm = trend([x["weight_norm"] for x in window], steps)
-        if val.rising or norm.falling:
+        v = assess_stall(
+            [x["step"] for x in since],
+            [x["val_acc"] for x in since],
+            [x["weight_norm"] for x in since],
+            memorized_step=self.memorized_step,
+            step=step,
+            stall_factor=self.stall_factor,
+            stall_window=self.stall_window,
+        )
+        if v is None or not v.stalled:
             return
         self.emit(
             trainer,
             "grokking.stalled",
             f"Training set memorised at step {self.memorized_step}, now step {step}: over the last "
-            f"{len(window)} evaluations the dev metric shows no rise (slope {val.slope:.2e}/step, 95% CI "
-            f"[{val.low:.2e}, {val.high:.2e}]) and the weight norm no fall ({window[-1]['weight_norm']:.1f}).",
-            data={"memorized_step": self.memorized_step, "step": step, "val": val.as_dict(), "norm": norm.as_dict()},
+            f"{v.evaluations} evaluations the dev metric shows no rise (slope {v.val.slope:.2e}/step, 95% CI "
+            f"[{v.val.low:.2e}, {v.val.high:.2e}]) and the weight norm no fall ({since[-1]['weight_norm']:.1f}).",
+            data={
+                "memorized_step": self.memorized_step,
+                "step": step,
+                "val": v.val.as_dict(),
+                "norm": v.norm.as_dict(),
+            },
         )
 
     # -- end of fit -----------------------------------------------------------------------------------------
@@ -371,27 +358,23 @@ class GrokkingMonitor(DebugCallback):
         sink.set_summary({k: v for k, v in summary.items() if v is not None})
         if not self.plot or not self.records:
             return
-        if sink.wandb_run is not None:
-            import wandb
-
-            for title, names in (("accuracy", ("train_acc", "val_acc")), ("loss", ("train_loss", "val_loss"))):
-                rows = [x for x in self.records if all(n in x for n in names)]
-                if rows:
-                    sink.log_chart(
-                        PREFIX + f"{title}_curves",
-                        wandb.plot.line_series(
-                            xs=[log10_step(int(x["step"])) for x in rows],
-                            ys=[[x[n] for x in rows] for n in names],
-                            keys=list(names),
-                            title=f"Grokking: {title} vs log10(step + 1)",
-                            xname="log10(step + 1)",
-                        ),
-                    )
-        try:
-            fig = grokking_figure(self.records, self.norms, self.memorized_step, self.generalized_step)
-        except ImportError:
-            return
-        sink.log_figure(PREFIX + "curves", fig)
+        for title, names in (("accuracy", ("train_acc", "val_acc")), ("loss", ("train_loss", "val_loss"))):
+            rows = [x for x in self.records if all(n in x for n in names)]
+            if rows:
+                sink.log_line_series(
+                    PREFIX + f"{title}_curves",
+                    [log10_step(int(x["step"])) for x in rows],
+                    [[x[n] for x in rows] for n in names],
+                    names,
+                    title=f"Grokking: {title} vs log10(step + 1)",
+                    x_name="log10(step + 1)",
+                )
+        records, norms, memorized, generalized = self.records, self.norms, self.memorized_step, self.generalized_step
+        sink.log_figure(  # W&B has the native charts above: the ~0.7 s figure is for the other loggers only
+            PREFIX + "curves",
+            lambda: media.grokking_figure(records, norms, memorized, generalized),
+            with_wandb=False,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -408,37 +391,3 @@ class GrokkingMonitor(DebugCallback):
         self.norms = [(int(s), float(v)) for s, v in state_dict.get("norms", [])]
         self.memorized_step = state_dict.get("memorized_step")
         self.generalized_step = state_dict.get("generalized_step")
-
-
-def grokking_figure(
-    records: list[dict[str, float]],
-    norms: list[tuple[int, float]],
-    memorized: int | None,
-    generalized: int | None,
-) -> Any:
-    """Metric, loss and weight norm against a log step axis, with the memorisation/generalisation steps."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
-    for ax, names in zip(axes[:2], (("train_acc", "val_acc"), ("train_loss", "val_loss")), strict=True):
-        for name in names:
-            pts = [(x["step"] + 1, x[name]) for x in records if name in x]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker=".", label=name)
-        ax.legend(loc="best", fontsize=8)
-    axes[0].set_ylabel("metric")
-    axes[1].set_ylabel("loss")
-    axes[1].set_yscale("log")
-    if norms:
-        axes[2].plot([s + 1 for s, _ in norms], [v for _, v in norms], color="gray")
-    axes[2].set_ylabel("L2 weight norm")
-    axes[2].set_xlabel("step + 1 (log scale)")
-    axes[2].set_xscale("log")
-    for step, label, color in ((memorized, "memorised", "tab:orange"), (generalized, "generalised", "tab:green")):
-        if step is not None:
-            for ax in axes:
-                ax.axvline(step + 1, color=color, linestyle="--", linewidth=1)
-            axes[0].text(step + 1, 0.5, f" {label}\n step {step}", color=color, fontsize=8)
-    axes[0].set_title("Grokking curves")
-    fig.tight_layout()
-    return fig

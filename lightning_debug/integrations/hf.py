@@ -1,7 +1,9 @@
 """Hugging Face ``transformers`` glue for :class:`~lightning_debug.callbacks.decoding.DecodingConsistencyCheck`.
 
-Import this module only when transformers is wanted: it imports transformers at the top. The decode check
-imports it lazily, so the package works without transformers installed.
+All Hugging Face knowledge of the package lives here. Importing this module is cheap and does not import
+transformers: the functions that need it import it when called, and :func:`holds_transformers` tells, from class
+names alone, whether a module holds a transformers model at all (so a model without one never pays the ~0.1 s
+import, and the package works without transformers installed).
 
 What it knows (measured on transformers 5.24, see ``shared/reference/batch-consistency.md`` §3):
 
@@ -16,14 +18,16 @@ What it knows (measured on transformers 5.24, see ``shared/reference/batch-consi
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
-import transformers
 from torch import nn
-from transformers import PreTrainedModel
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # Score-changing logits processors a generation config may switch on, set to their no-op values for the check:
 # beam search ranks hypotheses by processed scores, so only without them is the search objective the model's
@@ -38,10 +42,23 @@ NEUTRAL_PROCESSORS: dict[str, Any] = {
 
 
 MAX_PROMPT_TOKENS = 64  # long documents add cost, not evidence
+_CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def holds_transformers(module: nn.Module) -> bool:
+    """``module`` is or contains a class from ``transformers`` (read from class names: nothing is imported)."""
+    return any(type(m).__module__.startswith("transformers.") for m in module.modules())
+
+
+def is_causal_lm(module: nn.Module) -> bool:
+    """A Hugging Face causal LM inside ``module``: its logits at position t predict the label at t + 1."""
+    return any(type(m).__name__.endswith(_CAUSAL_LM_SUFFIXES) for m in module.modules())
 
 
 def find_generator(module: nn.Module) -> tuple[str, PreTrainedModel] | None:
     """The first submodule (by attribute path) that is a ``PreTrainedModel`` able to ``generate()``."""
+    from transformers import PreTrainedModel
+
     for name, sub in module.named_modules():
         if isinstance(sub, PreTrainedModel) and sub.can_generate():
             return name, sub
@@ -170,6 +187,8 @@ class HFTarget:
         kwargs.update(NEUTRAL_PROCESSORS)
         if beam_size > 1:
             kwargs["length_penalty"] = 0.0  # the search objective is then the plain summed log-probability
+        import transformers
+
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # "flags not valid for greedy" notices are expected here
         try:
@@ -208,9 +227,12 @@ class HFTarget:
         logp = torch.log_softmax(_at_least_fp32(logits), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         return torch.where(valid, logp, torch.zeros_like(logp)).sum(1)
 
-    def in_float64(self) -> HFTarget:
-        """The same check on a float64 CPU copy of the model: float noise shrinks ~1e8x, a bug does not."""
-        clone = copy.copy(self)
-        clone.model = copy.deepcopy(self.model).double().cpu()
-        clone.prompt_ids, clone.prompt_mask = self.prompt_ids.cpu(), self.prompt_mask.cpu()
-        return clone
+    @contextlib.contextmanager
+    def in_float64(self) -> Iterator[HFTarget]:
+        """The same check with the model run in float64 on the CPU: float noise shrinks ~1e8x, a bug does not."""
+        from lightning_debug.precision import float64_on_cpu
+
+        with float64_on_cpu(self.model) as convert:
+            clone = copy.copy(self)
+            clone.prompt_ids, clone.prompt_mask = convert(self.prompt_ids), convert(self.prompt_mask)
+            yield clone

@@ -1,0 +1,44 @@
+"""Over- and underconfidence from one evaluation's calibration statistics (``calibration.*`` findings).
+
+Pure: plain floats in, a :class:`CalibrationVerdict` out. Used by
+:class:`~lightning_debug.callbacks.calibration.CalibrationMonitor`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CalibrationVerdict:
+    """``miscalibrated``: enough predictions and ECE at or over the threshold; ``overconfident`` /
+    ``underconfident``: miscalibrated in one clear direction (before persistence)."""
+
+    miscalibrated: bool
+    overconfident: bool
+    underconfident: bool
+
+
+def assess_calibration(
+    *,
+    ece: float,
+    gap: float,
+    gap_se: float,
+    count: float,
+    temperature: float = math.nan,
+    ece_threshold: float,
+    min_samples: int,
+    z: float,
+) -> CalibrationVerdict:
+    """Miscalibrated = at least ``min_samples`` predictions and ``ece >= ece_threshold``. Overconfident: also
+    a gap (mean confidence - accuracy) more than ``z`` standard errors above 0 and, when a temperature was
+    fitted, ``temperature > 1`` (softening helps); underconfident mirrors it. Mixed miscalibration, which one
+    temperature cannot fix, is neither.
+    """
+    bad = count >= min_samples and ece >= ece_threshold
+    return CalibrationVerdict(
+        miscalibrated=bad,
+        overconfident=bad and gap > z * gap_se and not temperature <= 1,
+        underconfident=bad and -gap > z * gap_se and not temperature >= 1,
+    )

@@ -1,0 +1,45 @@
+"""The over/underconfidence rule on hand-made statistics: no Trainer, floats in, a verdict out."""
+
+import math
+
+from lightning_debug.rules.calibration import assess_calibration
+
+DEFAULTS = dict(ece_threshold=0.1, min_samples=200, z=3.0)
+
+
+def _assess(**stats):
+    base = dict(ece=0.15, gap=0.15, gap_se=0.01, count=1000.0, temperature=1.8)
+    return assess_calibration(**{**base, **stats}, **DEFAULTS)
+
+
+def test_confident_and_wrong_with_a_softening_temperature_is_overconfident():
+    v = _assess()
+    assert v.miscalibrated and v.overconfident and not v.underconfident, v
+
+
+def test_mirror_image_is_underconfident():
+    v = _assess(gap=-0.15, temperature=0.6)
+    assert v.underconfident and not v.overconfident, v
+
+
+def test_ece_below_the_threshold_is_calibrated():
+    v = _assess(ece=0.05)
+    assert not v.miscalibrated and not v.overconfident, v
+
+
+def test_too_few_predictions_are_not_judged():
+    assert not _assess(count=100.0).miscalibrated
+
+
+def test_a_gap_within_z_standard_errors_has_no_direction():
+    v = _assess(gap=0.02, gap_se=0.01)  # 2 standard errors < z = 3
+    assert v.miscalibrated and not v.overconfident and not v.underconfident, v
+
+
+def test_a_temperature_that_disagrees_with_the_gap_means_mixed_miscalibration():
+    v = _assess(temperature=0.9)  # the gap says overconfident, the temperature says sharpen
+    assert v.miscalibrated and not v.overconfident, v
+
+
+def test_without_a_fitted_temperature_the_gap_decides():
+    assert _assess(temperature=math.nan).overconfident
