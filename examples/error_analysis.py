@@ -14,8 +14,8 @@ rows and the most confident errors, decoded by the module's tokenizer, with the 
 columns), a ``debug/errors/slices`` table with 95% intervals and a bar chart, and names the weak slices.
 
 Run time: 98 s measured on 2 CPU cores shared with other jobs (load average 11); its three 63-step epochs
-are most of it. The example analyses every evaluation (``errors={"budget": None}``); the suite's default spends at most 2% of
-validation time on it, which on a validation set this small (~20 ms) means rarely.
+are most of it. The example analyses every evaluation (``errors={"budget": None}``); the suite's default
+spends at most 2% of validation time on it, which on a validation set this small (~20 ms) means never.
 """
 
 from __future__ import annotations
