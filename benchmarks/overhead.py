@@ -4,6 +4,7 @@
     python benchmarks/overhead.py --case mlp --reps 3 --json out/overhead.json
     python benchmarks/overhead.py --case mlp --reps 1 --examples   # + a one-epoch run of each example
     python benchmarks/overhead.py --health --reps 3               # ModelHealthCheck alone (issue 15)
+    python benchmarks/overhead.py --errors        # ErrorAnalysis' share of validation time on the two examples
 
 For each case the same training run (fixed seed, same data) is timed bare and with
 ``debug_callbacks(metric="val_acc")``, alternating bare/suite to cancel drift. A step is timed from one
@@ -488,6 +489,61 @@ def whole_run(run: WholeRun, reps: int, root: str, seconds: float | None = None)
     }
 
 
+# ErrorAnalysis on the runs of examples/quickstart.py and examples/transformer_lm.py, with their W&B offline logger.
+ERRORS_RUNS: dict[str, dict[str, Any]] = {
+    "quickstart": {"case": "mlp", "trainer": {"max_epochs": 15}},
+    "transformer_lm": {"case": "gpt2", "trainer": {"max_steps": 300, "max_epochs": -1, "val_check_interval": 50}},
+}
+
+
+def errors_share(name: str, root: str, **options: Any) -> dict[str, Any]:
+    """ErrorAnalysis' own time (its hooks, timed inside the callback) as a share of the validation time of the
+    same run without it, on an example's run (same model, data, schedule and W&B offline logger; no other
+    callback, so the denominator is the bare validation loop)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from lightning_debug.callbacks.errors import ErrorAnalysis
+
+    spec = ERRORS_RUNS[name]
+    case = CASES[spec["case"]]
+    threads = torch.get_num_threads()
+    if case.threads is not None:
+        torch.set_num_threads(case.threads)
+    try:
+        pl.seed_everything(0, verbose=False)
+        module, train, val = case.build()
+        analysis = ErrorAnalysis(verbose=False, **options)
+        logger = WandbLogger(project="lightning-debug-overhead-errors", save_dir=root, offline=True)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            logger=logger,
+            callbacks=[analysis],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            default_root_dir=root,
+            **spec["trainer"],
+        )
+        trainer.fit(module, train, val)
+        import wandb
+
+        wandb.finish()
+    finally:
+        torch.set_num_threads(threads)
+    c = analysis.cost
+    return {
+        "example": name,
+        "options": options,
+        "evaluations": c["evaluations"],
+        "analysed": c["analysed"],
+        "seconds": c["seconds"],
+        "validation_seconds": c["validation_seconds"],
+        "share": c["seconds"] / c["validation_seconds"],
+        "seconds_per_analysis": c["seconds"] / c["analysed"] if c["analysed"] else 0.0,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", choices=sorted(CASES), action="append")
@@ -499,6 +555,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     parser.add_argument("--whole-seconds", type=float, help="scale the whole runs' epochs to about this long")
     parser.add_argument("--health", action="store_true", help="only ModelHealthCheck's startup and periodic cost")
     parser.add_argument("--hook-dispatch-us", type=float, default=4.0, help="Lightning's dispatch of its 2 hooks")
+    parser.add_argument("--errors", action="store_true", help="only ErrorAnalysis' share of validation time")
     args = parser.parse_args(argv)
     torch.set_flush_denormal(True)
     if args.whole_run:
@@ -518,6 +575,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
             with open(args.json, "w") as fh:
                 json.dump({"health": health}, fh, indent=2)
         return {"health": health}
+    if args.errors:
+        return {"errors": errors_report(args.root, args.json)}
     results = [measure(CASES[name], args.reps, args.root) for name in args.case or sorted(CASES)]
     for r in results:
         print(
@@ -560,6 +619,26 @@ def _print_whole_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"whole_runs": results}, fh, indent=2)
+    return results
+
+
+def errors_report(root: str, json_path: str | None) -> list[dict[str, Any]]:
+    """Default budget and every evaluation, on both example runs."""
+    results = [
+        errors_share(name, f"{root}/errors-{name}-{label}", **options)
+        for name in ERRORS_RUNS
+        for label, options in (("default", {}), ("every", {"budget": None}))
+    ]
+    for r in results:
+        mode = "every evaluation" if r["options"] else "default budget 2%"
+        print(
+            f"ErrorAnalysis on {r['example']} ({mode}): analysed {r['analysed']} of {r['evaluations']} evaluations, "
+            f"{r['seconds']:.3f} s = {100 * r['share']:.1f}% of {r['validation_seconds']:.2f} s of validation "
+            f"({r['seconds_per_analysis']:.3f} s per analysis)"
+        )
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(results, fh, indent=2)
     return results
 
 

@@ -739,6 +739,49 @@ _CHECKS: tuple[CheckInfo, ...] = (
         ("lower the learning rate", "raise `gradient_clip_val` to about the median pre-clip norm", "average the loss"),
         "ModelHealthCheck",
     ),
+    _c(
+        "eval.weak_slice",
+        "info",
+        "One slice of the dev set is much worse than the rest",
+        "The accuracy of one slice (a label, an input-length bucket, a metadata value such as a source or a "
+        "language, or a target-token frequency bucket) is below the rest of its column by at least 0.05, with at "
+        "least 30 examples, and a one-sided Fisher exact test is significant at family-wise 0.005 after Holm's "
+        "correction over every slice tested. `data` holds the slice, its size, interval and the gap.",
+        (
+            "too little capacity or data for this phenomenon (rare words, long inputs, a low-resource language)",
+            "training stopped before the slice was learned",
+            "a bug that hits only these examples: truncation of long inputs, a tokenizer or preprocessing path "
+            "for one source, wrong labels in one source",
+            "train/test disconnect: the slice is rare or absent in training",
+        ),
+        (
+            "read the sampled rows of this slice in `debug/errors/samples` (filter by the column)",
+            "check the slice's preprocessing and labels (truncation, encoding, label mapping)",
+            "add training data for the slice or up-weight it",
+            "track the slice's accuracy (`debug/slices/<column>/<value>/acc`) across changes",
+        ),
+        "ErrorAnalysis",
+    ),
+    _c(
+        "eval.slice_regression",
+        "warning",
+        "A slice got worse while the overall metric improved",
+        "Since the previous analysed evaluation, the accuracy of one slice fell by at least 0.05 (one-sided "
+        "Fisher exact test, Holm-corrected at 0.005 over the slices compared, at least 30 examples) while the "
+        "overall accuracy rose: the aggregate hides a loss on this phenomenon.",
+        (
+            "capacity traded away from a minority slice as the majority is fitted",
+            "a learning-rate or schedule change that helps the bulk of the data",
+            "overfitting to the majority of the training data",
+            "loss-metric mismatch: the average improves while a slice you care about does not",
+        ),
+        (
+            "compare the slice's rows between the two evaluations in `debug/errors/samples`",
+            "select checkpoints on the slice metric too, not only the aggregate",
+            "re-balance or up-weight the slice in training",
+        ),
+        "ErrorAnalysis",
+    ),
 )
 
 CATALOGUE: dict[str, CheckInfo] = {c.id: c for c in _CHECKS}

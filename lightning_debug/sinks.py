@@ -256,3 +256,72 @@ class Sink:
             fig.colorbar(image, ax=ax)
         fig.tight_layout()
         self.log_figure(key, fig)
+
+    # -- error analysis (ErrorAnalysis) ---------------------------------------------------------------------------
+    @_safe
+    def log_frame(self, key: str, file: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path | None:
+        """A table of rows: a ``wandb.Table`` under ``key`` with W&B, else ``<directory>/<file>.parquet`` (CSV
+        when pyarrow is missing), loadable with ``pandas.read_parquet`` / ``read_csv``. Returns the file."""
+        if self.has_wandb:
+            self.log_table(key, columns, rows)
+            return None
+        path = self.directory / file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return write_rows(path, columns, rows)
+
+    def log_interval_bars(
+        self,
+        key: str,
+        labels: Sequence[str],
+        values: Sequence[float],
+        intervals: Sequence[tuple[float, float]],
+        title: str,
+    ) -> Path | None:
+        """Accuracy per label with its interval: a native W&B bar chart, else a PNG through :meth:`log_figure`
+        (drawn only then). Returns the PNG path when one was written."""
+        self.log_bar(key, labels, values, label_name="slice", value_name="accuracy", title=title)
+        return self.log_figure(key, lambda: bar_figure(labels, values, intervals, title), with_wandb=False)
+
+
+def write_rows(path: Path, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
+    """``path`` with suffix ``.parquet`` through pyarrow, or ``.csv`` without it. A column holding several value
+    types is written as text (parquet columns have one type)."""
+    data: dict[str, list[Any]] = {c: [r[i] for r in rows] for i, c in enumerate(columns)}
+    for c, values in data.items():
+        if len({type(v) for v in values if v is not None}) > 1:
+            data[c] = [None if v is None else str(v) for v in values]
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        import csv
+
+        path = path.with_suffix(".csv")
+        with path.open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(columns)
+            writer.writerows(zip(*data.values(), strict=True) if rows else [])
+        return path
+    path = path.with_suffix(".parquet")
+    pq.write_table(pa.table(data), path)
+    return path
+
+
+def bar_figure(
+    labels: Sequence[str], values: Sequence[float], errors: Sequence[tuple[float, float]], title: str
+) -> Any:
+    """Horizontal bars with interval whiskers, one per label (matplotlib imported here, never on import)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 0.3 * len(labels) + 1.2))
+    y = list(range(len(labels)))
+    lo = [max(0.0, v - e[0]) for v, e in zip(values, errors, strict=True)]
+    hi = [max(0.0, e[1] - v) for v, e in zip(values, errors, strict=True)]
+    ax.barh(y, values, xerr=[lo, hi], color="tab:blue", ecolor="black", capsize=2)
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("accuracy (95% interval)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -14,6 +14,7 @@ from lightning_debug.callbacks.calibration import CalibrationMonitor
 from lightning_debug.callbacks.decoding import DecodingConsistencyCheck
 from lightning_debug.callbacks.divergence import LossMetricDivergence
 from lightning_debug.callbacks.early_stopping import MetricEarlyStopping
+from lightning_debug.callbacks.errors import ErrorAnalysis
 from lightning_debug.callbacks.grokking import GrokkingMonitor
 from lightning_debug.callbacks.health import ModelHealthCheck
 from lightning_debug.callbacks.loss import LossConvergenceMonitor
@@ -53,6 +54,7 @@ _SUITE: dict[str, Component] = {
     "loss": Component(LossConvergenceMonitor),
     "health": Component(ModelHealthCheck),
     "calibration": Component(CalibrationMonitor),
+    "errors": Component(ErrorAnalysis),
     "divergence": Component(
         LossMetricDivergence,
         lambda metric, mode: {"metric": metric, "mode": mode},

@@ -105,6 +105,7 @@ def test_lightning_dispatches_only_the_hooks_a_callback_defines(tmp_path):
         f"{type(cb).__name__}.{name}" for cb in suite for name in PER_STEP_HOOKS if callable(getattr(cb, name))
     )
     assert dispatched == [
+        "ErrorAnalysis.on_train_batch_end",  # counts target tokens; switches itself off after one non-token batch
         "GrokkingMonitor.on_train_batch_end",
         "LossConvergenceMonitor.on_train_batch_end",
         "MetricEarlyStopping.on_train_batch_end",
