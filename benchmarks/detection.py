@@ -312,6 +312,33 @@ def print_report(scores: dict[str, Any], results: list[dict[str, Any]], elapsed:
         print(f"ground truth: {len(bare)} bare runs, {sum(bare):.0f} CPU s ({sum(bare) / len(bare):.1f} s per run)")
 
 
+def markdown(scores: dict[str, Any]) -> str:
+    """The scores as the tables of docs/detection.md."""
+    lines = [
+        "| fault type | detected | recall [Wilson 95%] | median latency (steps) | invalid | stopped by a finding |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, t in scores["faults"].items():
+        lo, hi = t["interval"]
+        recall = f"{100 * t['recall']:.0f}% [{100 * lo:.0f}-{100 * hi:.0f}%]" if t["n"] else "-"
+        lat = "-" if t["median_latency_steps"] is None else f"{t['median_latency_steps']:g}"
+        lines.append(
+            f"| `{name}` | {t['detected']}/{t['n']} | {recall} | {lat} | {len(t['invalid'])} | "
+            f"{t['stopped_by_finding']} |"
+        )
+    o, fa, hs = scores["overall_recall"], scores["false_alarms"], scores["healthy_stopped"]
+    lines.append(f"| **overall** | {o['detected']}/{o['n']} | {_pct(o['detected'], o['n']).split('= ')[-1]} | | | |")
+    lines += [
+        "",
+        f"Healthy runs with a warning or error: **{_pct(fa['n_alarm'], fa['n'])}**. "
+        f"Healthy runs stopped by a finding: **{_pct(hs['n_stopped'], hs['n'])}**.",
+        "",
+    ]
+    lines += [f"- `{r['id']}`: {', '.join(f'`{i}`' for i in r['ids'])} ({r['setup']})" for r in fa["runs"]]
+    lines += [f"- STOPPED `{r['id']}` by `{r['by']}` ({r['setup']})" for r in hs["runs"]]
+    return "\n".join(lines) + "\n"
+
+
 # ---- command line ---------------------------------------------------------------------------------------------------
 
 
@@ -331,15 +358,22 @@ def run_generated(args: argparse.Namespace) -> dict[str, Any]:
         cached = cache.get(job["id"])
         truth = cached if cached and cached["setup"] == job["setup"] and cached["fault"] == job["fault"] else None
         tasks.append((job, truth, args.extra or [], args.verify))
+    tasks.sort(key=lambda t: int(t[0]["id"].rsplit("-", 1)[1]))  # round-robin over fault types: a cut run is balanced
     start = time.perf_counter()
     results: list[dict[str, Any]] = []
     ctx = multiprocessing.get_context("spawn")
+    log = open(args.log, "a") if args.log else None  # noqa: SIM115 - one line per finished scenario
     with ctx.Pool(args.workers, initializer=_worker_init, maxtasksperchild=8) as pool:
         for i, r in enumerate(pool.imap_unordered(run_job, tasks), 1):
             results.append(r)
+            if log:
+                log.write(json.dumps(r) + "\n")
+                log.flush()
             if args.progress:
                 status = "invalid" if not r["truth"]["valid"] else ("crash" if r.get("crash") else "ok")
                 print(f"[{i}/{len(tasks)}] {r['id']}: {status} {r.get('suite_cpu_seconds', '')}", flush=True)
+    if log:
+        log.close()
     results.sort(key=lambda r: r["id"])
     if args.write_truth or args.verify:
         for r in results:
@@ -373,13 +407,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--verify", action="store_true", help="recompute every ground truth, compare, store")
     parser.add_argument("--write-truth", action="store_true", help="store ground truths computed in this run")
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--log", help="append each finished scenario's result to this JSON-lines file")
+    parser.add_argument("--rescore", help="score the results in a --log file (e.g. of a cut run) and exit")
     parser.add_argument("--json")
+    parser.add_argument("--markdown", help="write the score tables (as in docs/detection.md) to this file")
     args = parser.parse_args(argv)
     if args.smoke:
         from benchmarks import smoke
 
         return smoke.main(args.only, args.json)
-    out = run_generated(args)
+    if args.rescore:
+        results = [json.loads(line) for line in Path(args.rescore).read_text().splitlines() if line.strip()]
+        if args.write_truth:
+            TRUTH_FILE.write_text(
+                json.dumps({**load_truth(), **{r["id"]: r["truth"] for r in results}}, indent=1, sort_keys=True) + "\n"
+            )
+        out = {"scores": score(results), "results": results}
+        print_report(out["scores"], results, math.nan)
+    else:
+        out = run_generated(args)
+    if args.markdown and "scores" in out:
+        Path(args.markdown).write_text(markdown(out["scores"]))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return out
