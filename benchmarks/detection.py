@@ -36,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -358,7 +359,18 @@ def run_generated(args: argparse.Namespace) -> dict[str, Any]:
         cached = cache.get(job["id"])
         truth = cached if cached and cached["setup"] == job["setup"] and cached["fault"] == job["fault"] else None
         tasks.append((job, truth, args.extra or [], args.verify))
-    tasks.sort(key=lambda t: int(t[0]["id"].rsplit("-", 1)[1]))  # round-robin over fault types: a cut run is balanced
+    done = set()
+    if args.resume and args.log and Path(args.log).exists():
+        done = {json.loads(line)["id"] for line in Path(args.log).read_text().splitlines() if line.strip()}
+    tasks = [t for t in tasks if t[0]["id"] not in done]
+    # interleave the groups (each fault type, healthy) in proportion to their size: a cut run stays balanced
+    size = Counter(t[0]["fault"] for t in tasks)
+    position: Counter[str | None] = Counter()
+    keys = []
+    for t in tasks:
+        keys.append((position[t[0]["fault"]] + 0.5) / size[t[0]["fault"]])
+        position[t[0]["fault"]] += 1
+    tasks = [t for _, t in sorted(zip(keys, tasks, strict=True), key=lambda kt: kt[0])]
     start = time.perf_counter()
     results: list[dict[str, Any]] = []
     ctx = multiprocessing.get_context("spawn")
@@ -408,6 +420,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--write-truth", action="store_true", help="store ground truths computed in this run")
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--log", help="append each finished scenario's result to this JSON-lines file")
+    parser.add_argument("--resume", action="store_true", help="skip the scenarios already in the --log file")
     parser.add_argument("--rescore", help="score the results in a --log file (e.g. of a cut run) and exit")
     parser.add_argument("--json")
     parser.add_argument("--markdown", help="write the score tables (as in docs/detection.md) to this file")
