@@ -1,11 +1,21 @@
-"""Smoke versions of the two benchmarks, so neither can rot (the full runs are `python benchmarks/*.py`)."""
+"""The benchmarks cannot rot: the overhead smoke run, the detection smoke set, the generated benchmark's parts
+(fast), and its ``--quick`` subset end to end (slow). The full runs are `python benchmarks/*.py`."""
 
 import importlib.util
 import math
+import random
 import sys
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+import pytest
+
+ROOT = Path(__file__).parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+if str(ROOT) not in sys.path:  # `benchmarks.*` modules import each other; worker processes re-import them by name
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import detection  # noqa: E402
+from benchmarks.scenarios import ARCHS, FAULTS, TASKS, Setup, apply_fault, sample_setup  # noqa: E402
 
 
 def _load(name):
@@ -28,10 +38,85 @@ def test_overhead_benchmark_smoke(tmp_path):
     assert (tmp_path / "o.json").exists()
 
 
-def test_detection_benchmark_smoke(tmp_path):
-    detection = _load("detection")
-    out = detection.main(["--only", "lr_too_high", "healthy_mlp", "--json", str(tmp_path / "d.json")])
+def test_detection_smoke_set(tmp_path):
+    out = detection.main(["--smoke", "--only", "lr_too_high", "healthy_mlp", "--json", str(tmp_path / "d.json")])
     assert out["summary"] == {"faults_detected": 1, "faults_total": 1, "healthy_with_alarm": 0, "healthy_total": 1}, out
     (fault,) = [r for r in out["results"] if not r["healthy"]]
     # the loss monitor pulls its device buffer every 200 steps: that bounds the latency
     assert fault["latency_steps"] is not None and fault["latency_steps"] <= 200, fault
+
+
+def test_seed_sets_are_disjoint_and_the_report_set_is_big_enough():
+    report, tune = detection.scenario_list("report"), detection.scenario_list("tune")
+    seeds = {s["setup"]["seed"] for s in report}, {s["setup"]["seed"] for s in tune}
+    assert not seeds[0] & seeds[1], sorted(seeds[0] & seeds[1])[:5]
+    assert len(report) >= 200 and len({s["id"] for s in report}) == len(report), len(report)
+    assert len(FAULTS) >= 16
+    faults = {s["fault"] for s in report}
+    assert faults - {None} == set(FAULTS), set(FAULTS) - faults
+    healthy = [s for s in report if s["fault"] is None]
+    assert sum("incident" in s["id"] for s in healthy) == 8 and sum("entropy_lm" in s["id"] for s in healthy) == 4
+    assert detection.scenario_list("report") == report, "scenario generation must be deterministic"
+
+
+def test_sampled_setups_stay_in_their_ranges():
+    rng = random.Random(0)
+    for i in range(300):
+        arch = rng.choice(sorted(ARCHS))
+        s = sample_setup(rng, arch, seed=i)
+        spec = ARCHS[arch]
+        assert s.task in spec["tasks"] and spec["steps"][0] <= s.steps <= spec["steps"][1], s
+        assert 4 <= s.batch_size <= 512 and s.batch_size <= s.n_train // 2 and s.task in TASKS, s
+        for name, fault in FAULTS.items():
+            if arch in fault.archs:
+                assert isinstance(apply_fault(s, name, rng), Setup)
+
+
+def test_wilson_interval_matches_known_values():
+    lo, hi = detection.wilson(0, 10)
+    assert lo == 0 and abs(hi - 0.2775) < 1e-3, hi
+    lo, hi = detection.wilson(8, 10)
+    assert abs(lo - 0.4902) < 1e-3 and abs(hi - 0.9433) < 1e-3, (lo, hi)
+
+
+def test_score_counts_detections_false_alarms_stops_and_invalid_runs():
+    setup = Setup("mlp", "digits", 300, 16, 100, "adam", 1e-3, "constant").to_dict()
+
+    def result(i, fault, valid=True, findings=(), stopped_by=None):
+        truth = {"valid": valid, "onset_step": 0, "evidence": ""}
+        found = [{"id": f, "severity": sev, "step": step, "count": 1} for f, sev, step in findings]
+        return {
+            "id": str(i),
+            "fault": fault,
+            "setup": setup,
+            "truth": truth,
+            "findings": found,
+            "stopped_by": stopped_by,
+            "crash": None,
+        }
+
+    results = [
+        result(0, "lr_too_low", findings=[("loss.not_decreasing", "warning", 60)]),
+        result(1, "lr_too_low", findings=[("calibration.overconfident", "warning", 10)]),
+        result(2, "lr_too_low", valid=False),
+        result(3, None, findings=[("loss.diverging", "error", 90)], stopped_by="loss.diverging"),
+        result(4, None, findings=[("loss.converged", "info", 90)]),
+    ]
+    s = detection.score(results)
+    t = s["faults"]["lr_too_low"]
+    assert (t["detected"], t["n"], t["median_latency_steps"], t["invalid"]) == (1, 2, 60, ["2"]), t
+    assert s["false_alarms"]["n_alarm"] == 1 and s["false_alarms"]["n"] == 2, s["false_alarms"]
+    assert s["healthy_stopped"]["runs"] == [{"id": "3", "setup": Setup(**setup).summary(), "by": "loss.diverging"}]
+
+
+@pytest.mark.slow
+def test_quick_generated_benchmark_runs_end_to_end(tmp_path):
+    out = detection.main(["--quick", "--json", str(tmp_path / "q.json")])
+    results = out["results"]
+    assert len(results) == 24 and (tmp_path / "q.json").exists()
+    valid = [r for r in results if r["truth"]["valid"]]
+    # the ground truth must hold for most scenarios, or the benchmark measures nothing
+    assert len(valid) >= 18, [(r["id"], r["truth"]["evidence"]) for r in results if not r["truth"]["valid"]]
+    assert all("findings" in r and r["crash"] is None for r in valid), [r["id"] for r in valid if r.get("crash")]
+    scores = out["scores"]
+    assert scores["overall_recall"]["n"] + scores["false_alarms"]["n"] == len(valid), scores["overall_recall"]
