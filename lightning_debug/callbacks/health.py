@@ -29,14 +29,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch.overrides import TorchFunctionMode
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 
 from lightning_debug.base import DebugCallback
 from lightning_debug.batching import batch_mover, tensors_of
 from lightning_debug.isolation import isolated
 from lightning_debug.rules import health as rules
+from lightning_debug.signals import first_dataloader
 from lightning_debug.sinks import Sink
 
 if TYPE_CHECKING:
@@ -121,24 +121,17 @@ def _kept_buffers(module: torch.nn.Module) -> Iterator[None]:
                 b.copy_(copy)
 
 
-def _one_batch(trainer: pl.Trainer) -> Any:
-    """The first ``batch_size`` examples of the first train loader, collated (no sampler, no RNG drawn), or the
-    loader's first batch for iterable datasets (under isolation: the global RNG is restored)."""
-    loaders: list[DataLoader] = []
-    apply_to_collection(trainer.train_dataloader, DataLoader, loaders.append)
-    if not loaders:
+def _one_batch(trainer: pl.Trainer) -> Any | None:
+    """The first ``batch_size`` examples of the first train loader, collated (no sampler, no RNG drawn); ``None``
+    for a stream (``IterableDataset``), which a check never iterates: it gets the first real batch instead."""
+    loader = first_dataloader(trainer.train_dataloader)
+    if loader is None:
         raise _Skip("no train DataLoader to take a batch from")
-    loader = loaders[0]
     size = loader.batch_size
-    if size is not None and not isinstance(loader.dataset, IterableDataset) and hasattr(loader.dataset, "__len__"):
-        n = min(size, len(loader.dataset))
-        return loader.collate_fn([loader.dataset[i] for i in range(n)])
-    state = loader.generator.get_state() if loader.generator is not None else None
-    try:
-        return next(iter(loader))
-    finally:
-        if state is not None and loader.generator is not None:
-            loader.generator.set_state(state)
+    if isinstance(loader.dataset, IterableDataset) or size is None or not hasattr(loader.dataset, "__len__"):
+        return None
+    n = min(size, len(loader.dataset))
+    return loader.collate_fn([loader.dataset[i] for i in range(n)])
 
 
 def _classifier(out: list[Any], batch: Any, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -231,18 +224,33 @@ class ModelHealthCheck(DebugCallback):
         )
         if self.startup and not self.startup_done and trainer.global_rank == 0:
             self.startup_done = True
-            began = time.perf_counter()
             try:
-                self._startup(trainer, pl_module)
+                batch = _one_batch(trainer)
             except _Skip as why:
                 self.emit(trainer, "check.skipped", f"ModelHealthCheck startup: {why}", data={"reason": str(why)})
-            self.startup_seconds = time.perf_counter() - began
+                return
+            if batch is None:  # a stream: its first real batch, through a hook dispatched for that batch only
+                self.on_train_batch_start = self.on_first_train_batch  # type: ignore[method-assign,assignment]
+                return
+            self._timed_startup(trainer, pl_module, batch_mover(trainer, pl_module)(batch))
 
-    def _startup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_first_train_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
+        """The first real batch of an ``IterableDataset``, already moved, before its step."""
+        del self.on_train_batch_start  # back to the class's: no per-step dispatch
+        self._timed_startup(trainer, pl_module, batch)
+
+    def _timed_startup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        began = time.perf_counter()
+        try:
+            self._startup(trainer, pl_module, batch)
+        except _Skip as why:
+            self.emit(trainer, "check.skipped", f"ModelHealthCheck startup: {why}", data={"reason": str(why)})
+        self.startup_seconds = time.perf_counter() - began
+
+    def _startup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         if not pl_module.automatic_optimization:
             raise _Skip("manual optimization: `training_step` steps the optimizer itself, so it cannot be replayed")
         with isolated(pl_module), _kept_buffers(pl_module), torch.enable_grad():
-            batch = batch_mover(trainer, pl_module)(_one_batch(trainer))
             pl_module.train()
             probe = _ActivationProbe(pl_module)
             try:
