@@ -23,7 +23,7 @@ import functools
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -86,8 +86,6 @@ class LossConvergenceMonitor(DebugCallback):
             :class:`rules.LossRules` (fractions of the starting gap, first loss minus floor).
         diverge_factor: a level this many times further from the floor than the best level diverges.
     """
-
-    reports_stalls: ClassVar[bool] = True  # OverfitBatchCheck defers its test to this monitor's stall findings
 
     def __init__(
         self,

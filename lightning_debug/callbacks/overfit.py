@@ -23,7 +23,7 @@ from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch.utils.data import DataLoader
 
-from lightning_debug.base import DebugCallback, debug_callbacks_of
+from lightning_debug.base import DebugCallback
 from lightning_debug.findings import Finding
 from lightning_debug.isolation import isolated, silenced_logging
 from lightning_debug.rules import loss as loss_rules
@@ -137,7 +137,7 @@ class OverfitBatchCheck(DebugCallback):
             run_steps = trainer.max_steps if trainer.max_steps >= 0 else math.inf
             epoch_steps = min(trainer.num_training_batches, run_steps)
             share = self.max_steps / epoch_steps if epoch_steps > 0 else math.inf
-            monitored = any(getattr(cb, "reports_stalls", False) for cb in debug_callbacks_of(trainer))  # a capability
+            monitored = self.watched_on(trainer, "loss.plateau")
             if share > START_BUDGET and monitored:
                 if trainer.global_rank == 0 and not self.has_finding("startup.overfit_deferred"):  # once, on resume too
                     span = "run" if run_steps < trainer.num_training_batches else "epoch"
