@@ -302,6 +302,7 @@ def test_whole_run_benchmark_measures_suite_against_bare(tmp_path):
         sys.path.pop(0)
     result = overhead.whole_run(overhead.WHOLE_RUNS["no_val_22"], reps=1, root=str(tmp_path), seconds=0.1)
     assert result["epochs"] >= 1 and not result["validation"]  # 0.1 s is one epoch or a few, by machine load
-    assert 0.5 < result["ratio"] < 3 and 0.5 < result["cpu_ratio"] < 3, result
+    # a 0.1 s run is all fixed cost (startup checks, fit-end figures): only that both arms were timed is asserted
+    assert result["ratio"] > 0.5 and result["cpu_ratio"] > 0.5, result
     names = [name.split("{")[0].split(".")[0] for name, _ in result["costliest_hooks"]]
     assert "LossConvergenceMonitor" in names, result["costliest_hooks"]
