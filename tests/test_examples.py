@@ -58,8 +58,9 @@ def test_loss_metric_divergence_reports_divergence_and_calibration(tmp_path):
     by_loss = {p.monitor: p for p in result.stops}["val_loss"]
     assert loss[-1] > 1.01 * by_loss.best_value, f"dev loss rose after its best epoch {by_loss.best_epoch}: {loss}"
     assert acc[-1] >= by_loss.val_acc_at_best - 0.01, f"dev accuracy held after the loss's best epoch: {acc}"
-    images = list((tmp_path / "wandb").glob("offline-run-*/files/media/images/debug/calibration/*.png"))
-    assert images, "reliability diagrams were logged to W&B"
+    # with W&B attached the reliability diagram goes as a native chart (its table), not as a matplotlib image
+    tables = list((tmp_path / "wandb").glob("offline-run-*/files/media/table/debug/calibration/reliability_diagram*"))
+    assert tables, "reliability diagrams were logged to W&B"
 
 
 def test_transformer_lm_healthy_passes_batch_and_decode_checks(tmp_path):
