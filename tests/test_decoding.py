@@ -366,7 +366,8 @@ trainer = pl.Trainer(
 )
 trainer.fit(GreedyGPT2LM(off_by_one=True), *lm_loaders(n_train=256))
 with open(f"{out}/rank{trainer.global_rank}.json", "w") as f:
-    json.dump({"step": trainer.global_step, "runs": check._runs, "checks": [x.check for x in check.findings]}, f)
+    decided = sum(x.check.startswith("decode.") for x in check.findings)
+    json.dump({"step": trainer.global_step, "decode_findings": decided, "checks": [x.check for x in check.findings]}, f)
 """
 
 
@@ -377,7 +378,7 @@ def test_ddp_checks_on_rank_zero_and_does_not_hang(tmp_path: Any) -> None:
     script.write_text(DDP_SCRIPT)
     _, (r0, r1) = run_two_rank_script(script, tmp_path, timeout=300)
     assert r0["step"] == r1["step"] == 4
-    assert r0["runs"] == 3 and r1["runs"] == 0, (r0, r1)
+    assert r0["decode_findings"] > 0 and r1["decode_findings"] == 0, (r0, r1)  # decided on rank zero only
     assert "decode.score_mismatch" in r0["checks"] and r1["checks"] == [], (r0, r1)
 
 
