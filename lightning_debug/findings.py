@@ -547,12 +547,14 @@ _CHECKS: tuple[CheckInfo, ...] = (
     ),
     _c(
         "calibration.underconfident",
-        "warning",
+        "info",
         "The model is underconfident",
         "ECE >= {default:CalibrationMonitor.ece_threshold} (default) with accuracy above mean confidence "
         "({default:CalibrationMonitor.z} standard errors, fitted temperature below 1) for the last "
         "{default:CalibrationMonitor.patience} evaluations of the fit: judged at the end, as every run starts "
-        "underconfident.",
+        "underconfident. Info: a run that ends underconfident is usually short of training or regularised (label "
+        "smoothing puts 1 - eps + eps/C on the label, so it is underconfident by design); temperature scaling "
+        "fixes what is left.",
         ("too much regularisation or label smoothing", "training stopped very early"),
         ("reduce label smoothing / regularisation", "apply temperature scaling (T < 1)"),
         "CalibrationMonitor",

@@ -11,7 +11,8 @@
 - :func:`weight_norm`: the global L2 norm of a module's parameters, on the device (no host sync);
 - :func:`first_dataloader`: the first ``DataLoader`` in whatever Lightning holds (one, a list, a dict, nested);
 - :func:`find_predictions` / :func:`predictions`: scores and targets from a step's outputs and batch, with the
-  causal-LM shift (logits at t predict the label at t + 1).
+  causal-LM shift (logits at t predict the label at t + 1);
+- :func:`context_targets`: a batch as ``(context, target)`` pairs, to find targets no model can tell apart.
 
 Nothing here emits, logs or keeps a trainer: these are the inputs of the rules in :mod:`lightning_debug.rules`.
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 import difflib
 import re
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -279,3 +280,36 @@ def predictions(outputs: Any, batch: Any, *, shift: bool, **keys: str) -> tuple[
     if shift:
         scores, target = scores[..., :-1, :], target[..., 1:]
     return scores, target, fmt
+
+
+def context_targets(batch: Any, *, causal: bool, ignore_index: int = -100) -> list[tuple[Hashable, int]] | None:
+    """A batch as ``(context, target)`` pairs, the context being everything a model sees for that target: for
+    one integer label per example (``(x, y)`` or a dict with ``labels``), the example's other tensors; for a
+    causal LM (``causal``: a dict with ``input_ids`` and ``labels`` of one shape), the tokens before the target.
+    ``None`` when the batch has no such structure."""
+    if isinstance(batch, Mapping):
+        target, inputs = batch.get("labels"), [v for k, v in batch.items() if k != "labels"]
+    elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+        inputs, target = [batch[0]], batch[1]
+    else:
+        return None
+    if not isinstance(target, Tensor) or target.is_floating_point() or target.dim() == 0:
+        return None
+    labels = target.detach().cpu()
+    if labels.dim() == 1:
+        rows = [t.detach().cpu() for t in inputs if isinstance(t, Tensor) and t.dim() > 0 and len(t) == len(labels)]
+        if not rows:
+            return None
+        keys = zip(*[[r.numpy().tobytes() for r in t] for t in rows], strict=True)
+        return [(key, y) for key, y in zip(keys, labels.tolist(), strict=True) if y != ignore_index]
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+    if not causal or labels.dim() != 2 or not isinstance(ids, Tensor) or ids.shape != labels.shape:
+        return None
+    pairs: list[tuple[Hashable, int]] = []
+    for tokens, targets in zip(ids.detach().cpu().tolist(), labels.tolist(), strict=True):
+        prefix: Hashable = ()
+        for token, target_next in zip(tokens[:-1], targets[1:], strict=True):
+            prefix = hash((prefix, token))  # the whole prefix, hashed step by step: linear in its length
+            if target_next != ignore_index:
+                pairs.append((prefix, target_next))
+    return pairs

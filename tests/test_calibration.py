@@ -16,7 +16,7 @@ from lightning_debug.callbacks.calibration import CalibrationMonitor
 from lightning_debug.metrics import StreamingCalibration, fit_temperature
 from lightning_debug.signals import find_predictions
 
-from models import DigitsMLP, loaders, make_trainer
+from models import DigitsMLP, SmoothedDigitsMLP, loaders, make_trainer
 from wandb_reader import read_offline_run
 
 
@@ -229,6 +229,19 @@ def test_healthy_model_is_not_called_miscalibrated(tmp_path):
     assert last["ece"] < 0.1 and last["accuracy"] > 0.9, last
     # the first epoch is underconfident (accuracy rises before confidence): not a finding mid-fit
     assert first["gap"] < 0, first
+
+
+def test_label_smoothing_is_not_called_underconfident(tmp_path):
+    """Label smoothing 0.1 over 10 classes trains confidence to at most 0.91 by design: a model at ~0.97 accuracy
+    is underconfident, which the monitor says (info, naming the cap) but does not warn about."""
+    train, val = loaders(batch_size=32)
+    monitor = CalibrationMonitor(plot_every_n_epochs=0)
+    make_trainer(tmp_path, [monitor], max_epochs=8).fit(SmoothedDigitsMLP(), train, val)
+    last = monitor.history[-1]
+    assert last["accuracy"] > 0.9 and last["gap"] < -0.03 and last["ece"] >= 0.05, last
+    (f,) = monitor.findings
+    assert f.check == "calibration.underconfident" and f.severity.value == "info", f
+    assert "label smoothing trains confidence to at most 0.910" in f.message, f.message
 
 
 def test_no_wandb_writes_reliability_png_and_csv(tmp_path):

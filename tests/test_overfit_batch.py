@@ -255,3 +255,17 @@ def test_a_run_that_ends_far_from_its_floor_gets_the_deferred_test(tmp_path):
     deferred, diagnosis = auto.findings
     assert deferred.check == "startup.overfit_deferred" and diagnosis.data["trigger"] == verdict[-1].check
     assert diagnosis.step == 30, diagnosis.step
+
+
+def test_language_models_first_word_is_the_batch_floor(tmp_path):
+    """A tiny GPT-2 on a Markov language: every sentence starts after the same BOS, so no model can go below the
+    entropy of the batch's first words. The test judges against that floor and memorises down to it."""
+    from lightning_debug.demos.lm import TinyGPT2LM, lm_loaders
+
+    torch.manual_seed(0)
+    train, _ = lm_loaders(batch_size=32)
+    check = OverfitBatchCheck(when="start")
+    make_trainer(tmp_path, [check], max_steps=1).fit(TinyGPT2LM(), train)
+    (f,) = check.findings
+    assert "this batch's own" in f.data["floor_source"] and f.data["floor"] > 0.1, f.data["floor_source"]
+    assert f.check == "startup.overfit_ok", (f.message, f.data["floor"])

@@ -21,7 +21,8 @@ from lightning_debug import media
 from lightning_debug.base import DebugCallback
 from lightning_debug.integrations.hf import is_causal_lm
 from lightning_debug.metrics import InputFormat, LogitSample, StreamingCalibration, looks_like_probabilities
-from lightning_debug.rules.calibration import assess_calibration
+from lightning_debug.rules.calibration import assess_calibration, label_smoothing_cap
+from lightning_debug.rules.loss import declared_label_smoothing
 from lightning_debug.rules.persistence import streak
 from lightning_debug.signals import predictions
 from lightning_debug.sinks import Sink
@@ -61,7 +62,9 @@ class CalibrationMonitor(DebugCallback):
             the direction is not noise.
         patience: consecutive miscalibrated evaluations before warning. Overconfidence is reported as soon
             as it persists; underconfidence only at the end of fit (every run starts underconfident: accuracy
-            rises before confidence does), or at once from ``trainer.validate``.
+            rises before confidence does), or at once from ``trainer.validate``; as info, since a run that ends
+            underconfident is short of training or regularised, not broken (label smoothing, which the message
+            names, trains confidence to at most ``1 - eps + eps/C``).
         temperature_samples: rows (predictions) of logits kept each epoch to fit a temperature (0: off).
         plot_every_n_epochs: reliability table, native charts and figure every N validation epochs (0: never;
             the scalars are logged every epoch). A figure costs ~0.3-0.5 s to draw: the default keeps fast epochs
@@ -131,10 +134,12 @@ class CalibrationMonitor(DebugCallback):
         self.sample = LogitSample(temperature_samples, ignore_index)
         self._missing: str | None = None
         self._shift = False
+        self._cap: float | None = None  # the confidence the module's label smoothing trains to, if it declares one
 
     # -- collecting (device only) -------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._shift = is_causal_lm(pl_module) if self.shift_labels is None else self.shift_labels
+        self._cap = label_smoothing_cap(declared_label_smoothing(pl_module))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         sink = Sink(trainer)
@@ -257,6 +262,8 @@ class CalibrationMonitor(DebugCallback):
         )
         keys = ("ece", "mce", "adaptive_ece", "gap", "gap_se", "accuracy", "confidence", "count", "temperature")
         data = {"threshold": self.ece_threshold, **{k: s[k] for k in keys if k in s}}
+        if kind == "underconfident" and self._cap is not None:
+            message += f" Expected: the module's label smoothing trains confidence to at most {self._cap:.3f}."
         self.emit(trainer, f"calibration.{kind}", message, data=data)
 
     def state_dict(self) -> dict[str, Any]:

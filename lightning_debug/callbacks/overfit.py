@@ -25,9 +25,11 @@ from torch.utils.data import DataLoader
 
 from lightning_debug.base import DebugCallback
 from lightning_debug.findings import Finding
+from lightning_debug.integrations.hf import is_causal_lm
 from lightning_debug.isolation import isolated, silenced_logging
 from lightning_debug.rules import loss as loss_rules
-from lightning_debug.rules.overfit import Memorisation, assess_memorisation, passes
+from lightning_debug.rules.overfit import Memorisation, assess_memorisation, batch_floor, passes
+from lightning_debug.signals import context_targets
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -90,8 +92,9 @@ class OverfitBatchCheck(DebugCallback):
 
     Args:
         max_steps: optimizer steps on the batch at most; the check stops as soon as it passes.
-        floor: the best achievable loss. ``None``: the exact floor of the module's declared label smoothing,
-            else 0 (a likelihood).
+        floor: the best achievable loss. ``None``: the batch's own floor, exact: targets that share their whole
+            context (a language model's first word, duplicated inputs) cost the entropy of their mix, under the
+            module's declared label smoothing if any; else 0 (a likelihood).
         rel_tol: pass when ``loss - floor <= rel_tol * (first loss - floor)``.
         abs_tol: or when ``loss - floor <= abs_tol``.
         when: ``"start"`` (before the first training step), ``"stall"`` (once the training loss stalls) or
@@ -194,7 +197,7 @@ class OverfitBatchCheck(DebugCallback):
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, trigger: str | None) -> None:
         began = time.perf_counter()
-        floor = self._floor(pl_module)
+        floor = self._floor(pl_module, batch)
         self._classes = loss_rules.output_classes(pl_module)
         model = copy.deepcopy(pl_module)  # a deep copy drops the trainer reference...
         model._trainer = trainer  # ...which training_step may read; its self.log is silenced below
@@ -237,9 +240,19 @@ class OverfitBatchCheck(DebugCallback):
             optimizer.step()
         return curve
 
-    def _floor(self, pl_module: pl.LightningModule) -> loss_rules.Floor:
-        """The declared floor, else the exact floor of the module's label smoothing, else 0."""
-        return loss_rules.choose_floor(self.floor, loss_rules.declared_label_smoothing(pl_module))
+    def _floor(self, pl_module: pl.LightningModule, batch: Any) -> loss_rules.Floor:
+        """The declared floor, else the batch's own (targets that share a context, label smoothing), else 0."""
+        smoothing = loss_rules.declared_label_smoothing(pl_module)
+        floor = loss_rules.choose_floor(self.floor, smoothing)
+        pairs = context_targets(batch, causal=is_causal_lm(pl_module)) if self.floor is None else None
+        if not pairs:
+            return floor
+        own = batch_floor(pairs, smoothing)
+        if own.shared == 0 or own.value <= floor.value:
+            return floor
+        return loss_rules.Floor(
+            own.value, f"this batch's own: {own.shared} of {own.targets} targets share their context with another"
+        )
 
     def _report(
         self, trainer: pl.Trainer, curve: list[float], floor: loss_rules.Floor, seconds: float, trigger: str | None

@@ -42,3 +42,12 @@ def assess_calibration(
         overconfident=bad and gap > z * gap_se and not temperature <= 1,
         underconfident=bad and -gap > z * gap_se and not temperature >= 1,
     )
+
+
+def label_smoothing_cap(smoothing: tuple[int, float] | None) -> float | None:
+    """The confidence label smoothing ``(classes, eps)`` trains a certain, correct prediction to: its target puts
+    ``1 - eps + eps / C`` on the label, not 1, so such a model is underconfident by design (``None``: no smoothing)."""
+    if smoothing is None:
+        return None
+    classes, eps = smoothing
+    return 1 - eps + eps / classes

@@ -4,12 +4,15 @@ A correct model of reasonable size drives the loss on one batch to its floor. Wh
 ``stuck`` (closed under a quarter of the gap: a bug or no capacity), ``slow`` (still falling when the budget
 ran out: learning rate or optimizer), ``floor_high`` (it learned, then levelled off far above the floor: the
 model cannot become confident, e.g. probabilities fed to cross-entropy), ``mostly`` (three quarters or more)
-and ``passed``.
+and ``passed``. The floor is the batch's own when examples with identical contexts carry different targets
+(:func:`batch_floor`): no model can tell them apart, so it cannot go below the entropy of their targets.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter, defaultdict
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
 from lightning_debug.rules.loss import classes_of_probability_floor
@@ -56,3 +59,34 @@ def assess_memorisation(
     else:
         status = "stuck"
     return Memorisation(status, closed, target, last, classes_of_probability_floor(last, classes))
+
+
+@dataclass(frozen=True)
+class BatchFloor:
+    value: float  # the lowest mean loss any model reaches on the batch
+    shared: int  # targets whose context also carries a different target
+    targets: int
+
+
+def batch_floor(pairs: Iterable[tuple[Hashable, int]], smoothing: tuple[int, float] | None = None) -> BatchFloor:
+    """The lowest mean cross-entropy on one batch of ``(context, target)`` pairs. Pairs with the same context
+    must share one prediction, so a group costs the entropy of its target mix (smoothed by ``(classes, eps)``
+    label smoothing): a language model's first word after BOS, duplicated inputs with different labels. With
+    every context unique it is label smoothing's floor (0 without)."""
+    groups: defaultdict[Hashable, Counter[int]] = defaultdict(Counter)
+    for context, target in pairs:
+        groups[context][target] += 1
+    classes, eps = smoothing if smoothing is not None else (0, 0.0)
+    total = shared = 0
+    loss = 0.0
+    for counts in groups.values():
+        n = sum(counts.values())
+        total += n
+        shared += n if len(counts) > 1 else 0
+        mix = [(1 - eps) * c / n + (eps / classes if eps else 0.0) for c in counts.values()]
+        entropy = -sum(t * math.log(t) for t in mix)
+        if eps:
+            off = eps / classes
+            entropy -= (classes - len(counts)) * off * math.log(off)
+        loss += n * entropy
+    return BatchFloor(loss / total if total else 0.0, shared, total)

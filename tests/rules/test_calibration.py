@@ -43,3 +43,10 @@ def test_a_temperature_that_disagrees_with_the_gap_means_mixed_miscalibration():
 
 def test_without_a_fitted_temperature_the_gap_decides():
     assert _assess(temperature=math.nan).overconfident
+
+
+def test_label_smoothing_cap_is_the_smoothed_target_on_the_label():
+    from lightning_debug.rules.calibration import label_smoothing_cap
+
+    assert label_smoothing_cap(None) is None
+    assert math.isclose(label_smoothing_cap((10, 0.1)), 0.91)

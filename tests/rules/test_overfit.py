@@ -1,0 +1,60 @@
+"""The batch's own floor (Trainer-free): targets that share their whole context cost the entropy of their mix."""
+
+import math
+
+import pytest
+import torch
+
+from lightning_debug.rules.loss import label_smoothing_floor
+from lightning_debug.rules.overfit import batch_floor
+from lightning_debug.signals import context_targets
+
+
+def test_unique_contexts_have_floor_zero_or_label_smoothing():
+    pairs = [(i, i % 3) for i in range(12)]
+    assert batch_floor(pairs) == batch_floor(pairs, None)
+    assert batch_floor(pairs).value == 0.0 and batch_floor(pairs).shared == 0
+    smoothed = batch_floor(pairs, (10, 0.1)).value
+    assert smoothed == pytest.approx(label_smoothing_floor(10, 0.1), abs=1e-12), smoothed
+
+
+def test_shared_context_costs_the_entropy_of_its_targets():
+    # context "a" carries targets 1, 1, 2, 3 (entropy of (1/2, 1/4, 1/4)); four unique contexts cost nothing
+    pairs = [("a", 1), ("a", 1), ("a", 2), ("a", 3), ("b", 0), ("c", 0), ("d", 1), ("e", 2)]
+    floor = batch_floor(pairs)
+    expected = 4 * -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)) / 8
+    assert floor.value == pytest.approx(expected, rel=1e-12) and (floor.shared, floor.targets) == (4, 8), floor
+
+
+def test_shared_context_with_label_smoothing_is_the_entropy_of_the_smoothed_mix():
+    classes, eps = 5, 0.1
+    pairs = [("a", 0), ("a", 1)]
+    mix = [(1 - eps) * 0.5 + eps / classes] * 2 + [eps / classes] * 3
+    expected = -sum(t * math.log(t) for t in mix)
+    assert batch_floor(pairs, (classes, eps)).value == pytest.approx(expected, rel=1e-12)
+
+
+def test_classification_batch_contexts_are_the_inputs():
+    x = torch.tensor([[1.0, 2.0], [1.0, 2.0], [3.0, 4.0]])
+    y = torch.tensor([0, 1, 1])
+    pairs = context_targets((x, y), causal=False)
+    assert pairs is not None and pairs[0][0] == pairs[1][0] != pairs[2][0], pairs
+    assert batch_floor(pairs).value == pytest.approx(2 * math.log(2) / 3)
+    dict_pairs = context_targets({"input_ids": x.long(), "labels": y}, causal=False)
+    assert dict_pairs is not None and [t for _, t in dict_pairs] == [0, 1, 1]
+
+
+def test_causal_lm_contexts_are_prefixes_and_skip_ignored_targets():
+    ids = torch.tensor([[0, 5, 6, 1], [0, 7, 6, 1], [0, 5, 6, 1]])
+    labels = ids.clone()
+    labels[1, 3] = -100
+    pairs = context_targets({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}, causal=True)
+    assert pairs is not None and len(pairs) == 8, pairs  # 3 targets per row, one ignored
+    # after BOS: targets 5, 7, 5 share one context; after (BOS, 5): 6, 6; after (BOS, 7): 6
+    by_context: dict = {}
+    for context, target in pairs:
+        by_context.setdefault(context, []).append(target)
+    assert sorted(map(sorted, by_context.values())) == [[1, 1], [5, 5, 7], [6], [6, 6]], by_context
+    assert context_targets({"input_ids": ids, "labels": labels}, causal=False) is None  # not a causal LM
+    assert context_targets({"input_ids": ids}, causal=True) is None
+    assert context_targets(torch.zeros(3), causal=False) is None
