@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_debug import DebugCallback, debug_callbacks
 from lightning_debug.callbacks.early_stopping import MetricEarlyStopping
+from lightning_debug.callbacks.overfit import OverfitBatchCheck
 
 from models import DigitsMLP, loaders, make_trainer
 
@@ -188,11 +189,16 @@ class Recorder(pl.Callback):
 
 def test_stateful_iterable_dataset_yields_the_same_batches_with_the_suite(tmp_path):
     """Startup checks must not call ``iter()`` on the user's stream: the training batches with the suite are
-    the bare run's, batch for batch. (``OverfitBatchCheck`` is left out: with an IterableDataset its ``auto``
-    budget runs it at start and it draws ``next(iter(loader))``; its owner fixes that in overfit.py.)"""
+    the bare run's, batch for batch. The one-batch test runs at start (a stream has no epoch length to defer
+    against) on the first real batch."""
     val = DataLoader(TensorDataset(torch.randn(64, 64), torch.randint(0, 10, (64,))), batch_size=32)
     runs, weights = {}, {}
-    for name, suite in (("bare", []), ("suite", debug_callbacks("val_acc", overfit=False))):
+    suites = {
+        "bare": [],
+        "suite": debug_callbacks("val_acc"),
+        "stall": debug_callbacks("val_acc", overfit={"when": "stall"}),
+    }
+    for name, suite in suites.items():
         recorder = Recorder()
         pl.seed_everything(0)
         model = DigitsMLP(hidden=(16,))
@@ -201,10 +207,30 @@ def test_stateful_iterable_dataset_yields_the_same_batches_with_the_suite(tmp_pa
         )
         runs[name] = recorder.batches
         weights[name] = [p.detach().clone() for p in model.parameters()]
-    assert len(runs["suite"]) == len(runs["bare"]) == 8, {k: len(v) for k, v in runs.items()}
-    for i, (a, b) in enumerate(zip(runs["bare"], runs["suite"], strict=True)):
-        assert all(torch.equal(s, t) for s, t in zip(a, b, strict=True)), f"batch {i} differs"
-    assert all(torch.equal(a, b) for a, b in zip(weights["bare"], weights["suite"], strict=True)), "training differs"
+    for name in ("suite", "stall"):
+        assert len(runs[name]) == len(runs["bare"]) == 8, {k: len(v) for k, v in runs.items()}
+        for i, (a, b) in enumerate(zip(runs["bare"], runs[name], strict=True)):
+            assert all(torch.equal(s, t) for s, t in zip(a, b, strict=True)), f"{name}: batch {i} differs"
+        same = all(torch.equal(a, b) for a, b in zip(weights["bare"], weights[name], strict=True))
+        assert same, f"{name}: training differs"
+    (overfit,) = [cb for cb in suites["suite"] if isinstance(cb, OverfitBatchCheck)]
+    assert [f.check for f in overfit.findings] == ["startup.overfit_ok"], [f.message for f in overfit.findings]
+    (deferred,) = [cb for cb in suites["stall"] if isinstance(cb, OverfitBatchCheck)]
+    assert deferred._stream_batch is not None and not deferred.done  # kept for a stall that never came
+
+
+def test_deferred_one_batch_test_on_a_stream_uses_its_kept_first_batch(tmp_path):
+    """A stream whose loss cannot fall (detached logits): the deferred test runs at the end of fit on the first
+    real batch, kept on the CPU, never on a new ``iter()`` of the stream."""
+    overfit = OverfitBatchCheck(when="stall")
+    suite = [cb for cb in debug_callbacks("val_acc", overfit=False) if type(cb).__name__ == "LossConvergenceMonitor"]
+    stream = Stream(2048)  # 128 steps: enough for the loss monitor's verdict
+    make_trainer(tmp_path, [overfit, *suite], max_epochs=1).fit(
+        DigitsMLP(hidden=(16,), detach_logits=True), DataLoader(stream, batch_size=16)
+    )
+    (f,) = overfit.findings
+    assert f.check == "startup.cannot_overfit" and f.data["trigger"], f.message
+    assert stream.position == 2048 and overfit._stream_batch is None, stream.position  # one pass, batch released
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
 from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from lightning_utilities.core.apply_func import apply_to_collection
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_debug.base import DebugCallback
 from lightning_debug.findings import Finding
@@ -29,7 +29,7 @@ from lightning_debug.integrations.hf import is_causal_lm
 from lightning_debug.isolation import isolated, silenced_logging
 from lightning_debug.rules import loss as loss_rules
 from lightning_debug.rules.overfit import Memorisation, assess_memorisation, batch_floor, passes
-from lightning_debug.signals import context_targets
+from lightning_debug.signals import context_targets, first_dataloader
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -132,21 +132,42 @@ class OverfitBatchCheck(DebugCallback):
         self.when = when
         self.done = False
         self._classes: int | None = None  # the module's class count, for the probability-input signature
+        self._at_first_batch = False  # a stream's test runs on its first real batch
+        self._stream_batch: Any = None  # a stream's first real batch, on the CPU, for a deferred test
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.done or self.when == "stall":
+        if self.done:
             return
-        if self.when == "auto":
-            run_steps = trainer.max_steps if trainer.max_steps >= 0 else math.inf
-            epoch_steps = min(trainer.num_training_batches, run_steps)
-            share = self.max_steps / epoch_steps if epoch_steps > 0 else math.inf
-            monitored = self.watched_on(trainer, "loss.plateau")
-            if share > START_BUDGET and monitored:
-                if trainer.global_rank == 0 and not self.has_finding("startup.overfit_deferred"):  # once, on resume too
-                    span = "run" if run_steps < trainer.num_training_batches else "epoch"
-                    self._defer(trainer, epoch_steps, share, span)
-                return
-        self._check(trainer, pl_module, trigger=None)
+        loader = first_dataloader(trainer.train_dataloader)
+        if loader is not None and isinstance(loader.dataset, IterableDataset):
+            # iterating the user's stream could change what training sees: its first real batch is the test's,
+            # through a per-instance hook that Lightning dispatches for that one batch only
+            self.on_train_batch_start = self.on_first_train_batch  # type: ignore[method-assign,assignment]
+        if self.when == "stall" or (self.when == "auto" and self._deferred(trainer)):
+            return
+        if self.on_train_batch_start is None:
+            self._check(trainer, pl_module, trigger=None)
+        else:
+            self._at_first_batch = True
+
+    def _deferred(self, trainer: pl.Trainer) -> bool:
+        """``when="auto"``: defer (and say so once, on resume too) when the test costs over the start budget."""
+        run_steps = trainer.max_steps if trainer.max_steps >= 0 else math.inf
+        epoch_steps = min(trainer.num_training_batches, run_steps)
+        share = self.max_steps / epoch_steps if epoch_steps > 0 else math.inf
+        if share <= START_BUDGET or not self.watched_on(trainer, "loss.plateau"):
+            return False
+        if trainer.global_rank == 0 and not self.has_finding("startup.overfit_deferred"):
+            self._defer(trainer, epoch_steps, share, "run" if run_steps < trainer.num_training_batches else "epoch")
+        return True
+
+    def on_first_train_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
+        """The first real batch of a stream: tested now (``at start``), or kept on the CPU for a later test."""
+        del self.on_train_batch_start  # back to the class's: no per-step dispatch
+        if self._at_first_batch:
+            self._check(trainer, pl_module, trigger=None, batch=batch)
+        elif trainer.global_rank == 0:
+            self._stream_batch = apply_to_collection(batch, torch.Tensor, lambda t: t.detach().to("cpu", copy=True))
 
     def _defer(self, trainer: pl.Trainer, epoch_steps: float, share: float, span: str) -> None:
         self.emit(
@@ -171,7 +192,10 @@ class OverfitBatchCheck(DebugCallback):
             if trigger is not None:
                 self._check(trainer, pl_module, trigger)
 
-    def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, trigger: str | None) -> None:
+    def _check(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, trigger: str | None, batch: Any = None
+    ) -> None:
+        """The test on ``batch`` (a stream's first real batch), else the kept one, else the loader's first."""
         if self.done:
             return
         self.done = True
@@ -191,8 +215,14 @@ class OverfitBatchCheck(DebugCallback):
             )
             return
         with isolated(pl_module):
-            batch = apply_to_collection(loaders, DataLoader, _first_batch)
-            batch = trainer.strategy.batch_to_device(batch)
+            if batch is None and self._stream_batch is not None:
+                batch = trainer.strategy.batch_to_device(self._stream_batch)
+            elif batch is None and isinstance(getattr(first_dataloader(loaders), "dataset", None), IterableDataset):
+                self.skip(trainer, "the stream's first batch was not kept, and a check never iterates a stream")
+                return
+            elif batch is None:
+                batch = trainer.strategy.batch_to_device(apply_to_collection(loaders, DataLoader, _first_batch))
+            self._stream_batch = None
             self._run(trainer, pl_module, batch, trigger)
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, trigger: str | None) -> None:
