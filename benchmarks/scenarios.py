@@ -276,7 +276,13 @@ FAULTS: dict[str, Fault] = {
             "blew_up",
             "a schedule that multiplies the lr by 1e4 over the run",
         ),
-        Fault("capacity_bottleneck", ("mlp", "cnn"), LOSS_STUCK, "far_below", "a 1-unit hidden layer on 10 classes"),
+        Fault(
+            "capacity_bottleneck",
+            ("mlp", "cnn"),
+            LOSS_STUCK | {"loss.floor_high"},
+            "far_below",
+            "a 1-unit hidden layer on 10 classes",
+        ),
         Fault(
             "dead_units",
             ("mlp", "cnn"),
@@ -302,7 +308,7 @@ FAULTS: dict[str, Fault] = {
         Fault(
             "probs_into_ce",
             CLASSIFIERS,
-            LOSS_STUCK | {"init.loss_off_chance", "init.saturated_units"},
+            LOSS_STUCK | {"loss.floor_high", "init.loss_off_chance", "init.saturated_units"},
             "probs_floor",
             "softmax probabilities fed to cross_entropy (which expects logits)",
         ),

@@ -269,11 +269,13 @@ _CHECKS: tuple[CheckInfo, ...] = (
     ),
     _c(
         "loss.floor_high",
-        "warning",
+        "info",
         "The loss cannot go below a level far above its floor",
         "On one fixed batch (`OverfitBatchCheck`), the loss fell and then levelled off far above the floor: the model "
         "cannot become confident even where it can memorise. The level is named; 1.461 for 10 classes (log(1 + "
-        "(C-1)/e)) is the signature of probabilities fed to a loss that expects logits.",
+        "(C-1)/e)) is the signature of probabilities fed to a loss that expects logits, and then it is a warning. "
+        "Without that signature it is info: label smoothing passed in the loss call, soft targets or an entropy "
+        "in the data level off the same way, and the checks cannot see them.",
         (
             "an output too weak to express confidence (a 1-unit or bounded head, e.g. tanh/sigmoid before the loss)",
             "a learning rate so low the test's steps cannot reach the floor (rare: the curve is flat, not falling)",

@@ -321,7 +321,9 @@ class OverfitBatchCheck(DebugCallback):
     def _report_floor_high(
         self, trainer: pl.Trainer, m: Memorisation, what: str, floor: loss_rules.Floor, data: dict[str, Any]
     ) -> None:
-        """The curve learned, then levelled off far above the floor: the model cannot become confident."""
+        """The curve learned, then levelled off far above the floor: the model cannot become confident. A warning
+        when the level is the signature of probabilities fed to cross-entropy; else info, since label smoothing
+        written into the loss call, soft targets or a data entropy the checks cannot see level off the same way."""
         c = m.probability_classes
         signature = (
             f" {m.level:.4g} is just above log(1 + (C-1)/e) = {loss_rules.probability_input_floor(c):.4g} for "
@@ -329,12 +331,15 @@ class OverfitBatchCheck(DebugCallback):
             if c is not None
             else ""
         )
+        unknown = "" if c is not None else " Or the loss has a floor the checks do not know (set `floor`)."
         self.emit(
             trainer,
             "loss.floor_high",
             f"{what}: it levelled off at {m.level:.4g}, {1 - m.closed:.0%} of the way from the floor "
-            f"{floor.describe()} to where it started: the model cannot become confident on one batch.{signature}",
+            f"{floor.describe()} to where it started: the model cannot become confident on one batch."
+            f"{signature}{unknown}",
             data={**data, "level": m.level, "probability_classes": c},
+            severity="warning" if c is not None else None,
         )
 
     def state_dict(self) -> dict[str, Any]:
