@@ -28,7 +28,7 @@ from lightning_debug.findings import Finding
 from lightning_debug.integrations.hf import is_causal_lm
 from lightning_debug.isolation import isolated, silenced_logging
 from lightning_debug.rules import loss as loss_rules
-from lightning_debug.rules.overfit import Memorisation, assess_memorisation, batch_floor, passes
+from lightning_debug.rules.overfit import Memorisation, assess_memorisation, batch_floor, passes, reference_start
 from lightning_debug.signals import context_targets, first_dataloader
 
 if TYPE_CHECKING:
@@ -188,12 +188,12 @@ class OverfitBatchCheck(DebugCallback):
 
     def _on_stall(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.when != "start" and not self.done:
-            trigger = next((f.check for f in self.findings_on(trainer) if _is_stall(f)), None)
+            trigger = next((f for f in self.findings_on(trainer) if _is_stall(f)), None)
             if trigger is not None:
                 self._check(trainer, pl_module, trigger)
 
     def _check(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, trigger: str | None, batch: Any = None
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, trigger: Finding | None, batch: Any = None
     ) -> None:
         """The test on ``batch`` (a stream's first real batch), else the kept one, else the loader's first."""
         if self.done:
@@ -225,7 +225,7 @@ class OverfitBatchCheck(DebugCallback):
             self._stream_batch = None
             self._run(trainer, pl_module, batch, trigger)
 
-    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, trigger: str | None) -> None:
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, trigger: Finding | None) -> None:
         began = time.perf_counter()
         floor = self._floor(pl_module, batch)
         self._classes = loss_rules.output_classes(pl_module)
@@ -241,13 +241,16 @@ class OverfitBatchCheck(DebugCallback):
         optimizer = optimizers[0]
         for group in optimizer.param_groups:  # a scheduler may have set a warm-up lr: train at the base lr
             group["lr"] = group.get("initial_lr", group["lr"])
+        start = trigger.data.get("start") if trigger is not None else None  # the run's first loss, if known
         with silenced_logging(model):
-            curve = self._memorise(trainer, model, optimizer, batch, floor.value)
+            curve = self._memorise(trainer, model, optimizer, batch, floor.value, start)
         if curve:
-            self._report(trainer, curve, floor, time.perf_counter() - began, trigger)
+            self._report(trainer, curve, floor, time.perf_counter() - began, trigger, start)
         del model, optimizer
 
-    def _memorise(self, trainer: pl.Trainer, model: Any, optimizer: Any, batch: Any, floor: float) -> list[float]:
+    def _memorise(
+        self, trainer: pl.Trainer, model: Any, optimizer: Any, batch: Any, floor: float, start: float | None
+    ) -> list[float]:
         """Up to ``max_steps`` steps on the batch; the loss before each (and after the last). Empty: no loss."""
         clip = trainer.gradient_clip_val
         curve: list[float] = []
@@ -259,7 +262,7 @@ class OverfitBatchCheck(DebugCallback):
                 self.skip(trainer, "training_step returned no loss tensor", key="loss")
                 return []
             curve.append(float(loss.detach()))
-            done = passes(curve[-1], curve[0], floor, self.rel_tol, self.abs_tol)
+            done = passes(curve[-1], reference_start(curve[0], start), floor, self.rel_tol, self.abs_tol)
             if not math.isfinite(curve[-1]) or done or step == self.max_steps:
                 break
             loss.backward()
@@ -285,15 +288,27 @@ class OverfitBatchCheck(DebugCallback):
         )
 
     def _report(
-        self, trainer: pl.Trainer, curve: list[float], floor: loss_rules.Floor, seconds: float, trigger: str | None
+        self,
+        trainer: pl.Trainer,
+        curve: list[float],
+        floor: loss_rules.Floor,
+        seconds: float,
+        trigger: Finding | None,
+        start: float | None,
     ) -> None:
-        m = assess_memorisation(curve, floor.value, self.rel_tol, self.abs_tol, self._classes)
+        m = assess_memorisation(curve, floor.value, self.rel_tol, self.abs_tol, self._classes, start)
         steps = len(curve) - 1
         model = "A copy of the model" if trigger is None else f"A copy of the model at step {trainer.global_step}"
-        why = "" if trigger is None else f" (run because of {trigger})"
+        first = reference_start(curve[0], start)
+        why = (
+            f" (run because of {trigger.check}; progress measured from the run's start {first:.4g})"
+            if trigger is not None
+            else ""
+        )
         finite = all(map(math.isfinite, curve))
         data = {
-            "trigger": trigger, "steps": steps, "max_steps": self.max_steps, "seconds": seconds,
+            "trigger": trigger.check if trigger else None, "start": first, "steps": steps,
+            "max_steps": self.max_steps, "seconds": seconds,
             "first_loss": curve[0], "final_loss": curve[-1], "best_loss": min(curve) if finite else math.nan,
             "floor": floor.value, "floor_source": floor.source, "rel_tol": self.rel_tol, "abs_tol": self.abs_tol,
             "curve": curve, "target": m.target, "closed": m.closed, "status": m.status,

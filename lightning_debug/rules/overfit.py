@@ -32,17 +32,28 @@ class Memorisation:
     probability_classes: int | None  # the class count whose probability-input floor matches the level
 
 
+def reference_start(first: float, start: float | None) -> float:
+    """The loss the test's progress is measured from: the run's start when known and higher, else the curve's."""
+    return max(first, start) if start is not None and math.isfinite(start) and math.isfinite(first) else first
+
+
 def passes(loss: float, first: float, floor: float, rel_tol: float, abs_tol: float) -> bool:
     gap, gap0 = loss - floor, first - floor
     return gap <= abs_tol or (gap0 > 0 and gap <= rel_tol * gap0)
 
 
 def assess_memorisation(
-    curve: list[float], floor: float, rel_tol: float, abs_tol: float, classes: int | None = None
+    curve: list[float],
+    floor: float,
+    rel_tol: float,
+    abs_tol: float,
+    classes: int | None = None,
+    start: float | None = None,
 ) -> Memorisation:
     """The verdict on a one-batch curve (the loss before each step, the last after the last step); ``classes``,
-    if known, to recognise the floor of probabilities fed to cross-entropy."""
-    first, last = curve[0], curve[-1]
+    if known, to recognise the floor of probabilities fed to cross-entropy. ``start``: where the run began, for
+    a test on a model already trained (deferred): its gap to close is the run's, not what is left of it."""
+    first, last = reference_start(curve[0], start), curve[-1]
     gap0 = first - floor
     target = max(abs_tol, rel_tol * gap0) + floor if math.isfinite(gap0) else math.nan
     closed = 1 - (last - floor) / gap0 if gap0 > 0 and math.isfinite(last) else 0.0
