@@ -419,8 +419,10 @@ def assess_loss_batch(
     rise = np.maximum(rules.diverge_margin * gap0, SPREAD_Z * np.asarray(noise))
     rising = (tr.low > 0) & (tr.p_value < 1 - rules.confidence) & (tr.slope * span > rise)
     falling = (tr.high < 0) & (tr.p_value < 1 - rules.confidence)
-    # at the end of the run an insignificant trend is enough: there is no later check to wait for
-    stuck = flat | (final & ~falling)
+    # mid-run, a loss that falls significantly is not stuck however slowly (a slow start, an RNN or a transformer
+    # before its drop: the next check will tell); at the end an insignificant trend is enough, and so is a fall
+    # too slow to matter: there is no later check to wait for
+    stuck = np.where(final, flat | ~falling, flat & ~falling)
     with np.errstate(all="ignore"):
         levelled = np.maximum(0.0, -tr.low) < LEVELLED_OFF * drop / max(batches, 1)
     far = gap > rules.plateau_level * gap0

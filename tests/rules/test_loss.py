@@ -172,3 +172,16 @@ def test_false_alarm_rates_on_ten_thousand_curves_per_length():
 @pytest.mark.slow
 def test_power_on_ten_thousand_faulty_curves():
     _power(10_000)
+
+
+def test_a_slow_significant_fall_is_not_stuck_mid_run():
+    """An RNN before its drop: 2% of the gap in 84 batches, but significantly falling. Mid-run that is a wait;
+    at the end of the run the same curve is not_decreasing (a fall too slow to matter)."""
+    from lightning_debug.rules.loss import NOT_DECREASING, assess_loss_batch
+
+    rng = np.random.default_rng(0)
+    xs = np.arange(5.0, 85.0, 10.0)
+    window = 0.693 - 0.00034 * xs + rng.normal(0, 0.002, len(xs))
+    kwargs = dict(level=float(window[-1]), start=0.693, floor=0.0, batches=84, span=84)
+    assert int(assess_loss_batch(window, xs, **kwargs).code) != NOT_DECREASING
+    assert int(assess_loss_batch(window, xs, final=True, **kwargs).code) == NOT_DECREASING
