@@ -196,6 +196,7 @@ class ModelHealthCheck(DebugCallback):
         self.disabled: str | None = None
         self.evidence: dict[str, Any] = {}  # startup measurements, findings or not (for threshold studies)
         self.layers: list[str] = []
+        self._sparse: list[bool] = []  # embedding layers: their gradient is sparse (the rows of the tokens seen)
         self.history: dict[str, list[Any]] = {k: [] for k in ("step", "lr", "row", "total", "loss")}  # pulled samples
         self.checked = 0  # history entries already judged
         self.peak_lr = 0.0
@@ -217,6 +218,8 @@ class ModelHealthCheck(DebugCallback):
         self._params = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
         self._tensors = [p.detach() for _, p in self._params]
         self.layers = rules.modules_of([n for n, _ in self._params])
+        modules = dict(pl_module.named_modules())
+        self._sparse = [isinstance(modules.get(layer), torch.nn.Embedding) for layer in self.layers]
         index = {layer: i for i, layer in enumerate(self.layers)}
         self._layer_of = torch.tensor([index[rules.module_of(n)] for n, _ in self._params], device=pl_module.device)
         self._numel = np.bincount(
@@ -514,7 +517,7 @@ class ModelHealthCheck(DebugCallback):
             self._clipping(trainer, w, span)
 
     def _vanishing(self, trainer: pl.Trainer, w: dict[str, np.ndarray], steps: list[int], span: str) -> None:
-        van = rules.vanishing(w["norm"] / np.sqrt(np.maximum(self._numel, 1)), self.layers)
+        van = rules.vanishing(w["norm"] / np.sqrt(np.maximum(self._numel, 1)), self.layers, sparse=self._sparse)
         if van.fires:
             cause = f"the gradient of {van.bottom} is 10^{van.log10_ratio:.1f} times that of {van.top}"
             self.emit(

@@ -173,10 +173,15 @@ class Vanishing:
     falling: bool  # the window's second half recovers less than RECOVERY_LOG10 on its first half
 
 
-def vanishing(rms: np.ndarray, layers: Sequence[str], threshold: float = VANISHING_LOG10) -> Vanishing:
+def vanishing(
+    rms: np.ndarray, layers: Sequence[str], threshold: float = VANISHING_LOG10, sparse: Sequence[bool] | None = None
+) -> Vanishing:
     """``rms``: (samples, layers) gradient RMS per layer (layers input to output). The lowest layer's gradient
-    orders of magnitude below the top layer's, and not recovering."""
+    orders of magnitude below the top layer's, and not recovering. ``sparse`` layers (embeddings) are left out:
+    only the rows of the tokens in a batch get a gradient, so its RMS over the whole table is no measure."""
     ok = np.isfinite(rms).all(axis=0) & (rms > 0).any(axis=0)
+    if sparse is not None:
+        ok &= ~np.asarray(sparse, dtype=bool)
     idx = np.flatnonzero(ok)
     if len(idx) < 2 or rms.shape[0] < MIN_SAMPLES:
         return Vanishing(False, "", "", math.nan, False)

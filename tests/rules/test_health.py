@@ -65,6 +65,16 @@ def test_vanishing_fires_on_a_bottom_layer_orders_below_the_top_and_not_on_a_fla
     assert not rules.vanishing(falling[:3], layers).fires, "fewer than MIN_SAMPLES samples: no verdict"
 
 
+def test_vanishing_leaves_out_sparse_embedding_gradients():
+    """A BERT's word embeddings get gradient only in the rows of the batch's tokens: 10^-3.3 of the classifier's
+    RMS over the whole table on a healthy tune-set run. The dense layer above them is the bottom that counts."""
+    layers = ["embeddings", "encoder", "classifier"]
+    rms = np.array([[10.0 ** (-3.3 - 0.05 * t), 0.3, 1.0] for t in range(10)])
+    assert rules.vanishing(rms, layers).fires
+    v = rules.vanishing(rms, layers, sparse=[True, False, False])
+    assert not v.fires and v.bottom == "encoder", v
+
+
 def test_exploding_needs_growth_and_a_loss_that_did_not_fall_and_fires_on_nonfinite():
     losses = np.full(12, 2.3)
     norms = np.array([1.0] * 6 + [1e4] * 6)
