@@ -260,7 +260,7 @@ def test_state_survives_weights_only_checkpoint_resume(tmp_path):
     state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["callbacks"][monitor.state_key]
     # saved at the last epoch end, before the end-of-training verdict: bins of 3 steps (150 planned batches);
     # the early probe at batch 128 binned 42 full bins; the 24 rows after them wait in the tail
-    assert state["schedule"] == {"bin_steps": 3, "check_every": 200, "warmup": 30}, state["schedule"]
+    assert state["schedule"] == {"bin_steps": 3, "check_every": 200, "warmup": 30, "stuck_after": 75}, state["schedule"]
     assert state["batches"] == 150 and len(state["series"][0]["values"]) == 42, state["series"][0]
     assert [step for step, _ in state["tail"]] == list(range(126, 150)), state["tail"]
 

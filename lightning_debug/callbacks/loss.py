@@ -340,7 +340,7 @@ class LossConvergenceMonitor(DebugCallback):
                 return rules.assess_loss_batch(
                     window, xs, rules.level_of(bins), start, floor.value, self.batches, span, rules=self.rules,
                     judging=judging, final=final, plateau_checks=self.plateau_checks, excused=excused,
-                    noise=rules.spread(bins),
+                    noise=rules.spread(bins), patient=self.batches >= self.schedule.stuck_after,
                 )  # fmt: skip
 
             v = assess(floor)

@@ -44,10 +44,14 @@ class Schedule:
     bin_steps: int
     check_every: int
     warmup: int
+    stuck_after: int = 0  # before the end, a flat start is called stuck only from here (0: from the warm-up)
 
     def probes(self) -> list[int]:
         """Early pulls before the first check (1, 2, 4, ...): a blow-up is reported within about twice its step."""
         return [2**i for i in range(32) if 2**i < self.check_every]
+
+
+STUCK_AFTER_MAX = 500  # batches: a long run's flat start is called stuck by then at the latest
 
 
 def schedule_for(
@@ -60,7 +64,9 @@ def schedule_for(
 ) -> Schedule:
     """Intervals that scale with the planned run: a tenth of it, within [20, 200] batches for checks and
     [30, 200] for the warm-up; bins of 10 steps, fewer for runs under 400 batches (a 30-step run has 30 points).
-    An unknown length (``None``/inf) gets the long-run values."""
+    An unknown length (``None``/inf) gets the long-run values. ``stuck_after``: half the run, within [warm-up,
+    STUCK_AFTER_MAX]: a loss may sit at its first level for a third of a short run before it drops (a small
+    transformer or RNN from scratch), and the final verdict still calls a run that never moved."""
     known = planned_batches is not None and math.isfinite(planned_batches) and planned_batches > 0
     planned = float(planned_batches) if known else math.inf  # type: ignore[arg-type]
     bin_steps = int(min(10, max(1, planned // 40))) if known else 10
@@ -69,7 +75,8 @@ def schedule_for(
         check_every = int(min(200, max(20, round(raw / bin_steps) * bin_steps)))
     if warmup is None:
         warmup = int(min(200, max(MIN_VERDICT_BATCHES, planned * warmup_fraction))) if known else 200
-    return Schedule(bin_steps=bin_steps, check_every=check_every, warmup=warmup)
+    stuck_after = int(min(STUCK_AFTER_MAX, max(warmup, planned / 2))) if known else warmup
+    return Schedule(bin_steps=bin_steps, check_every=check_every, warmup=warmup, stuck_after=stuck_after)
 
 
 # ---------------------------------------------------------------------------------------------- floors
@@ -400,12 +407,14 @@ def assess_loss_batch(
     plateau_checks: np.ndarray | int = 0,
     excused: np.ndarray | bool = False,
     noise: np.ndarray | float = 0.0,
+    patient: np.ndarray | bool = True,
 ) -> LossVerdicts:
     """The trend verdict at a check, for curves (..., n) of finite bins over the trend window.
 
     ``judging``: past the warm-up (or the run ended) and the learning rate is not still warming up.
     ``noise``: the run's spread of a level (:func:`spread`); a rise must clear ``SPREAD_Z`` times it.
     ``excused``: a plateau is explained (a component still falls, or the schedule annealed the rate).
+    ``patient``: enough of the run has passed (:attr:`Schedule.stuck_after`) to call a flat start stuck mid-run.
     ``final``: the run ended; a plateau needs one check instead of ``rules.plateau_checks``, and a curve with
     no other verdict gets ``still_decreasing``. Priority: diverging, not_decreasing, plateau, converged.
     """
@@ -438,7 +447,7 @@ def assess_loss_batch(
     if final:
         code = np.where(code == NONE, STILL_DECREASING, code)
     code = np.where(streak >= needed, PLATEAU, code)
-    code = np.where(judging & stuck & (drop < rules.min_drop * gap0), NOT_DECREASING, code)
+    code = np.where(judging & (final | patient) & stuck & (drop < rules.min_drop * gap0), NOT_DECREASING, code)
     code = np.where(rising, DIVERGING, code)
     code = np.where(gap0 > 0, code, NONE)
     return LossVerdicts(

@@ -178,7 +178,7 @@ def replay(curves: Curves, rules: R.LossRules | None = None) -> Replay:
                 v = R.assess_loss_batch(
                     window, wxs, R.level_of(bins[:, :m]), start, curves.floor, batches, span,
                     rules=rules, judging=judging, final=final, plateau_checks=streak, excused=lr_now < 0.5 * peak,
-                    noise=R.spread(bins[:, :m]),
+                    noise=R.spread(bins[:, :m]), patient=batches >= sched.stuck_after,
                 )  # fmt: skip
                 streak = v.plateau_checks
                 fired_codes = np.where(fired_codes == R.NONE, v.code, fired_codes)

@@ -28,11 +28,11 @@ LENGTHS = (30, 60, 200, 1000, 3000)
 @pytest.mark.parametrize(
     ("planned", "expected"),
     [
-        (30, R.Schedule(bin_steps=1, check_every=20, warmup=30)),
-        (380, R.Schedule(bin_steps=9, check_every=36, warmup=38)),
-        (3000, R.Schedule(bin_steps=10, check_every=200, warmup=200)),
-        (None, R.Schedule(bin_steps=10, check_every=200, warmup=200)),
-        (math.inf, R.Schedule(bin_steps=10, check_every=200, warmup=200)),
+        (30, R.Schedule(bin_steps=1, check_every=20, warmup=30, stuck_after=30)),
+        (380, R.Schedule(bin_steps=9, check_every=36, warmup=38, stuck_after=190)),
+        (3000, R.Schedule(bin_steps=10, check_every=200, warmup=200, stuck_after=500)),
+        (None, R.Schedule(bin_steps=10, check_every=200, warmup=200, stuck_after=200)),
+        (math.inf, R.Schedule(bin_steps=10, check_every=200, warmup=200, stuck_after=200)),
     ],
 )
 def test_schedule_scales_with_the_planned_run(planned, expected):
