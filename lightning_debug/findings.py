@@ -453,6 +453,26 @@ _CHECKS: tuple[CheckInfo, ...] = (
         "BatchConsistencyCheck",
     ),
     _c(
+        "batch.target_visible",
+        "error",
+        "A causal LM is scored on the token it reads",
+        "The training loss of a causal language model has a gradient with respect to the input embedding at the "
+        "last position of the sequence. With labels shifted against the inputs nothing reads that position (its "
+        "prediction is dropped and causal attention hides it), so the gradient there is exactly 0; here it is of "
+        "the order of the other positions': each position predicts the token it already sees, the loss falls to "
+        "~0 on training and validation data alike and the model learns to copy.",
+        (
+            "a bug: labels not shifted against the logits (score `logits[:, :-1]` against `labels[:, 1:]`, or "
+            "pass `labels=` to a Hugging Face model, which shifts them itself)",
+            "the labels were shifted twice in opposite directions, or the inputs were shifted instead",
+        ),
+        (
+            "score logits[:, t] against the token at t + 1",
+            "compare your loss with the Hugging Face model's own loss for `labels=input_ids`",
+        ),
+        "BatchConsistencyCheck",
+    ),
+    _c(
         "batch.cross_sample_dependence",
         "error",
         "Information crosses the batch dimension",

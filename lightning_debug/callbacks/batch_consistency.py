@@ -37,6 +37,7 @@ from lightning_debug.batching import (
     tensors_of,
     token_counts,
 )
+from lightning_debug.integrations.hf import position_gradient_norms
 from lightning_debug.isolation import batch_stat_modules, isolated
 from lightning_debug.precision import float64_on_cpu, module_tolerance
 from lightning_debug.rules.batch import (
@@ -48,6 +49,7 @@ from lightning_debug.rules.batch import (
     pair_rows,
     rejudged,
     relative_dependence,
+    target_visibility,
 )
 from lightning_debug.signals import first_dataloader
 
@@ -174,6 +176,7 @@ class BatchConsistencyCheck(DebugCallback):
                 pl_module.eval()
                 loss = self._loss_part(trainer, pl_module, ex, cost)
                 dep = self._dependence_part(trainer, pl_module, ex, cost)
+                self._target_part(trainer, pl_module, ex, cost)
         data: dict[str, Any] = {
             "batch_size": len(ex.singles),
             "precision": str(trainer.precision),
@@ -208,7 +211,7 @@ class BatchConsistencyCheck(DebugCallback):
 
     # ------------------------------------------------------------------ loss decomposition
     @staticmethod
-    def _step(module: pl.LightningModule, batch: Any) -> float:
+    def _step_loss(module: pl.LightningModule, batch: Any) -> torch.Tensor:
         try:
             out = module.training_step(batch, 0)
         except Exception as err:  # the user's code cannot run this way (e.g. BatchNorm on a batch of 1)
@@ -216,7 +219,11 @@ class BatchConsistencyCheck(DebugCallback):
         loss = out.get("loss") if isinstance(out, Mapping) else out
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise CannotCheck(f"`training_step` returned {type(out).__name__}, not a scalar loss")
-        return float(loss)
+        return loss
+
+    @classmethod
+    def _step(cls, module: pl.LightningModule, batch: Any) -> float:
+        return float(cls._step_loss(module, batch))
 
     def _losses(self, module: pl.LightningModule, batch: Any, singles: list[Any]) -> tuple[float, torch.Tensor]:
         with torch.no_grad():
@@ -299,6 +306,28 @@ class BatchConsistencyCheck(DebugCallback):
             self.skip(trainer, f"dependence check skipped: {reason}", key="dependence")
             return None
         return result
+
+    # ------------------------------------------------------------------ a causal LM's targets
+    def _target_part(self, trainer: pl.Trainer, module: pl.LightningModule, ex: Examples, cost: _Cost) -> None:
+        """A causal LM scored on the token it reads (labels not shifted) learns to copy its input: the loss falls
+        to ~0 on train and validation alike, and nothing else in the run looks wrong."""
+        try:
+            norms = position_gradient_norms(module, ex.batch, lambda batch: self._step_loss(module, batch))
+        except CannotCheck:
+            return  # the loss part reports why the training step cannot run
+        if norms is None:
+            return
+        cost.vjps += 1
+        verdict = target_visibility(norms)
+        if verdict.visible:
+            self.emit(
+                trainer,
+                "batch.target_visible",
+                f"The loss reads the input token at the last position of the sequence (its gradient there is "
+                f"{verdict.ratio:.2g}x the median of the earlier positions'; with labels shifted against the "
+                "inputs it is exactly 0): each position is scored on the token it already sees.",
+                data={"ratio": verdict.ratio, "positions": norms.shape[1], "examples": norms.shape[0]},
+            )
 
     # ------------------------------------------------------------------ verdicts
     def _report(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -53,6 +53,37 @@ def holds_transformers(module: nn.Module) -> bool:
 def is_causal_lm(module: nn.Module) -> bool:
     """A Hugging Face causal LM inside ``module``: its logits at position t predict the label at t + 1."""
     return any(type(m).__name__.endswith(_CAUSAL_LM_SUFFIXES) for m in module.modules())
+
+
+def position_gradient_norms(
+    module: nn.Module, batch: Any, loss_of: Callable[[Any], torch.Tensor]
+) -> torch.Tensor | None:
+    """``(B, T)`` norms of the gradient of ``loss_of(batch)`` with respect to each position's input embedding, for
+    a module holding a causal LM (None otherwise, or when the embedding's output is not ``(B, T, D)``). Only
+    ``torch.autograd.grad``: nothing is left on the parameters' ``.grad``."""
+    from lightning_debug.batching import input_embedding
+
+    embedding = input_embedding(module) if is_causal_lm(module) else None
+    if embedding is None:
+        return None
+    captured: list[torch.Tensor] = []
+
+    def capture(_: nn.Module, __: Any, out: Any) -> Any:
+        if captured or not isinstance(out, torch.Tensor) or out.ndim != 3:
+            return None
+        captured.append(out.detach().requires_grad_())
+        return captured[0]
+
+    handle = embedding.register_forward_hook(capture)
+    try:
+        with torch.enable_grad():
+            loss = loss_of(batch)
+    finally:
+        handle.remove()
+    if not captured or not loss.requires_grad:
+        return None
+    (grad,) = torch.autograd.grad(loss, captured[0], allow_unused=True)
+    return None if grad is None else grad.detach().double().norm(dim=-1).cpu()
 
 
 def find_generator(module: nn.Module) -> tuple[str, PreTrainedModel] | None:

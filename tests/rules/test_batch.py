@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from lightning_debug.rules.batch import (
@@ -11,6 +12,7 @@ from lightning_debug.rules.batch import (
     pair_rows,
     rejudged,
     relative_dependence,
+    target_visibility,
 )
 
 LOSSES = torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=torch.float64)
@@ -65,3 +67,19 @@ def test_dependence_is_relative_to_the_largest_self_gradient():
 def test_a_degenerate_matrix_is_a_reason_not_a_verdict():
     assert isinstance(relative_dependence(torch.zeros(3, 3)), str)
     assert isinstance(relative_dependence(torch.full((2, 2), float("nan"))), str)
+
+
+def test_target_visibility_is_exact_zero_at_the_last_position_when_labels_are_shifted():
+    norms = torch.tensor([[0.5, 0.4, 0.0, 0.0], [0.3, 0.2, 0.6, 0.0]], dtype=torch.float64)  # right padding
+    shifted = target_visibility(norms)
+    assert not shifted.visible and shifted.ratio == 0.0
+    norms[1, -1] = 0.35  # the longest example's last token is read by its own prediction
+    unshifted = target_visibility(norms)
+    assert unshifted.visible and unshifted.ratio == pytest.approx(0.35 / 0.4)
+
+
+def test_target_visibility_tolerates_small_auxiliary_terms_and_empty_gradients():
+    norms = torch.tensor([[1.0, 1.0, 1.0, 0.02]], dtype=torch.float64)  # a router loss reading every position
+    assert not target_visibility(norms).visible
+    nothing = target_visibility(torch.zeros(2, 5, dtype=torch.float64))
+    assert not nothing.visible and nothing.ratio != nothing.ratio  # NaN: nothing to compare with
