@@ -74,6 +74,7 @@ class LossRecorder:
 
     def _init_recorder(self, names: list[str], check_every: int | None, warmup: int | None) -> None:
         self.series = [LossSeries(name) for name in names]
+        self._step = 0  # the global step the next batch's training_step sees
         self.schedule = schedule_for(None, check_every=check_every, warmup=warmup)
         self.batches = 0  # training batches recorded
         self._tail: list[tuple[int, list[float]]] = []  # (global step, values) pulled but not yet binned

@@ -94,22 +94,7 @@ class CalibrationMonitor(DebugCallback):
         verbose: bool | None = None,
     ) -> None:
         super().__init__(raise_errors=raise_errors, print_findings=print_findings, strict=strict, verbose=verbose)
-        if not 0 < ece_threshold < 1:
-            raise ValueError(f"ece_threshold must be in (0, 1), got {ece_threshold!r}")
-        if min_samples < 1:
-            raise ValueError(f"min_samples must be >= 1, got {min_samples!r}")
-        if z < 0:
-            raise ValueError(f"z must be >= 0, got {z!r}")
-        if patience < 1:
-            raise ValueError(f"patience must be >= 1, got {patience!r}")
-        if temperature_samples < 0:
-            raise ValueError(f"temperature_samples must be >= 0, got {temperature_samples!r}")
-        if plot_every_n_epochs < 0:
-            raise ValueError(f"plot_every_n_epochs must be >= 0, got {plot_every_n_epochs!r}")
-        if dataloader_idx < 0:
-            raise ValueError(f"dataloader_idx must be >= 0, got {dataloader_idx!r}")
-        if input_format not in ("auto", "logits", "probs"):
-            raise ValueError(f"input_format must be 'auto', 'logits' or 'probs', got {input_format!r}")
+        _validate(locals())
         self.input_format = input_format
         self._format: InputFormat | None = None if input_format == "auto" else input_format  # type: ignore[assignment]
         self.keys = {"logits_key": logits_key, "probs_key": probs_key, "target_key": target_key}
@@ -239,3 +224,17 @@ class CalibrationMonitor(DebugCallback):
         self.history = [dict(h) for h in state_dict.get("history", [])]
         self._over = int(state_dict.get("over", 0))
         self._under = int(state_dict.get("under", 0))
+
+
+def _validate(args: dict[str, Any]) -> None:
+    """``ValueError`` naming the argument for every misuse of the constructor."""
+    if not 0 < args["ece_threshold"] < 1:
+        raise ValueError(f"ece_threshold must be in (0, 1), got {args['ece_threshold']!r}")
+    lowest = {
+        "min_samples": 1, "z": 0, "patience": 1, "temperature_samples": 0, "plot_every_n_epochs": 0, "dataloader_idx": 0
+    }  # fmt: skip
+    for name, low in lowest.items():
+        if args[name] < low:
+            raise ValueError(f"{name} must be >= {low}, got {args[name]!r}")
+    if args["input_format"] not in ("auto", "logits", "probs"):
+        raise ValueError(f"input_format must be 'auto', 'logits' or 'probs', got {args['input_format']!r}")

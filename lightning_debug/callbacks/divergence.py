@@ -16,11 +16,10 @@ import numpy as np
 from lightning.pytorch.trainer.states import TrainerFn
 
 from lightning_debug.base import DebugCallback
-from lightning_debug.rules.divergence import DivergenceVerdict, assess_divergence
+from lightning_debug.rules.divergence import DivergenceVerdict, assess_divergence, is_new_best, validate_arguments
 from lightning_debug.rules.persistence import streak
-from lightning_debug.signals import ChanceLevel, check_mode, metric_value, mode_sign
+from lightning_debug.signals import ChanceLevel, check_mode, metric_value
 from lightning_debug.sinks import Sink
-from lightning_debug.stats import MIN_TREND_POINTS
 from lightning_debug.wording import divergence as words
 
 if TYPE_CHECKING:
@@ -79,21 +78,7 @@ class LossMetricDivergence(DebugCallback):
     ) -> None:
         super().__init__(raise_errors=raise_errors, print_findings=print_findings, strict=strict, verbose=verbose)
         check_mode(mode)
-        if window < MIN_TREND_POINTS:
-            raise ValueError(
-                f"`window` must be at least {MIN_TREND_POINTS} validation checks (the minimum for a trend test "
-                f"to reach p < 0.01), got {window}"
-            )
-        if min_checks is not None and min_checks < 1:
-            raise ValueError(f"`min_checks` must be >= 1, got {min_checks}")
-        if persistence < 2:
-            raise ValueError(f"`persistence` must be >= 2 consecutive checks, got {persistence}")
-        if not min_rise >= 0:
-            raise ValueError(f"`min_rise` must be >= 0, got {min_rise}")
-        if not 0 <= max_metric_drop <= 1:
-            raise ValueError(f"`max_metric_drop` must be in [0, 1], got {max_metric_drop}")
-        if not 0.5 < confidence < 1:
-            raise ValueError(f"`confidence` must be in (0.5, 1), got {confidence}")
+        validate_arguments(window, min_checks, persistence, min_rise, max_metric_drop, confidence)
         self.metric = metric
         self.mode = mode
         self.loss = loss
@@ -154,7 +139,7 @@ class LossMetricDivergence(DebugCallback):
         self.checks += 1
         if np.isfinite(loss) and loss < self.loss_min:
             self.loss_min, self.loss_min_step = loss, step
-        if np.isfinite(metric) and not mode_sign(self.mode) * (self.metric_best - metric) >= 0:  # also the first NaN
+        if is_new_best(metric, self.metric_best, self.mode):
             self.metric_best = metric
         for name, v in (("loss", loss), ("metric", metric), ("train", train), ("step", step)):
             self.history[name] = [*self.history[name], float("nan") if v is None else float(v)][-self.window :]

@@ -94,7 +94,6 @@ class LossConvergenceMonitor(DebugCallback, LossRecorder):
         self.warmup_steps = warmup_steps
         self.diverge_factor = diverge_factor
         self._init_recorder([key or "loss", *self.components], check_every_n_steps, warmup_steps)
-        self._step = 0
         self.plateau_checks = 0  # consecutive checks at which the plateau condition held
         self.smoothing: tuple[int, float] | None = None  # (classes, eps) of declared label smoothing
         self.finished = False  # the final verdict was given
@@ -196,8 +195,7 @@ class LossConvergenceMonitor(DebugCallback, LossRecorder):
         return rules.evidence_floor(self.floor, self.smoothing, memorised, total.finite()[0], total.start, val_level)
 
     def _evaluate(self, trainer: pl.Trainer, final: bool) -> None:
-        """Log the smoothed loss and the components; give the trend verdict (judged against the data's floor
-        when the loss is flat far above the evidence floor where train ~= validation)."""
+        """Log the smoothed loss and components; the trend verdict (against the data's floor if flat above it)."""
         total = self.series[0]
         start: float = total.start  # type: ignore[assignment]
         bins, xs = total.finite()
