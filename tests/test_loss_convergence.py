@@ -12,10 +12,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from lightning_debug import loss_series
 from lightning_debug.base import DebugCallback
 from lightning_debug.callbacks import loss as loss_module
 from lightning_debug.callbacks.loss import LossConvergenceMonitor
 from lightning_debug.findings import Severity
+from lightning_debug.wording import loss as loss_words
 
 from models import DigitsMLP, SmoothedDigitsMLP, loaders, make_trainer
 
@@ -210,15 +212,16 @@ SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "to", "__float__", "__int__", 
 
 
 def test_no_host_device_sync_between_checks(tmp_path, monkeypatch):
-    """Every tensor->host conversion made from loss.py is counted; they happen only at checks (here every 100
-    steps) and at train end, one transfer each, and at the log2(100) early probes (batches 1, 2, 4, ... 64)."""
+    """Every tensor->host conversion made from the monitor (callbacks/loss.py, loss_series.py) is counted; they
+    happen only at checks (here every 100 steps) and at train end, one transfer each, and at the log2(100) early
+    probes (batches 1, 2, 4, ... 64)."""
     calls: list[tuple[str, int]] = []
     trainer_box = {}
-    source = loss_module.__file__
+    sources = {loss_module.__file__, loss_series.__file__}
 
     def counting(name, original):
         def wrapper(self, *args, **kwargs):
-            if sys._getframe(1).f_code.co_filename == source:
+            if sys._getframe(1).f_code.co_filename in sources:
                 calls.append((name, trainer_box["trainer"].global_step))
             return original(self, *args, **kwargs)
 
@@ -398,11 +401,11 @@ def test_label_smoothing_sets_the_floor_and_a_healthy_run_is_no_plateau(tmp_path
 
 def test_progress_is_worded_without_absurd_percentages():
     """The old message said "-4.4e31%" after a blow-up."""
-    floor = loss_module.rules.Floor(0.0, "a likelihood's best")
-    above = loss_module.describe_progress(2.3, 1e31, floor)
+    floor = loss_words.rules.Floor(0.0, "a likelihood's best")
+    above = loss_words.describe_progress(2.3, 1e31, floor)
     assert above.startswith("above where it started") and "%" not in above, above
-    assert loss_module.describe_progress(2.3, 1.15, floor).startswith("50% of the way"), "a plain fraction"
-    below = loss_module.describe_progress(2.3, -0.5, floor)
+    assert loss_words.describe_progress(2.3, 1.15, floor).startswith("50% of the way"), "a plain fraction"
+    below = loss_words.describe_progress(2.3, -0.5, floor)
     assert below.startswith("below the floor") and "%" not in below, below
     assert "floor 0 (a likelihood's best)" in above
 

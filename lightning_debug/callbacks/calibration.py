@@ -9,23 +9,22 @@ diagram and the confidence histogram, and warns when the model is clearly over- 
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import Tensor
 
-from lightning_debug import media
 from lightning_debug.base import DebugCallback
+from lightning_debug.calibration_epoch import epoch_scalars, log_reliability
 from lightning_debug.integrations.hf import is_causal_lm
 from lightning_debug.metrics import InputFormat, LogitSample, StreamingCalibration, looks_like_probabilities
-from lightning_debug.rules.calibration import assess_calibration, label_smoothing_cap
+from lightning_debug.rules.calibration import assess_calibration, due, label_smoothing_cap, underconfident_at_end
 from lightning_debug.rules.loss import declared_label_smoothing
 from lightning_debug.rules.persistence import streak
 from lightning_debug.signals import predictions
 from lightning_debug.sinks import Sink
+from lightning_debug.wording import calibration as words
 
 log = logging.getLogger("lightning_debug")
 
@@ -33,7 +32,6 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 PREFIX = "debug/calibration/"
-SCALARS = ("ece", "mce", "rms_ce", "adaptive_ece", "brier", "nll", "gap", "accuracy", "confidence", "count")
 
 
 class CalibrationMonitor(DebugCallback):
@@ -96,22 +94,7 @@ class CalibrationMonitor(DebugCallback):
         verbose: bool | None = None,
     ) -> None:
         super().__init__(raise_errors=raise_errors, print_findings=print_findings, strict=strict, verbose=verbose)
-        if not 0 < ece_threshold < 1:
-            raise ValueError(f"ece_threshold must be in (0, 1), got {ece_threshold!r}")
-        if min_samples < 1:
-            raise ValueError(f"min_samples must be >= 1, got {min_samples!r}")
-        if z < 0:
-            raise ValueError(f"z must be >= 0, got {z!r}")
-        if patience < 1:
-            raise ValueError(f"patience must be >= 1, got {patience!r}")
-        if temperature_samples < 0:
-            raise ValueError(f"temperature_samples must be >= 0, got {temperature_samples!r}")
-        if plot_every_n_epochs < 0:
-            raise ValueError(f"plot_every_n_epochs must be >= 0, got {plot_every_n_epochs!r}")
-        if dataloader_idx < 0:
-            raise ValueError(f"dataloader_idx must be >= 0, got {dataloader_idx!r}")
-        if input_format not in ("auto", "logits", "probs"):
-            raise ValueError(f"input_format must be 'auto', 'logits' or 'probs', got {input_format!r}")
+        _validate(locals())
         self.input_format = input_format
         self._format: InputFormat | None = None if input_format == "auto" else input_format  # type: ignore[assignment]
         self.keys = {"logits_key": logits_key, "probs_key": probs_key, "target_key": target_key}
@@ -176,10 +159,8 @@ class CalibrationMonitor(DebugCallback):
 
     def _detect_format(self, trainer: pl.Trainer, scores: Tensor, target: Tensor) -> InputFormat:
         self._format = "probs" if looks_like_probabilities(scores, target) else "logits"
-        why = "all in [0, 1], rows summing to 1" if self._format == "probs" else "not all probabilities"
-        text = f"CalibrationMonitor: treating `{self.keys['logits_key']}` as {self._format} ({why}; set input_format)"
         if self.print_findings and trainer.global_rank == 0:
-            log.info(text)
+            log.info(words.input_format(self.keys["logits_key"], self._format))
         Sink(trainer).set_summary({PREFIX + "input_format": self._format})
         return self._format
 
@@ -193,46 +174,24 @@ class CalibrationMonitor(DebugCallback):
             self.skip(trainer, f"nothing to measure: {why}.", key="calibration:no-predictions")
             return
         result = used[0].compute()
-        scalars = dict(zip(SCALARS, torch.stack([result[k] for k in SCALARS]).tolist(), strict=True))
-        scalars["gap_se"] = float(result["gap_se"])
-        if self.sample.parts:  # one temperature for the whole validation set, the same on every rank
-            scalars["temperature"] = self.sample.temperature(
-                trainer.strategy.all_gather if trainer.world_size > 1 else None
-            )
-        self._report_left_out(trainer, float(result["nonfinite"]), float(result["out_of_range"]))
+        scalars = epoch_scalars(result, self.sample, trainer.strategy.all_gather if trainer.world_size > 1 else None)
+        left_out = (float(result["nonfinite"]), float(result["out_of_range"]))
+        for key, message, data in words.left_out(*left_out, self.ignore_index, trainer.current_epoch):
+            self.skip(trainer, message, key=key, data=data)
         if scalars["count"] == 0:
             return
         Sink(trainer).log_scalars({PREFIX + k: v for k, v in scalars.items() if math.isfinite(v)})
         self.history.append({"step": float(trainer.global_step), "epoch": float(trainer.current_epoch), **scalars})
         if self.plot_every_n_epochs and (len(self.history) - 1) % self.plot_every_n_epochs == 0:
-            self._plot(trainer, result, scalars)
+            log_reliability(Sink(trainer), PREFIX, result, scalars, trainer.current_epoch)
         self._judge(trainer, scalars)
 
-    def _report_left_out(self, trainer: pl.Trainer, nonfinite: float, out_of_range: float) -> None:
-        if nonfinite:
-            self.skip(
-                trainer,
-                f"{nonfinite:.0f} validation predictions had NaN/Inf scores; calibration leaves them out.",
-                key="calibration:nonfinite",
-                data={"nonfinite": nonfinite, "epoch": trainer.current_epoch},
-            )
-        if out_of_range:
-            self.skip(
-                trainer,
-                f"{out_of_range:.0f} validation targets are not a class of the scores (ignore_index="
-                f"{self.ignore_index}); calibration leaves them out. If they are padding labels, pass their "
-                "value as `ignore_index`; otherwise the scores have fewer classes than the labels.",
-                key="calibration:out-of-range",
-                data={"out_of_range": out_of_range, "ignore_index": self.ignore_index, "epoch": trainer.current_epoch},
-            )
-
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._under >= self.patience:
+        if underconfident_at_end(self._under, self.patience):
             self._warn(trainer, "underconfident", self.history[-1])
 
     def _judge(self, trainer: pl.Trainer, s: dict[str, float]) -> None:
-        """Overconfidence is reported once it persists for ``patience`` evaluations; underconfidence only at the
-        end of fit (every run starts underconfident); both at once outside fitting (``trainer.validate``)."""
+        """Judge one evaluation; report what is due (:func:`~lightning_debug.rules.calibration.due`)."""
         v = assess_calibration(
             ece=s["ece"],
             gap=s["gap"],
@@ -245,25 +204,11 @@ class CalibrationMonitor(DebugCallback):
         )
         self._over = streak(self._over, v.overconfident)
         self._under = streak(self._under, v.underconfident)
-        standalone = trainer.state.fn != "fit"
-        if v.overconfident and (self._over >= self.patience or standalone):
-            self._warn(trainer, "overconfident", s)
-        if v.underconfident and standalone:
-            self._warn(trainer, "underconfident", s)
+        for kind in due(v, self._over, self._under, self.patience, standalone=trainer.state.fn != "fit"):
+            self._warn(trainer, kind, s)
 
     def _warn(self, trainer: pl.Trainer, kind: str, s: dict[str, float]) -> None:
-        temp = s.get("temperature", float("nan"))
-        message = (
-            f"{kind.capitalize()}: ECE {s['ece']:.3f} (threshold {self.ece_threshold}) over {s['count']:.0f} "
-            f"validation predictions; mean confidence {s['confidence']:.3f} vs accuracy {s['accuracy']:.3f} "
-            f"(gap {s['gap']:+.3f} ± {s['gap_se']:.3f})"
-            + (f"; fitted temperature {temp:.2f}" if math.isfinite(temp) else "")
-            + "."
-        )
-        keys = ("ece", "mce", "adaptive_ece", "gap", "gap_se", "accuracy", "confidence", "count", "temperature")
-        data = {"threshold": self.ece_threshold, **{k: s[k] for k in keys if k in s}}
-        if kind == "underconfident" and self._cap is not None:
-            message += f" Expected: the module's label smoothing trains confidence to at most {self._cap:.3f}."
+        message, data = words.miscalibration(kind, s, self.ece_threshold, self._cap)
         self.emit(trainer, f"calibration.{kind}", message, data=data)
 
     def state_dict(self) -> dict[str, Any]:
@@ -280,40 +225,16 @@ class CalibrationMonitor(DebugCallback):
         self._over = int(state_dict.get("over", 0))
         self._under = int(state_dict.get("under", 0))
 
-    # -- media ----------------------------------------------------------------------------------------------
-    def _plot(self, trainer: pl.Trainer, result: dict[str, Tensor], s: dict[str, float]) -> None:
-        edges = result["bin_edges"].tolist()
-        counts = result["bin_count"].tolist()
-        accs = result["bin_accuracy"].tolist()
-        confs = result["bin_confidence"].tolist()
-        rows = [
-            [lo, hi, conf, acc, conf - acc, int(c)]
-            for lo, hi, c, acc, conf in zip(edges[:-1], edges[1:], counts, accs, confs, strict=True)
-            if c > 0
-        ]
-        sink = Sink(trainer)
-        sink.log_table(PREFIX + "reliability", ["bin_low", "bin_high", "confidence", "accuracy", "gap", "count"], rows)
-        epoch = trainer.current_epoch
-        centers = [(r[0] + r[1]) / 2 for r in rows]
-        sink.log_line_series(
-            PREFIX + "reliability_diagram",
-            [centers, centers, [0.0, 1.0]],
-            [[r[3] for r in rows], [r[2] for r in rows], [0.0, 1.0]],
-            ["accuracy", "mean confidence", "perfect calibration"],
-            title=f"Reliability diagram, epoch {epoch} (ECE {s['ece']:.3f})",
-            x_name="confidence bin",
-        )
-        total = max(sum(counts), 1.0)
-        sink.log_bar(
-            PREFIX + "confidence_histogram",
-            [f"{lo:.2f}-{hi:.2f}" for lo, hi in itertools.pairwise(edges)],
-            [c / total for c in counts],
-            label_name="confidence",
-            value_name="fraction",
-            title=f"Confidence histogram, epoch {epoch}",
-        )
-        sink.log_figure(  # with W&B the native charts above carry the same data: no matplotlib on the run's path
-            PREFIX + "reliability_figure",
-            lambda: media.reliability_figure(edges, counts, accs, confs, s, epoch),
-            with_wandb=False,
-        )
+
+def _validate(args: dict[str, Any]) -> None:
+    """``ValueError`` naming the argument for every misuse of the constructor."""
+    if not 0 < args["ece_threshold"] < 1:
+        raise ValueError(f"ece_threshold must be in (0, 1), got {args['ece_threshold']!r}")
+    lowest = {
+        "min_samples": 1, "z": 0, "patience": 1, "temperature_samples": 0, "plot_every_n_epochs": 0, "dataloader_idx": 0
+    }  # fmt: skip
+    for name, low in lowest.items():
+        if args[name] < low:
+            raise ValueError(f"{name} must be >= {low}, got {args[name]!r}")
+    if args["input_format"] not in ("auto", "logits", "probs"):
+        raise ValueError(f"input_format must be 'auto', 'logits' or 'probs', got {args['input_format']!r}")

@@ -16,11 +16,11 @@ import numpy as np
 from lightning.pytorch.trainer.states import TrainerFn
 
 from lightning_debug.base import DebugCallback
-from lightning_debug.rules.divergence import DivergenceVerdict, assess_divergence
+from lightning_debug.rules.divergence import DivergenceVerdict, assess_divergence, is_new_best, validate_arguments
 from lightning_debug.rules.persistence import streak
-from lightning_debug.signals import ChanceLevel, check_mode, metric_value, mode_sign
+from lightning_debug.signals import ChanceLevel, check_mode, metric_value
 from lightning_debug.sinks import Sink
-from lightning_debug.stats import MIN_TREND_POINTS, Trend
+from lightning_debug.wording import divergence as words
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -78,21 +78,7 @@ class LossMetricDivergence(DebugCallback):
     ) -> None:
         super().__init__(raise_errors=raise_errors, print_findings=print_findings, strict=strict, verbose=verbose)
         check_mode(mode)
-        if window < MIN_TREND_POINTS:
-            raise ValueError(
-                f"`window` must be at least {MIN_TREND_POINTS} validation checks (the minimum for a trend test "
-                f"to reach p < 0.01), got {window}"
-            )
-        if min_checks is not None and min_checks < 1:
-            raise ValueError(f"`min_checks` must be >= 1, got {min_checks}")
-        if persistence < 2:
-            raise ValueError(f"`persistence` must be >= 2 consecutive checks, got {persistence}")
-        if not min_rise >= 0:
-            raise ValueError(f"`min_rise` must be >= 0, got {min_rise}")
-        if not 0 <= max_metric_drop <= 1:
-            raise ValueError(f"`max_metric_drop` must be in [0, 1], got {max_metric_drop}")
-        if not 0.5 < confidence < 1:
-            raise ValueError(f"`confidence` must be in (0.5, 1), got {confidence}")
+        validate_arguments(window, min_checks, persistence, min_rise, max_metric_drop, confidence)
         self.metric = metric
         self.mode = mode
         self.loss = loss
@@ -153,7 +139,7 @@ class LossMetricDivergence(DebugCallback):
         self.checks += 1
         if np.isfinite(loss) and loss < self.loss_min:
             self.loss_min, self.loss_min_step = loss, step
-        if np.isfinite(metric) and not mode_sign(self.mode) * (self.metric_best - metric) >= 0:  # also the first NaN
+        if is_new_best(metric, self.metric_best, self.mode):
             self.metric_best = metric
         for name, v in (("loss", loss), ("metric", metric), ("train", train), ("step", step)):
             self.history[name] = [*self.history[name], float("nan") if v is None else float(v)][-self.window :]
@@ -176,73 +162,16 @@ class LossMetricDivergence(DebugCallback):
             "diverging": streak(self.streaks["diverging"], v.diverging),
             "overfitting": streak(self.streaks["overfitting"], v.overfitting),
         }
-        scalars = {
-            PREFIX + "loss_slope": v.loss.slope,
-            PREFIX + "loss_slope_low": v.loss.low,
-            PREFIX + "metric_slope": v.metric.slope,
-            PREFIX + "metric_slope_low": v.metric.low,
-            PREFIX + "metric_slope_high": v.metric.high,
-            PREFIX + "loss_rise": v.loss_rise,
-            PREFIX + "diverging": float(v.diverging),
-        }
-        if v.train is not None:
-            scalars[PREFIX + "train_loss_slope"] = v.train.slope
-        Sink(trainer).log_scalars(scalars)
+        Sink(trainer).log_scalars(words.scalars(PREFIX, v))
+        window = words.Window(
+            self.history, self.loss_min, self.loss_min_step, self.metric_best, self.chance.level, self.window
+        )
         if self.streaks["diverging"] >= self.persistence:
-            self._report_divergence(trainer, v)
+            message, evidence = words.divergence(v, window, self.loss, self.metric)
+            self.emit(trainer, "val.loss_metric_divergence", message, data=evidence, key=self.metric)
         if self.streaks["overfitting"] >= self.persistence and v.train is not None:
-            self._report_overfitting(trainer, v, v.train)
-
-    def _evidence(self, v: DivergenceVerdict) -> tuple[str, str, dict[str, Any]]:
-        """The window, the loss rise in words, and the data both findings carry."""
-        h = self.history
-        steps = (int(h["step"][0]), int(h["step"][-1]))
-        evidence = {
-            "loss_trend": v.loss.as_dict(),
-            "metric_trend": v.metric.as_dict(),
-            "loss_rise": v.loss_rise,
-            "loss_min": self.loss_min,
-            "loss_min_step": self.loss_min_step,
-            "metric_change": v.metric_change,
-            "metric_best": self.metric_best,
-            "metric_given_back": v.metric_given_back,
-            "metric_first": h["metric"][0],
-            "metric_last": h["metric"][-1],
-            "chance": self.chance.level,
-            "window": self.window,
-            "steps": list(steps),
-        }
-        span = f"over the last {self.window} validation checks (steps {steps[0]}-{steps[1]})"
-        rise = (
-            f"{self.loss} rose {v.loss_rise:.0%} above its minimum {self.loss_min:.4g} (step {self.loss_min_step}), "
-            f"slope {v.loss.slope:+.3g}/check (95% CI {v.loss.low:+.3g} to {v.loss.high:+.3g})"
-        )
-        return span, rise, evidence
-
-    def _report_divergence(self, trainer: pl.Trainer, v: DivergenceVerdict) -> None:
-        span, rise, evidence = self._evidence(v)
-        h = self.history
-        chance = "" if self.chance.level is None else f", above chance {self.chance.level:.3g}"
-        self.emit(
-            trainer,
-            "val.loss_metric_divergence",
-            f"{span}: {rise}, while {self.metric} held or improved "
-            f"({h['metric'][0]:.4g} -> {h['metric'][-1]:.4g}, slope {v.metric.slope:+.3g}/check{chance}). "
-            "The model is growing confident in its wrong answers; select and stop on the metric, not the loss.",
-            data=evidence,
-            key=self.metric,
-        )
-
-    def _report_overfitting(self, trainer: pl.Trainer, v: DivergenceVerdict, train: Trend) -> None:
-        span, rise, evidence = self._evidence(v)
-        self.emit(
-            trainer,
-            "val.overfitting",
-            f"{span}: {rise}, while {self.train_loss} kept falling "
-            f"(slope {train.slope:+.3g}/check, 95% CI {train.low:+.3g} to {train.high:+.3g}).",
-            data={**evidence, "train_loss_trend": train.as_dict()},
-            key=self.loss,
-        )
+            message, evidence = words.overfitting(v, v.train, window, self.loss, str(self.train_loss))
+            self.emit(trainer, "val.overfitting", message, data=evidence, key=self.loss)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -10,60 +10,31 @@ modes and ``self.log`` results are as before.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
 import time
-from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-import torch
-from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
-from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
-from lightning_utilities.core.apply_func import apply_to_collection
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 
+from lightning_debug import memorisation
 from lightning_debug.base import DebugCallback
 from lightning_debug.findings import Finding
 from lightning_debug.integrations.hf import is_causal_lm
 from lightning_debug.isolation import isolated, silenced_logging
 from lightning_debug.rules import loss as loss_rules
-from lightning_debug.rules.overfit import Memorisation, assess_memorisation, batch_floor, passes, reference_start
+from lightning_debug.rules.overfit import (
+    asks_why,
+    assess_memorisation,
+    memorisation_floor,
+    passes,
+    reference_start,
+    start_cost,
+)
 from lightning_debug.signals import context_targets, first_dataloader
+from lightning_debug.wording import overfit as words
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
-
-STALL_FINDINGS = ("loss.not_decreasing", "loss.plateau")  # with when="stall"/"auto", the findings that run the check
-START_BUDGET = 0.05  # with when="auto", run at start only if max_steps is at most this share of an epoch's steps
-
-
-@contextlib.contextmanager
-def _preserved_loader_rng(loader: DataLoader) -> Iterator[None]:
-    """Drawing a batch advances the loader's own generators (shuffling); put them back."""
-    candidates = [loader.generator, getattr(loader.sampler, "generator", None)]
-    batch_sampler = loader.batch_sampler
-    if batch_sampler is not None:
-        candidates.append(getattr(getattr(batch_sampler, "sampler", None), "generator", None))
-    generators = {id(g): g for g in candidates if isinstance(g, torch.Generator)}
-    states = {k: g.get_state() for k, g in generators.items()}
-    try:
-        yield
-    finally:
-        for k, g in generators.items():
-            g.set_state(states[k])
-
-
-def _is_stall(finding: Finding) -> bool:
-    """A loss finding that asks why: a stall, or a run that ended (or levelled off) far from its floor."""
-    return finding.check in STALL_FINDINGS or (
-        finding.check.startswith("loss.") and finding.data.get("stalled") is True
-    )
-
-
-def _first_batch(loader: DataLoader) -> Any:
-    with _preserved_loader_rng(loader):
-        return next(iter(loader))
 
 
 class OverfitBatchCheck(DebugCallback):
@@ -131,7 +102,6 @@ class OverfitBatchCheck(DebugCallback):
         self.abs_tol = abs_tol
         self.when = when
         self.done = False
-        self._classes: int | None = None  # the module's class count, for the probability-input signature
         self._at_first_batch = False  # a stream's test runs on its first real batch
         self._stream_batch: Any = None  # a stream's first real batch, on the CPU, for a deferred test
 
@@ -151,14 +121,13 @@ class OverfitBatchCheck(DebugCallback):
             self._at_first_batch = True
 
     def _deferred(self, trainer: pl.Trainer) -> bool:
-        """``when="auto"``: defer (and say so once, on resume too) when the test costs over the start budget."""
-        run_steps = trainer.max_steps if trainer.max_steps >= 0 else math.inf
-        epoch_steps = min(trainer.num_training_batches, run_steps)
-        share = self.max_steps / epoch_steps if epoch_steps > 0 else math.inf
-        if share <= START_BUDGET or not self.watched_on(trainer, "loss.plateau"):
+        """``when="auto"``: defer (and say so once, on resume too) when the test costs over the start budget
+        and a loss monitor is there to report a stall."""
+        cost = start_cost(self.max_steps, trainer.max_steps, trainer.num_training_batches)
+        if cost.affordable or not self.watched_on(trainer, "loss.plateau"):
             return False
         if trainer.global_rank == 0 and not self.has_finding("startup.overfit_deferred"):
-            self._defer(trainer, epoch_steps, share, "run" if run_steps < trainer.num_training_batches else "epoch")
+            self._emit(trainer, words.deferred(self.max_steps, cost))
         return True
 
     def on_first_train_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
@@ -167,17 +136,7 @@ class OverfitBatchCheck(DebugCallback):
         if self._at_first_batch:
             self._check(trainer, pl_module, trigger=None, batch=batch)
         elif trainer.global_rank == 0:
-            self._stream_batch = apply_to_collection(batch, torch.Tensor, lambda t: t.detach().to("cpu", copy=True))
-
-    def _defer(self, trainer: pl.Trainer, epoch_steps: float, share: float, span: str) -> None:
-        self.emit(
-            trainer,
-            "startup.overfit_deferred",
-            f"One-batch memorisation test deferred: up to {self.max_steps} steps on one batch would be {share:.0%} "
-            f"of a {epoch_steps:g}-step {span} (budget {START_BUDGET:.0%}). It runs if the training loss stalls "
-            f"({' or '.join(STALL_FINDINGS)}) or the run ends far from its floor.",
-            data={"max_steps": self.max_steps, "epoch_steps": epoch_steps, "share": share, "budget": START_BUDGET},
-        )
+            self._stream_batch = memorisation.on_cpu(batch)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._on_stall(trainer, pl_module)
@@ -188,7 +147,7 @@ class OverfitBatchCheck(DebugCallback):
 
     def _on_stall(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.when != "start" and not self.done:
-            trigger = next((f for f in self.findings_on(trainer) if _is_stall(f)), None)
+            trigger = next((f for f in self.findings_on(trainer) if asks_why(f.check, f.data)), None)
             if trigger is not None:
                 self._check(trainer, pl_module, trigger)
 
@@ -207,7 +166,7 @@ class OverfitBatchCheck(DebugCallback):
             )
             return
         loaders = trainer.train_dataloader
-        if loaders is None or not apply_to_collection(loaders, DataLoader, lambda _: True):
+        if not memorisation.is_loader_collection(loaders):
             self.skip(
                 trainer,
                 f"the train dataloader is not a DataLoader (or a collection of them): {type(loaders)}",
@@ -221,141 +180,36 @@ class OverfitBatchCheck(DebugCallback):
                 self.skip(trainer, "the stream's first batch was not kept, and a check never iterates a stream")
                 return
             elif batch is None:
-                batch = trainer.strategy.batch_to_device(apply_to_collection(loaders, DataLoader, _first_batch))
+                batch = trainer.strategy.batch_to_device(memorisation.first_batches(loaders))
             self._stream_batch = None
             self._run(trainer, pl_module, batch, trigger)
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, trigger: Finding | None) -> None:
+        """Train a copy on the batch (its ``self.log`` silenced), judge the curve, word and emit the verdict."""
         began = time.perf_counter()
-        floor = self._floor(pl_module, batch)
-        self._classes = loss_rules.output_classes(pl_module)
-        model = copy.deepcopy(pl_module)  # a deep copy drops the trainer reference...
-        model._trainer = trainer  # ...which training_step may read; its self.log is silenced below
-        TorchSyncBatchNorm().revert(model)  # converts the children in place: no collective calls in the copy
-        model.train()
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.dropout._DropoutNd):
-                m.eval()
-                m.p = 0.0  # attention kernels (HF SDPA) read `p` from the module whatever its mode
-        optimizers, _ = _init_optimizers_and_lr_schedulers(model)
-        optimizer = optimizers[0]
-        for group in optimizer.param_groups:  # a scheduler may have set a warm-up lr: train at the base lr
-            group["lr"] = group.get("initial_lr", group["lr"])
-        start = trigger.data.get("start") if trigger is not None else None  # the run's first loss, if known
-        with silenced_logging(model):
-            curve = self._memorise(trainer, model, optimizer, batch, floor.value, start)
-        if curve:
-            self._report(trainer, curve, floor, time.perf_counter() - began, trigger, start)
-        del model, optimizer
-
-    def _memorise(
-        self, trainer: pl.Trainer, model: Any, optimizer: Any, batch: Any, floor: float, start: float | None
-    ) -> list[float]:
-        """Up to ``max_steps`` steps on the batch; the loss before each (and after the last). Empty: no loss."""
-        clip = trainer.gradient_clip_val
-        curve: list[float] = []
-        for step in range(self.max_steps + 1):
-            optimizer.zero_grad(set_to_none=True)
-            out = model.training_step(batch, 0)
-            loss = out.get("loss") if isinstance(out, Mapping) else out
-            if not isinstance(loss, torch.Tensor):
-                self.skip(trainer, "training_step returned no loss tensor", key="loss")
-                return []
-            curve.append(float(loss.detach()))
-            done = passes(curve[-1], reference_start(curve[0], start), floor, self.rel_tol, self.abs_tol)
-            if not math.isfinite(curve[-1]) or done or step == self.max_steps:
-                break
-            loss.backward()
-            if clip and trainer.gradient_clip_algorithm == "value":
-                torch.nn.utils.clip_grad_value_(model.parameters(), float(clip))
-            elif clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), float(clip))
-            optimizer.step()
-        return curve
-
-    def _floor(self, pl_module: pl.LightningModule, batch: Any) -> loss_rules.Floor:
-        """The declared floor, else the batch's own (targets that share a context, label smoothing), else 0."""
         smoothing = loss_rules.declared_label_smoothing(pl_module)
-        floor = loss_rules.choose_floor(self.floor, smoothing)
         pairs = context_targets(batch, causal=is_causal_lm(pl_module)) if self.floor is None else None
-        if not pairs:
-            return floor
-        own = batch_floor(pairs, smoothing)
-        if own.shared == 0 or own.value <= floor.value:
-            return floor
-        return loss_rules.Floor(
-            own.value, f"this batch's own: {own.shared} of {own.targets} targets share their context with another"
-        )
+        floor = memorisation_floor(loss_rules.choose_floor(self.floor, smoothing), pairs, smoothing)
+        classes = loss_rules.output_classes(pl_module)
+        start = trigger.data.get("start") if trigger is not None else None  # the run's first loss, if known
+        model, optimizer = memorisation.trainable_copy(trainer, pl_module)
 
-    def _report(
-        self,
-        trainer: pl.Trainer,
-        curve: list[float],
-        floor: loss_rules.Floor,
-        seconds: float,
-        trigger: Finding | None,
-        start: float | None,
-    ) -> None:
-        m = assess_memorisation(curve, floor.value, self.rel_tol, self.abs_tol, self._classes, start)
-        steps = len(curve) - 1
-        model = "A copy of the model" if trigger is None else f"A copy of the model at step {trainer.global_step}"
-        first = reference_start(curve[0], start)
-        why = (
-            f" (run because of {trigger.check}; progress measured from the run's start {first:.4g})"
-            if trigger is not None
-            else ""
-        )
-        finite = all(map(math.isfinite, curve))
-        data = {
-            "trigger": trigger.check if trigger else None, "start": first, "steps": steps,
-            "max_steps": self.max_steps, "seconds": seconds,
-            "first_loss": curve[0], "final_loss": curve[-1], "best_loss": min(curve) if finite else math.nan,
-            "floor": floor.value, "floor_source": floor.source, "rel_tol": self.rel_tol, "abs_tol": self.abs_tol,
-            "curve": curve, "target": m.target, "closed": m.closed, "status": m.status,
-        }  # fmt: skip
-        change = f"loss {curve[0]:.4g} -> {curve[-1]:.4g}"
-        if m.status in ("passed", "mostly"):
-            how = "memorised one batch" if m.status == "passed" else f"closed {m.closed:.0%} of the gap on one batch"
-            message = f"{model} {how}: {change} in {steps} steps (floor {floor.describe()}; {seconds:.2f} s){why}."
-            self.emit(trainer, "startup.overfit_ok", message, data=data)
-        elif m.status == "floor_high":
-            self._report_floor_high(trainer, m, f"{model} {change} in {steps} steps{why}", floor, data)
-        else:
-            slow = m.status == "slow"
-            self.emit(
-                trainer,
-                "startup.cannot_overfit",
-                f"{model} could not memorise one batch{why}: {change} after {steps} steps, {m.closed:.0%} of the "
-                f"way to the floor {floor.describe()} (needed <= {m.target:.4g})"
-                + ("; it learns, but slowly: raise the learning rate or `max_steps`" if slow else "")
-                + f". Check took {seconds:.2f} s.",
-                data=data,
-                severity="warning" if slow else None,
-            )
+        def passed(curve: list[float]) -> bool:
+            return passes(curve[-1], reference_start(curve[0], start), floor.value, self.rel_tol, self.abs_tol)
 
-    def _report_floor_high(
-        self, trainer: pl.Trainer, m: Memorisation, what: str, floor: loss_rules.Floor, data: dict[str, Any]
-    ) -> None:
-        """The curve learned, then levelled off far above the floor: the model cannot become confident. A warning
-        when the level is the signature of probabilities fed to cross-entropy; else info, since label smoothing
-        written into the loss call, soft targets or a data entropy the checks cannot see level off the same way."""
-        c = m.probability_classes
-        signature = (
-            f" {m.level:.4g} is just above log(1 + (C-1)/e) = {loss_rules.probability_input_floor(c):.4g} for "
-            f"C = {c}: the floor of {c}-class cross-entropy fed probabilities instead of logits."
-            if c is not None
-            else ""
-        )
-        unknown = "" if c is not None else " Or the loss has a floor the checks do not know (set `floor`)."
-        self.emit(
-            trainer,
-            "loss.floor_high",
-            f"{what}: it levelled off at {m.level:.4g}, {1 - m.closed:.0%} of the way from the floor "
-            f"{floor.describe()} to where it started: the model cannot become confident on one batch."
-            f"{signature}{unknown}",
-            data={**data, "level": m.level, "probability_classes": c},
-            severity="warning" if c is not None else None,
-        )
+        with silenced_logging(model):
+            curve = memorisation.memorise(trainer, model, optimizer, batch, self.max_steps, passed)
+        del model, optimizer
+        if curve is None:
+            self.skip(trainer, "training_step returned no loss tensor", key="loss")
+            return
+        m = assess_memorisation(curve, floor.value, self.rel_tol, self.abs_tol, classes, start)
+        settings = {"max_steps": self.max_steps, "rel_tol": self.rel_tol, "abs_tol": self.abs_tol}
+        first, seconds = reference_start(curve[0], start), time.perf_counter() - began
+        self._emit(trainer, words.memorisation(m, curve, floor, first, seconds, trigger, trainer.global_step, settings))
+
+    def _emit(self, trainer: pl.Trainer, worded: words.Worded) -> None:
+        self.emit(trainer, worded.check, worded.message, data=worded.data, severity=worded.severity)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "done": self.done}

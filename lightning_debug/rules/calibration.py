@@ -51,3 +51,21 @@ def label_smoothing_cap(smoothing: tuple[int, float] | None) -> float | None:
         return None
     classes, eps = smoothing
     return 1 - eps + eps / classes
+
+
+def due(v: CalibrationVerdict, over: int, under: int, patience: int, standalone: bool) -> list[str]:
+    """The directions to report now, given the streaks ``over`` / ``under`` that include this evaluation:
+    overconfidence once it persists for ``patience`` evaluations; underconfidence only outside fitting
+    (``standalone``: ``trainer.validate``), since every run starts underconfident (accuracy rises before
+    confidence does): a fit reports it at its end (:func:`underconfident_at_end`). Both at once standalone."""
+    kinds = []
+    if v.overconfident and (over >= patience or standalone):
+        kinds.append("overconfident")
+    if v.underconfident and standalone:
+        kinds.append("underconfident")
+    return kinds
+
+
+def underconfident_at_end(under: int, patience: int) -> bool:
+    """A fit that ends underconfident for ``patience`` evaluations (short of training, or regularised)."""
+    return under >= patience

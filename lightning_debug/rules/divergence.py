@@ -81,3 +81,29 @@ def assess_divergence(
         diverging=loss_up and sign * mt.slope >= 0 and given_back <= max_metric_drop and above,
         overfitting=loss_up and tt is not None and tt.falling,
     )
+
+
+def validate_arguments(
+    window: int, min_checks: int | None, persistence: int, min_rise: float, max_metric_drop: float, confidence: float
+) -> None:
+    """``ValueError`` naming the argument for a window, persistence or threshold the rule cannot work with."""
+    if window < MIN_TREND_POINTS:
+        raise ValueError(
+            f"`window` must be at least {MIN_TREND_POINTS} validation checks (the minimum for a trend test "
+            f"to reach p < 0.01), got {window}"
+        )
+    if min_checks is not None and min_checks < 1:
+        raise ValueError(f"`min_checks` must be >= 1, got {min_checks}")
+    if persistence < 2:
+        raise ValueError(f"`persistence` must be >= 2 consecutive checks, got {persistence}")
+    if not min_rise >= 0:
+        raise ValueError(f"`min_rise` must be >= 0, got {min_rise}")
+    if not 0 <= max_metric_drop <= 1:
+        raise ValueError(f"`max_metric_drop` must be in [0, 1], got {max_metric_drop}")
+    if not 0.5 < confidence < 1:
+        raise ValueError(f"`confidence` must be in (0.5, 1), got {confidence}")
+
+
+def is_new_best(metric: float, best: float, mode: str) -> bool:
+    """A finite ``metric`` better than ``best`` in ``mode`` (a NaN ``best``: none yet, so any finite one)."""
+    return bool(np.isfinite(metric)) and not mode_sign(mode) * (best - metric) >= 0

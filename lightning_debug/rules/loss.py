@@ -18,6 +18,7 @@ order) and spiky. So no decision rests on one bin or on an extreme of many noisy
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,10 @@ JUMP_STEPS = 10  # a jump's level is the median over at least this many steps, a
 REFERENCE_STEPS = 50  # a reference level is the median over at least this many steps
 SPREAD_Z = 5.0  # a jump must clear this many times the run's spread (of a level)
 LEVELLED_OFF = 0.5  # a plateau falls at most this fraction of its average rate since the start (else: just slow)
+ANNEALED = 0.5  # a schedule that took the learning rate below this fraction of its peak explains a flat loss
+WARMING = 1.01  # a learning rate this many times the previous check's is still warming up
+LEARNED = 0.75  # train ~= val counts as a floor only below this fraction of the first loss
+RESERVED_COMPONENTS = ("smoothed", "slope")  # logged keys of the monitor: no component may take their names
 
 VERDICTS = ("none", "diverging", "not_decreasing", "plateau", "converged", "still_decreasing")
 NONE, DIVERGING, NOT_DECREASING, PLATEAU, CONVERGED, STILL_DECREASING = range(len(VERDICTS))
@@ -77,6 +82,31 @@ def schedule_for(
         warmup = int(min(200, max(MIN_VERDICT_BATCHES, planned * warmup_fraction))) if known else 200
     stuck_after = int(min(STUCK_AFTER_MAX, max(warmup, planned / 2))) if known else warmup
     return Schedule(bin_steps=bin_steps, check_every=check_every, warmup=warmup, stuck_after=stuck_after)
+
+
+def validate_arguments(
+    floor: float | None,
+    every: int | None,
+    window: int | None,
+    warmup: int | None,
+    diverge_factor: float,
+    components: Mapping[str, str] | None,
+) -> None:
+    """``ValueError`` naming the argument for a misuse of the schedule or the floor (:class:`LossRules`
+    checks the thresholds)."""
+    if floor is not None and not math.isfinite(floor):
+        raise ValueError(f"`floor` must be finite or None, got {floor}")
+    if every is not None and every < 10:
+        raise ValueError(f"`check_every_n_steps` must be None or >= 10, got {every}")
+    if window is not None and window < 2 * (every or 20):
+        raise ValueError(f"`window` must be None or >= 2 * check_every_n_steps, got {window}")
+    if warmup is not None and warmup < 0:
+        raise ValueError(f"`warmup_steps` must be None or >= 0, got {warmup}")
+    if diverge_factor <= 1:
+        raise ValueError(f"`diverge_factor` must be > 1, got {diverge_factor}")
+    for name in components or {}:
+        if name in RESERVED_COMPONENTS:
+            raise ValueError(f"`components` name {name!r} is reserved; pick another name")
 
 
 # ---------------------------------------------------------------------------------------------- floors
@@ -141,6 +171,23 @@ def choose_floor(
         train, val = train_val
         candidates.append(Floor(min(train, val), f"train ~= validation loss ({train:.4g} vs {val:.4g})"))
     return max(candidates, key=lambda f: f.value)
+
+
+def evidence_floor(
+    declared: float | None,
+    smoothing: tuple[int, float] | None,
+    memorised: float | None,
+    bins: np.ndarray,
+    start: float | None,
+    val_level: float = math.nan,
+) -> Floor:
+    """:func:`choose_floor` from a run's finite bins; with ``val_level`` (asked only of a flat loss), also where
+    train ~= validation, which is the data's floor only once the model learned something (else: stuck at
+    chance, below ``LEARNED`` of the start)."""
+    level = float(level_of(bins)) if len(bins) else math.nan
+    first = start if start is not None else math.nan
+    agree = level <= LEARNED * first and agrees(level, val_level, first)
+    return choose_floor(declared, smoothing, memorised, (level, val_level) if agree else None)
 
 
 def agrees(train: float, val: float, start: float, tolerance: float = 0.05) -> bool:
@@ -366,6 +413,16 @@ class LossRules:
     confidence: float = 0.95
     plateau_checks: int = 2
 
+    def __post_init__(self) -> None:
+        """``ValueError`` naming the threshold: every fraction in (0, 1), converged below plateau."""
+        for name in ("min_drop", "min_progress", "plateau_level", "converged_level", "diverge_margin", "confidence"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be in (0, 1), got {getattr(self, name)}")
+        if self.converged_level >= self.plateau_level:
+            raise ValueError(
+                f"`converged_level` ({self.converged_level}) must be below `plateau_level` ({self.plateau_level})"
+            )
+
 
 @dataclass(frozen=True)
 class LossVerdicts:
@@ -402,7 +459,7 @@ def assess_loss_batch(
     span: float,
     *,
     rules: LossRules = LossRules(),
-    judging: bool = True,
+    judging: np.ndarray | bool = True,
     final: bool = False,
     plateau_checks: np.ndarray | int = 0,
     excused: np.ndarray | bool = False,
@@ -463,3 +520,93 @@ def assess_loss_batch(
         plateau_checks=streak,
         far=far,
     )
+
+
+# ---------------------------------------------------------------------------------------------- a check
+def trend_window(
+    bins: np.ndarray, xs: np.ndarray, batches: int, span: float, final: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The bins the trend is fitted over: those of the last ``span`` batches, re-binned; at the end of a run
+    too short for that, the whole run's. ``bins`` (..., m) finite, ``xs`` (m,) their centres."""
+    keep = xs >= batches - span
+    window, window_xs = rebin(bins[..., keep], xs[keep])
+    if final and window.shape[-1] < MIN_TREND_POINTS:
+        window, window_xs = rebin(bins, xs)
+    return window, window_xs
+
+
+def assess_check(
+    bins: np.ndarray,
+    xs: np.ndarray,
+    start: np.ndarray | float,
+    floor: np.ndarray | float,
+    batches: int,
+    span: float,
+    *,
+    schedule: Schedule,
+    rules: LossRules = LossRules(),
+    final: bool = False,
+    warming: np.ndarray | bool = False,
+    excused: np.ndarray | bool = False,
+    plateau_checks: np.ndarray | int = 0,
+) -> LossVerdicts | None:
+    """The trend verdict at one check of the monitor, over the finite bins (..., m) seen so far: ``None`` when
+    the window is too short to fit a trend, or at the end of a run too short for a verdict. It judges past
+    the warm-up while the learning rate is not ``warming`` (:func:`warming_up`), and at the end."""
+    window, window_xs = trend_window(bins, xs, batches, span, final)
+    if window.shape[-1] < MIN_TREND_POINTS or (final and batches < MIN_VERDICT_BATCHES):
+        return None
+    return assess_loss_batch(
+        window, window_xs, level_of(bins), start, floor, batches, span, rules=rules,
+        judging=final | ((batches >= schedule.warmup) & ~np.asarray(warming)), final=final,
+        plateau_checks=plateau_checks, excused=excused, noise=spread(bins), patient=batches >= schedule.stuck_after,
+    )  # fmt: skip
+
+
+def warming_up(lr: np.ndarray | float, before: np.ndarray | float) -> np.ndarray | bool:
+    """The learning rate rose since the previous check: a schedule still warming up (no verdict yet)."""
+    return np.asarray(lr) > WARMING * np.asarray(before)
+
+
+def annealed(lr: np.ndarray | float, peak: np.ndarray | float) -> np.ndarray | bool:
+    """The schedule took the learning rate well below its peak: that explains a flat loss (no plateau)."""
+    return np.asarray(lr) < ANNEALED * np.asarray(peak)
+
+
+def falls_meaningfully(values: np.ndarray, xs: np.ndarray, batches: int, rules: LossRules = LossRules()) -> bool:
+    """A loss component whose trend still falls significantly, by at least ``min_progress`` of its level over
+    a run as long again: it carries the progress, so a flat total is no plateau (regularisation keeps it up)."""
+    if len(values) < MIN_TREND_POINTS:
+        return False
+    high, gap = float(trend(values, xs, rules.confidence).high), float(level_of(values))
+    return high < 0 and gap > 0 and -high * batches >= rules.min_progress * gap
+
+
+def plateau_excused(
+    lr: float | None,
+    peak_lr: float,
+    components: list[tuple[np.ndarray, np.ndarray]],
+    batches: int,
+    rules: LossRules = LossRules(),
+) -> bool:
+    """A flat total is explained: the schedule annealed the learning rate, or a component (its finite bins
+    and centres over the trend window) still falls meaningfully."""
+    if lr is not None and annealed(lr, peak_lr):
+        return True
+    return any(falls_meaningfully(*rebin(values, xs), batches, rules) for values, xs in components)
+
+
+def first_nonfinite(values: np.ndarray, fresh: int = 0) -> list[tuple[int, int]]:
+    """``(series, row)`` of the first NaN/Inf of each column of ``values`` (rows, series) from row ``fresh``."""
+    finite = np.isfinite(values[fresh:])
+    return [(j, fresh + int(np.argmin(finite[:, j]))) for j in range(values.shape[1]) if not finite[:, j].all()]
+
+
+def stalled(code: int, far: bool, floor: float, start: float, rules: LossRules = LossRules()) -> bool:
+    """A verdict that asks why (the one-batch test runs on it): far from the floor, and for a loss that
+    converged, a floor far above 0 (train ~= validation: can the model fit at all?). A rise is no stall."""
+    if code == DIVERGING:
+        return False
+    if code == CONVERGED:
+        return floor > rules.plateau_level * start
+    return bool(far)

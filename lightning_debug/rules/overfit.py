@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from lightning_debug.rules.loss import classes_of_probability_floor
+from lightning_debug.rules.loss import Floor, classes_of_probability_floor
 
 SLOW_BUT_LEARNING = 0.25  # a failed check that closed at least this much of the gap learns, if slowly
 MOSTLY_MEMORISED = 0.75  # ...and this much is a pass: a healthy small transformer gets ~90% of the way in 100 steps
@@ -101,3 +102,47 @@ def batch_floor(pairs: Iterable[tuple[Hashable, int]], smoothing: tuple[int, flo
             entropy -= (classes - len(counts)) * off * math.log(off)
         loss += n * entropy
     return BatchFloor(loss / total if total else 0.0, shared, total)
+
+
+STALL_FINDINGS = ("loss.not_decreasing", "loss.plateau")  # with when="stall"/"auto", the findings that run the test
+START_BUDGET = 0.05  # with when="auto", run at start only if max_steps is at most this share of an epoch's steps
+
+
+def asks_why(check: str, data: Mapping[str, Any]) -> bool:
+    """A loss finding that runs a deferred test: a stall, or a run that ended (or levelled off) far from its
+    floor (its data says ``stalled``)."""
+    return check in STALL_FINDINGS or (check.startswith("loss.") and data.get("stalled") is True)
+
+
+@dataclass(frozen=True)
+class StartCost:
+    """What the test costs at the start: ``share`` of the ``steps`` of the first ``span`` (epoch, or run)."""
+
+    steps: float
+    share: float
+    span: str
+
+    @property
+    def affordable(self) -> bool:
+        return self.share <= START_BUDGET
+
+
+def start_cost(max_steps: int, run_steps: int, epoch_batches: float) -> StartCost:
+    """The test's ``max_steps`` against the first epoch (or the whole run, if shorter: ``run_steps`` < 0 is
+    unbounded)."""
+    run = run_steps if run_steps >= 0 else math.inf
+    steps = min(epoch_batches, run)
+    share = max_steps / steps if steps > 0 else math.inf
+    return StartCost(steps, share, "run" if run < epoch_batches else "epoch")
+
+
+def memorisation_floor(
+    floor: Floor, pairs: Iterable[tuple[Hashable, int]] | None, smoothing: tuple[int, float] | None
+) -> Floor:
+    """The evidence ``floor``, raised to the batch's own where targets share their context (:func:`batch_floor`)."""
+    if not pairs:
+        return floor
+    own = batch_floor(pairs, smoothing)
+    if own.shared == 0 or own.value <= floor.value:
+        return floor
+    return Floor(own.value, f"this batch's own: {own.shared} of {own.targets} targets share their context with another")

@@ -138,7 +138,8 @@ class Replay:
 
 def replay(curves: Curves, rules: R.LossRules | None = None) -> Replay:
     """Run the monitor's decisions over the curves as ``LossConvergenceMonitor`` does: the jump rule on new bins
-    at every probe and check, the trend verdict at every check and at the end (``n`` = the planned length)."""
+    at every probe and check, the check's trend verdict (:func:`R.assess_check`, the monitor's own) at every
+    check and at the end (``n`` = the planned length)."""
     rules = rules or R.LossRules()
     values = curves.values
     n_curves, n = values.shape
@@ -165,21 +166,13 @@ def replay(curves: Curves, rules: R.LossRules | None = None) -> Replay:
             fired_codes = np.where(jump.fired.any(axis=1), R.DIVERGING, fired_codes)
             seen_bins = m
         if is_check:
-            final = batches == n
-            span = batches / 2
-            keep = xs[:m] >= batches - span
-            window, wxs = R.rebin(bins[:, :m][:, keep], xs[:m][keep])
-            if final and window.shape[1] < R.MIN_TREND_POINTS:  # as the monitor: a short run's whole curve
-                window, wxs = R.rebin(bins[:, :m], xs[:m])
-            if window.shape[1] >= R.MIN_TREND_POINTS:
-                lr_now, lr_before = curves.lr[:, batches - 1], curves.lr[:, max(0, batches - sched.check_every - 1)]
-                warming = lr_now > lr_before * 1.01
-                judging = (final or batches >= sched.warmup) & (final | ~warming)
-                v = R.assess_loss_batch(
-                    window, wxs, R.level_of(bins[:, :m]), start, curves.floor, batches, span,
-                    rules=rules, judging=judging, final=final, plateau_checks=streak, excused=lr_now < 0.5 * peak,
-                    noise=R.spread(bins[:, :m]), patient=batches >= sched.stuck_after,
-                )  # fmt: skip
+            lr_now, lr_before = curves.lr[:, batches - 1], curves.lr[:, max(0, batches - sched.check_every - 1)]
+            v = R.assess_check(
+                bins[:, :m], xs[:m], start, curves.floor, batches, batches / 2, schedule=sched, rules=rules,
+                final=batches == n, warming=R.warming_up(lr_now, lr_before), excused=R.annealed(lr_now, peak),
+                plateau_checks=streak,
+            )  # fmt: skip
+            if v is not None:
                 streak = v.plateau_checks
                 fired_codes = np.where(fired_codes == R.NONE, v.code, fired_codes)
         codes[np.arange(n_curves), fired_codes] = True

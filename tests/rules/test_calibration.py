@@ -50,3 +50,16 @@ def test_label_smoothing_cap_is_the_smoothed_target_on_the_label():
 
     assert label_smoothing_cap(None) is None
     assert math.isclose(label_smoothing_cap((10, 0.1)), 0.91)
+
+
+def test_overconfidence_is_due_once_it_persists_underconfidence_only_standalone():
+    from lightning_debug.rules.calibration import CalibrationVerdict, due, underconfident_at_end
+
+    over = CalibrationVerdict(miscalibrated=True, overconfident=True, underconfident=False)
+    under = CalibrationVerdict(miscalibrated=True, overconfident=False, underconfident=True)
+    assert due(over, 1, 0, patience=2, standalone=False) == []
+    assert due(over, 2, 0, patience=2, standalone=False) == ["overconfident"]
+    assert due(over, 1, 0, patience=2, standalone=True) == ["overconfident"]
+    assert due(under, 0, 5, patience=2, standalone=False) == [], "every run starts underconfident"
+    assert due(under, 0, 1, patience=2, standalone=True) == ["underconfident"]
+    assert underconfident_at_end(2, 2) and not underconfident_at_end(1, 2)

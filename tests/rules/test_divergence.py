@@ -94,3 +94,20 @@ def test_false_alarm_rate_on_flat_autocorrelated_series(rho, max_rate):
         naive += naive_fired
     assert alarms / runs <= max_rate, f"false-alarm rate {alarms / runs:.3f} (i.i.d. interval: {naive / runs:.3f})"
     assert naive >= 2 * alarms, (naive, alarms)
+
+
+def test_a_new_best_metric_follows_the_mode_and_the_first_finite_value_counts():
+    from lightning_debug.rules.divergence import is_new_best
+
+    assert is_new_best(0.9, float("nan"), "max") and is_new_best(0.95, 0.9, "max") and not is_new_best(0.8, 0.9, "max")
+    assert is_new_best(0.3, 0.4, "min") and not is_new_best(float("nan"), 0.4, "min")
+
+
+def test_arguments_the_rule_cannot_work_with_are_named():
+    from lightning_debug.rules.divergence import validate_arguments
+
+    with pytest.raises(ValueError, match="at least 6"):
+        validate_arguments(5, None, 3, 0.03, 0.1, 0.95)
+    with pytest.raises(ValueError, match="`persistence`"):
+        validate_arguments(15, None, 1, 0.03, 0.1, 0.95)
+    validate_arguments(15, None, 3, 0.03, 0.1, 0.95)

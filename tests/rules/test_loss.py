@@ -185,3 +185,88 @@ def test_a_slow_significant_fall_is_not_stuck_mid_run():
     kwargs = dict(level=float(window[-1]), start=0.693, floor=0.0, batches=84, span=84)
     assert int(assess_loss_batch(window, xs, **kwargs).code) != NOT_DECREASING
     assert int(assess_loss_batch(window, xs, final=True, **kwargs).code) == NOT_DECREASING
+
+
+# ---------------------------------------------------------------------------------------------- one check
+def _flat(n_bins: int, level: float = 2.3, noise: float = 0.01, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return level + rng.normal(0, noise, n_bins), np.arange(n_bins) * 10 + 5.5
+
+
+def test_a_check_needs_enough_bins_and_a_long_enough_run():
+    schedule = R.schedule_for(1000)
+    bins, xs = _flat(4)
+    assert R.assess_check(bins, xs, 2.3, 0.0, 40, 20, schedule=schedule) is None, "too few bins for a trend"
+    bins, xs = _flat(3)
+    short = R.schedule_for(25)
+    assert R.assess_check(bins, xs, 2.3, 0.0, 25, 12.5, schedule=short, final=True) is None, "under 30 batches"
+
+
+def test_a_flat_run_is_stuck_past_the_warmup_but_not_while_the_rate_warms_up():
+    schedule = R.schedule_for(1000)
+    bins, xs = _flat(60)
+    stuck = R.assess_check(bins, xs, 2.3, 0.0, 600, 300, schedule=schedule)
+    assert stuck is not None and int(stuck.code) == R.NOT_DECREASING, stuck
+    warming = R.assess_check(bins, xs, 2.3, 0.0, 600, 300, schedule=schedule, warming=True)
+    assert warming is not None and int(warming.code) == R.NONE
+    final = R.assess_check(bins, xs, 2.3, 0.0, 600, 300, schedule=schedule, warming=True, final=True)
+    assert final is not None and int(final.code) == R.NOT_DECREASING, "the end judges whatever the rate does"
+
+
+def test_the_trend_window_is_the_last_span_and_the_whole_run_at_a_short_end():
+    bins, xs = _flat(20)
+    window, wxs = R.trend_window(bins, xs, 200, 100, final=False)
+    assert wxs.min() >= 100 and len(window) == 10
+    bins, xs = _flat(8)
+    window, _ = R.trend_window(bins, xs, 80, 20, final=True)
+    assert len(window) == 8, "too short a window at the end: the whole run"
+
+
+def test_learning_rate_guards():
+    assert R.warming_up(2e-3, 1e-3) and not R.warming_up(1e-3, 1e-3)
+    assert R.annealed(1e-4, 1e-3) and not R.annealed(8e-4, 1e-3)
+    assert R.plateau_excused(1e-4, 1e-3, [], 500)
+    assert not R.plateau_excused(None, 1e-3, [], 500)
+
+
+def test_a_falling_component_excuses_a_flat_total():
+    xs = np.arange(30) * 10 + 5.5
+    falling = 2.0 - 0.002 * xs
+    assert R.falls_meaningfully(falling, xs, 300)
+    assert R.plateau_excused(1e-3, 1e-3, [(falling, xs)], 300)
+    flat, _ = _flat(30, level=2.0)
+    assert not R.falls_meaningfully(flat, xs, 300)
+    assert not R.falls_meaningfully(falling[:5], xs[:5], 300), "too few points for a trend"
+
+
+def test_first_nonfinite_per_series_from_the_fresh_rows():
+    values = np.array([[1.0, np.nan], [np.inf, 2.0], [np.nan, np.nan]])
+    assert R.first_nonfinite(values) == [(0, 1), (1, 0)]
+    assert R.first_nonfinite(values, fresh=1) == [(0, 1), (1, 2)]
+    assert R.first_nonfinite(np.ones((3, 2))) == []
+
+
+def test_stalled_verdicts_ask_why():
+    assert not R.stalled(R.DIVERGING, True, 0.0, 2.3), "a rise is no stall"
+    assert R.stalled(R.PLATEAU, True, 0.0, 2.3) and not R.stalled(R.STILL_DECREASING, False, 0.0, 2.3)
+    assert R.stalled(R.CONVERGED, False, 1.0, 2.3), "converged at a floor far above 0: can the model fit?"
+    assert not R.stalled(R.CONVERGED, False, 0.1, 2.3)
+
+
+def test_train_equal_to_validation_is_a_floor_only_once_the_model_learned():
+    learned = np.full(10, 1.0)
+    floor = R.evidence_floor(None, None, None, learned, 2.3, val_level=1.02)
+    assert floor.value == 1.0 and "train ~= validation" in floor.source, floor
+    assert R.evidence_floor(None, None, None, learned, 2.3).value == 0.0, "no validation loss: no such floor"
+    chance = np.full(10, 2.29)
+    assert R.evidence_floor(None, None, None, chance, 2.3, val_level=2.3).value == 0.0, "stuck at chance"
+    assert R.evidence_floor(0.4, None, None, learned, 2.3, val_level=1.0).source == "set by `floor`"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [({"min_drop": 0}, "min_drop"), ({"confidence": 1.0}, "confidence"), ({"converged_level": 0.5}, "converged_level")],
+)
+def test_thresholds_are_validated(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        R.LossRules(**kwargs)

@@ -72,3 +72,33 @@ def test_a_deferred_test_measures_progress_from_the_runs_start():
     stuck = assess_memorisation([2.36] * 101, 0.0, 0.05, 0.02, start=2.362)  # detached logits: nothing moves
     assert stuck.status == "stuck", stuck
     assert assess_memorisation(curve, 0.0, 0.05, 0.02, start=float("nan")).status == "stuck"  # unknown start
+
+
+def test_stall_findings_and_stalled_loss_findings_run_a_deferred_test():
+    from lightning_debug.rules.overfit import asks_why
+
+    assert asks_why("loss.plateau", {}) and asks_why("loss.not_decreasing", {})
+    assert asks_why("loss.still_decreasing", {"stalled": True})
+    assert not asks_why("loss.converged", {"stalled": False}) and not asks_why("grad.vanishing", {"stalled": True})
+
+
+def test_start_cost_against_an_epoch_or_a_shorter_run():
+    from lightning_debug.rules.overfit import start_cost
+
+    epoch = start_cost(100, -1, 3000)
+    assert (epoch.steps, epoch.span, epoch.affordable) == (3000, "epoch", True), epoch
+    run = start_cost(100, 200, 3000)
+    assert (run.steps, run.span, run.affordable) == (200, "run", False) and run.share == 0.5, run
+    assert start_cost(100, -1, 0).share == math.inf
+
+
+def test_memorisation_floor_keeps_the_stronger_evidence():
+    from lightning_debug.rules.loss import Floor
+    from lightning_debug.rules.overfit import memorisation_floor
+
+    zero = Floor(0.0, "a likelihood's best")
+    shared = [("a", 1), ("a", 2), ("b", 0), ("c", 1)]
+    own = memorisation_floor(zero, shared, None)
+    assert own.value == pytest.approx(math.log(2) / 2) and "2 of 4 targets" in own.source, own
+    assert memorisation_floor(zero, None, None) is zero and memorisation_floor(zero, [("a", 1)], None) is zero
+    assert memorisation_floor(Floor(1.0, "set by `floor`"), shared, None).value == 1.0
