@@ -63,3 +63,25 @@ def test_robust_scale_measures_step_noise_not_the_trend():
     y = np.linspace(10, 0, 400) + rng.normal(0, 0.5, 400)
     assert robust_scale(y) == pytest.approx(0.5, rel=0.15)
     assert robust_scale([1.0]) == 0.0
+
+
+def test_trend_gives_scipys_numbers_exactly():
+    """The direct computations are the same numbers as ``scipy.stats`` (bitwise), ties and gaps in x included."""
+    from scipy import stats as sp
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n = int(rng.integers(3, 40))
+        y = np.round(rng.normal(size=n).cumsum(), 1 if trial % 2 else 6)
+        x = np.sort(rng.choice(np.arange(100.0), size=n, replace=trial % 3 == 0))
+        if np.ptp(x) == 0:
+            continue
+        got, ref = trend(y, x), sp.theilslopes(y, x, alpha=0.95)
+        assert (got.slope, got.intercept, got.low, got.high) == (
+            ref.slope, ref.intercept, ref.low_slope, ref.high_slope
+        ), trial  # fmt: skip
+        if np.ptp(y) > 0:
+            kt = sp.kendalltau(x, y)
+            assert (got.tau, got.p_value) == (kt.statistic, kt.pvalue), trial
+        d = np.diff(y)
+        assert robust_scale(y) == sp.median_abs_deviation(d, scale="normal") / np.sqrt(2), trial
