@@ -188,6 +188,13 @@ class DebugCallback(LeanCallback):
         )
 
     # -- what the other debug callbacks found --------------------------------------------------------------
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Send the scalars the sink holds back (a subclass that overrides this calls ``super()``)."""
+        Sink(trainer).flush()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        Sink(trainer).flush()
+
     def on_finding(self, trainer: pl.Trainer, finding: Finding) -> None:
         """Called when another debug callback on ``trainer`` emits ``finding`` (new or repeated). Override it."""
 

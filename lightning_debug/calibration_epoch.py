@@ -20,16 +20,18 @@ from lightning_debug.sinks import Sink
 SCALARS = ("ece", "mce", "rms_ce", "adaptive_ece", "brier", "nll", "gap", "accuracy", "confidence", "count")
 
 
-def epoch_scalars(
-    result: dict[str, Tensor], sample: LogitSample, all_gather: Callable[[Tensor], Any] | None
-) -> dict[str, float]:
-    """The epoch's statistics as host floats (one transfer), and a temperature fitted on ``sample`` when it
-    kept logits: one for the whole validation set, the same on every rank (``all_gather`` under DDP)."""
+def epoch_scalars(result: dict[str, Tensor]) -> dict[str, float]:
+    """The epoch's statistics as host floats (one transfer)."""
     scalars = dict(zip(SCALARS, torch.stack([result[k] for k in SCALARS]).tolist(), strict=True))
     scalars["gap_se"] = float(result["gap_se"])
-    if sample.parts:
-        scalars["temperature"] = sample.temperature(all_gather)
     return scalars
+
+
+def add_temperature(scalars: dict[str, float], sample: LogitSample, all_gather: Callable[[Tensor], Any] | None) -> None:
+    """A temperature fitted on ``sample`` when it kept logits: one for the whole validation set, the same on
+    every rank (``all_gather`` under DDP)."""
+    if sample.parts and "temperature" not in scalars:
+        scalars["temperature"] = sample.temperature(all_gather)
 
 
 def log_reliability(sink: Sink, prefix: str, result: dict[str, Tensor], s: dict[str, float], epoch: int) -> None:

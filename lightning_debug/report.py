@@ -81,6 +81,7 @@ class DebugReport(LeanCallback):
         findings = self.findings(trainer)
         report = build_report(findings, status)
         sink = Sink(trainer)
+        sink.flush()  # the debug callbacks' last scalars, before the loggers are finalised
         try:
             os.makedirs(sink.directory, exist_ok=True)
             self.path = sink.directory / "report.json"

@@ -319,3 +319,21 @@ def test_state_dict_loads_with_weights_only(tmp_path):
     restored = CalibrationMonitor()
     restored.load_state_dict(torch.load(buf, weights_only=True))
     assert restored.history == monitor.history and len(restored.history) == 2
+
+
+def test_default_charts_at_evaluations_1_2_4_and_the_last_with_temperature_only_where_it_matters(
+    tmp_path, wandb_logger
+):
+    """The reliability charts' cost grows with the log of the run's length: 7 evaluations give 4 tables (1, 2,
+    4 and 7 at the end of fit); the temperature is fitted with them and where a verdict needs it."""
+    train, val = loaders(n_train=256, n_val=256)
+    monitor = CalibrationMonitor()
+    make_trainer(tmp_path, [monitor], logger=wandb_logger, max_epochs=7).fit(DigitsMLP(), train, val)
+    import wandb
+
+    wandb.finish()
+    run = read_offline_run(tmp_path)
+    assert len(run.series("debug/calibration/ece")) == 7
+    assert len(run.series("debug/calibration/reliability_diagram_table")) == 4
+    fitted = [h["epoch"] for h in monitor.history if "temperature" in h]
+    assert {0.0, 1.0, 3.0} <= set(fitted), fitted

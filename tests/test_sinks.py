@@ -89,4 +89,33 @@ def test_logging_failures_never_reach_training(tmp_path):
             raise OSError("disk full")
 
     trainer = make_trainer(tmp_path, [Flags()], logger=Broken(str(tmp_path)), max_epochs=1)
-    Sink(trainer).log_scalars({"debug/x": 1.0})  # must not raise
+    Sink(trainer).log_scalars({"debug/x": 1.0})
+    Sink(trainer).flush()  # must not raise
+
+
+class Recording(CSVLogger):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = []
+
+    def log_metrics(self, metrics, step=None):
+        self.calls.append((step, dict(metrics)))
+
+
+class SameStep(DebugCallback):
+    """Two debug callbacks' worth of scalars at the end of each validation: one logger call per step."""
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            Sink(trainer).log_scalars({"debug/a": 1.0})
+            Sink(trainer).log_scalars({"debug/b": 2.0})
+
+
+def test_scalars_of_one_step_reach_each_logger_in_one_call_and_the_last_at_teardown(tmp_path):
+    train, val = loaders(n_train=128)
+    logger = Recording(str(tmp_path))
+    make_trainer(tmp_path, [SameStep()], logger=logger, max_epochs=3).fit(DigitsMLP(), train, val)
+    ours = [(step, m) for step, m in logger.calls if any(k.startswith("debug/") for k in m)]
+    steps = [step for step, _ in ours]
+    assert len(ours) == 3 and len(set(steps)) == 3, ours  # the third epoch's only at teardown
+    assert all(m == {"debug/a": 1.0, "debug/b": 2.0} for _, m in ours), ours

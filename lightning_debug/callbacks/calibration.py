@@ -16,10 +16,17 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from lightning_debug.base import DebugCallback
-from lightning_debug.calibration_epoch import epoch_scalars, log_reliability
+from lightning_debug.calibration_epoch import add_temperature, epoch_scalars, log_reliability
 from lightning_debug.integrations.hf import is_causal_lm
 from lightning_debug.metrics import InputFormat, LogitSample, StreamingCalibration, looks_like_probabilities
-from lightning_debug.rules.calibration import assess_calibration, due, label_smoothing_cap, underconfident_at_end
+from lightning_debug.rules.calibration import (
+    assess_calibration,
+    due,
+    label_smoothing_cap,
+    reliability_due,
+    temperature_decides,
+    underconfident_at_end,
+)
 from lightning_debug.rules.loss import declared_label_smoothing
 from lightning_debug.rules.persistence import streak
 from lightning_debug.signals import predictions
@@ -63,10 +70,13 @@ class CalibrationMonitor(DebugCallback):
             rises before confidence does), or at once from ``trainer.validate``; as info, since a run that ends
             underconfident is short of training or regularised, not broken (label smoothing, which the message
             names, trains confidence to at most ``1 - eps + eps/C``).
-        temperature_samples: rows (predictions) of logits kept each epoch to fit a temperature (0: off).
+        temperature_samples: rows (predictions) of logits kept each epoch to fit a temperature (0: off). The
+            temperature is fitted (and logged) only where it matters: when it decides an over-/underconfidence
+            verdict, and with the reliability charts.
         plot_every_n_epochs: reliability table, native charts and figure every N validation epochs (0: never;
-            the scalars are logged every epoch). A figure costs ~0.3-0.5 s to draw: the default keeps fast epochs
-            cheap.
+            the scalars are logged every epoch). ``None`` (default): at the 1st, 2nd, 4th, 8th, ... evaluation
+            and at the last one of a fit, so their cost grows with the log of the run's length (a W&B table and
+            its charts cost ~10-20 ms, a matplotlib figure ~0.3-0.5 s: too much for every 0.1 s epoch).
         dataloader_idx: the validation dataloader to watch.
     """
 
@@ -85,7 +95,7 @@ class CalibrationMonitor(DebugCallback):
         z: float = 3.0,
         patience: int = 2,
         temperature_samples: int = 4096,
-        plot_every_n_epochs: int = 5,
+        plot_every_n_epochs: int | None = None,
         dataloader_idx: int = 0,
         input_format: str = "auto",
         raise_errors: bool = False,
@@ -118,6 +128,7 @@ class CalibrationMonitor(DebugCallback):
         self._missing: str | None = None
         self._shift = False
         self._cap: float | None = None  # the confidence the module's label smoothing trains to, if it declares one
+        self._last: tuple[dict[str, Tensor], dict[str, float], int] | None = None  # unplotted: result, scalars, epoch
 
     # -- collecting (device only) -------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -131,8 +142,10 @@ class CalibrationMonitor(DebugCallback):
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for metric in self.metrics.values():
-            metric.to(pl_module.device)
-            metric.reset()
+            if metric.device != pl_module.device:
+                metric.to(pl_module.device)
+            if metric.update_count:
+                metric.reset()
         self.sample.reset()
         self._missing = None
 
@@ -174,34 +187,41 @@ class CalibrationMonitor(DebugCallback):
             self.skip(trainer, f"nothing to measure: {why}.", key="calibration:no-predictions")
             return
         result = used[0].compute()
-        scalars = epoch_scalars(result, self.sample, trainer.strategy.all_gather if trainer.world_size > 1 else None)
+        scalars = epoch_scalars(result)
         left_out = (float(result["nonfinite"]), float(result["out_of_range"]))
         for key, message, data in words.left_out(*left_out, self.ignore_index, trainer.current_epoch):
             self.skip(trainer, message, key=key, data=data)
         if scalars["count"] == 0:
             return
+        plot = reliability_due(len(self.history) + 1, self.plot_every_n_epochs)
+        if plot or temperature_decides(**self._thresholds(scalars)):
+            add_temperature(scalars, self.sample, trainer.strategy.all_gather if trainer.world_size > 1 else None)
         Sink(trainer).log_scalars({PREFIX + k: v for k, v in scalars.items() if math.isfinite(v)})
         self.history.append({"step": float(trainer.global_step), "epoch": float(trainer.current_epoch), **scalars})
-        if self.plot_every_n_epochs and (len(self.history) - 1) % self.plot_every_n_epochs == 0:
+        self._last = None if plot else (result, scalars, trainer.current_epoch)
+        if plot:
             log_reliability(Sink(trainer), PREFIX, result, scalars, trainer.current_epoch)
         self._judge(trainer, scalars)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._last is not None and self.plot_every_n_epochs is None:  # the run's last state, at its own epoch
+            log_reliability(Sink(trainer), PREFIX, *self._last)
+            self._last = None
         if underconfident_at_end(self._under, self.patience):
             self._warn(trainer, "underconfident", self.history[-1])
 
+    def _thresholds(self, s: dict[str, float]) -> dict[str, Any]:
+        keys = ("ece", "gap", "gap_se", "count")
+        return {
+            **{k: s[k] for k in keys},
+            "ece_threshold": self.ece_threshold,
+            "min_samples": self.min_samples,
+            "z": self.z,
+        }
+
     def _judge(self, trainer: pl.Trainer, s: dict[str, float]) -> None:
         """Judge one evaluation; report what is due (:func:`~lightning_debug.rules.calibration.due`)."""
-        v = assess_calibration(
-            ece=s["ece"],
-            gap=s["gap"],
-            gap_se=s["gap_se"],
-            count=s["count"],
-            temperature=s.get("temperature", math.nan),
-            ece_threshold=self.ece_threshold,
-            min_samples=self.min_samples,
-            z=self.z,
-        )
+        v = assess_calibration(**self._thresholds(s), temperature=s.get("temperature", math.nan))
         self._over = streak(self._over, v.overconfident)
         self._under = streak(self._under, v.underconfident)
         for kind in due(v, self._over, self._under, self.patience, standalone=trainer.state.fn != "fit"):
@@ -231,10 +251,15 @@ def _validate(args: dict[str, Any]) -> None:
     if not 0 < args["ece_threshold"] < 1:
         raise ValueError(f"ece_threshold must be in (0, 1), got {args['ece_threshold']!r}")
     lowest = {
-        "min_samples": 1, "z": 0, "patience": 1, "temperature_samples": 0, "plot_every_n_epochs": 0, "dataloader_idx": 0
-    }  # fmt: skip
+        "min_samples": 1,
+        "z": 0,
+        "patience": 1,
+        "temperature_samples": 0,
+        "plot_every_n_epochs": 0,
+        "dataloader_idx": 0,
+    }  # fmt: skip (plot_every_n_epochs may be None)
     for name, low in lowest.items():
-        if args[name] < low:
+        if args[name] is not None and args[name] < low:
             raise ValueError(f"{name} must be >= {low}, got {args[name]!r}")
     if args["input_format"] not in ("auto", "logits", "probs"):
         raise ValueError(f"input_format must be 'auto', 'logits' or 'probs', got {args['input_format']!r}")

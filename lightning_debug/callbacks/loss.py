@@ -143,6 +143,7 @@ class LossConvergenceMonitor(DebugCallback, LossRecorder):
             if self.raise_errors:
                 raise
             self.emit(trainer, "check.error", f"LossConvergenceMonitor.on_exception failed: {err!r}", key="exception")
+        super().on_exception(trainer, pl_module, exception)
 
     def _finish(self, trainer: pl.Trainer) -> None:
         if not self.finished:

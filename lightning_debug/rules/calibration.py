@@ -44,6 +44,25 @@ def assess_calibration(
     )
 
 
+def temperature_decides(
+    *, ece: float, gap: float, gap_se: float, count: float, ece_threshold: float, min_samples: int, z: float
+) -> bool:
+    """Whether :func:`assess_calibration`'s verdict depends on the temperature: only for an evaluation that is
+    miscalibrated with a clear direction. Elsewhere the fit (an LBFGS on thousands of logits) is not needed."""
+    bad = count >= min_samples and ece >= ece_threshold
+    return bad and abs(gap) > z * gap_se
+
+
+def reliability_due(evaluation: int, every: int | None) -> bool:
+    """Whether the reliability charts of the ``evaluation``-th judged evaluation (1-based) are logged: every
+    ``every`` evaluations from the first, or with ``None`` at the 1st, 2nd, 4th, 8th, ... (a number of tables
+    that grows with the log of the run's length, so a run of 1000 short epochs does not pay 200 of them; the
+    last evaluation of a fit is logged at its end)."""
+    if every is None:
+        return evaluation & (evaluation - 1) == 0
+    return every > 0 and (evaluation - 1) % every == 0
+
+
 def label_smoothing_cap(smoothing: tuple[int, float] | None) -> float | None:
     """The confidence label smoothing ``(classes, eps)`` trains a certain, correct prediction to: its target puts
     ``1 - eps + eps / C`` on the label, not 1, so such a model is underconfident by design (``None``: no smoothing)."""

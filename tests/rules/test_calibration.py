@@ -2,7 +2,7 @@
 
 import math
 
-from lightning_debug.rules.calibration import assess_calibration
+from lightning_debug.rules.calibration import assess_calibration, reliability_due, temperature_decides
 
 DEFAULTS = dict(ece_threshold=0.1, min_samples=200, z=3.0)
 
@@ -63,3 +63,17 @@ def test_overconfidence_is_due_once_it_persists_underconfidence_only_standalone(
     assert due(under, 0, 5, patience=2, standalone=False) == [], "every run starts underconfident"
     assert due(under, 0, 1, patience=2, standalone=True) == ["underconfident"]
     assert underconfident_at_end(2, 2) and not underconfident_at_end(1, 2)
+
+
+def test_reliability_charts_are_due_at_powers_of_two_by_default_or_every_n():
+    assert [e for e in range(1, 40) if reliability_due(e, None)] == [1, 2, 4, 8, 16, 32]
+    assert [e for e in range(1, 12) if reliability_due(e, 5)] == [1, 6, 11]
+    assert not any(reliability_due(e, 0) for e in range(1, 12))
+
+
+def test_the_temperature_decides_only_a_miscalibrated_evaluation_with_a_clear_direction():
+    base = {"ece": 0.2, "gap": 0.1, "gap_se": 0.01, "count": 500, "ece_threshold": 0.1, "min_samples": 200, "z": 3.0}
+    assert temperature_decides(**base)
+    assert not temperature_decides(**{**base, "ece": 0.05})  # calibrated: no verdict to decide
+    assert not temperature_decides(**{**base, "gap": 0.02})  # mixed: neither direction
+    assert not temperature_decides(**{**base, "count": 100})
