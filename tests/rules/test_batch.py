@@ -5,8 +5,12 @@ import math
 import torch
 
 from lightning_debug.rules.batch import (
+    PaddingProbe,
     aggregation_fits,
+    all_within,
+    is_leaking,
     leaking_pairs,
+    padding_probe,
     padding_verdict,
     pair_rows,
     rejudged,
@@ -65,3 +69,21 @@ def test_dependence_is_relative_to_the_largest_self_gradient():
 def test_a_degenerate_matrix_is_a_reason_not_a_verdict():
     assert isinstance(relative_dependence(torch.zeros(3, 3)), str)
     assert isinstance(relative_dependence(torch.full((2, 2), float("nan"))), str)
+
+
+def test_the_padding_probe_pairs_the_most_padded_example_with_the_longest_unpadded_one():
+    assert padding_probe([2, 0, 5, 0], [6, 8, 3, 8]) == PaddingProbe(ref=1, padded=2)
+    assert padding_probe([0, 0], [4, 4]) is None  # nothing padded: nothing to probe
+    assert padding_probe([1, 2], [4, 3]) is None  # every example padded: no unpadded reference
+
+
+def test_all_within_needs_the_best_fit_and_every_pair_row_within_tolerance():
+    fits = aggregation_fits(2.0, torch.tensor([1.0, 3.0], dtype=torch.float64), [{}, {}], 1e-6, 0.0)
+    assert all_within(fits, [{"ratio": 0.5}])
+    assert not all_within(fits, [{"ratio": 1.5}])
+
+
+def test_a_leak_is_judged_on_the_float64_matrix_when_there_is_one():
+    rel, rel64 = torch.tensor([[0.0, 1e-3], [0.0, 0.0]]), torch.zeros(2, 2)
+    assert is_leaking(rel, None, 1e-6)
+    assert not is_leaking(rel, rel64, 1e-6)  # the working-precision entry was float noise
