@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
+from lightning_debug.arguments import require
 from lightning_debug.findings import CATALOGUE
 from lightning_debug.rules import early_stopping as rules
 from lightning_debug.signals import (
@@ -81,7 +82,8 @@ def stock_arguments(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def validate_additions(args: dict[str, Any]) -> None:
-    """The additions' arguments; each error names the argument (a ``MisconfiguredArgument``)."""
+    """The additions' arguments (``args``: the callback's ``locals()``); each error names the argument."""
+    unknown = [c for c in args["stop_on"] if c not in CATALOGUE]
     checks = [
         ("min_delta_mode", args["min_delta_mode"] in ("abs", "rel"), "must be 'abs' or 'rel'"),
         ("min_delta", args["min_delta_mode"] != "rel" or args["min_delta"] >= 0, "must be >= 0 with 'rel'"),
@@ -94,15 +96,10 @@ def validate_additions(args: dict[str, Any]) -> None:
         ("guard_tolerance", args["guard_tolerance"] >= 0, "must be >= 0"),
         ("guard_min_change", args["guard_min_change"] >= 0, "must be >= 0"),
         ("max_deferral", args["max_deferral"] is None or args["max_deferral"] >= 0, "must be >= 0 or None"),
+        ("stop_on", not unknown, f"has unknown finding ids {unknown}; see `python -m lightning_debug checks`"),
     ]
-    for name, ok, rule in checks:
-        if not ok:
-            raise MisconfiguredArgument(f"MetricEarlyStopping: `{name}` {rule}, got {args[name]!r}")
-    unknown = [c for c in args["stop_on"] if c not in CATALOGUE]
-    if unknown:
-        raise MisconfiguredArgument(
-            f"MetricEarlyStopping: `stop_on` has unknown finding ids {unknown}; see `python -m lightning_debug checks`"
-        )
+    rows = [(name, args[name], ok, rule) for name, ok, rule in checks]
+    require(*rows, error=MisconfiguredArgument, where="MetricEarlyStopping: ")
 
 
 # ---- values and state --------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from lightning_debug import batch_wording as wording
+from lightning_debug.arguments import optional_callable, require
 from lightning_debug.base import DebugCallback
 from lightning_debug.batch_replay import (
     Cost,
@@ -95,17 +96,14 @@ class BatchConsistencyCheck(DebugCallback):
         verbose: bool | None = None,
     ) -> None:
         super().__init__(raise_errors=raise_errors, print_findings=print_findings, strict=strict, verbose=verbose)
-        if not isinstance(batch_size, int) or batch_size < 2:
-            raise ValueError(f"`batch_size` must be an int >= 2, got {batch_size!r}")
-        if rtol is not None and not rtol > 0:
-            raise ValueError(f"`rtol` must be > 0 or None, got {rtol!r}")
-        if not atol >= 0:
-            raise ValueError(f"`atol` must be >= 0, got {atol!r}")
-        if not 0 < dependence_rtol < 1:
-            raise ValueError(f"`dependence_rtol` must be in (0, 1), got {dependence_rtol!r}")
-        for name, fn in (("split_fn", split_fn), ("forward_fn", forward_fn)):
-            if fn is not None and not callable(fn):
-                raise ValueError(f"`{name}` must be callable or None")
+        require(
+            ("batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 2, "must be an int >= 2"),
+            ("rtol", rtol, rtol is None or rtol > 0, "must be > 0 or None"),
+            ("atol", atol, atol >= 0, "must be >= 0"),
+            ("dependence_rtol", dependence_rtol, 0 < dependence_rtol < 1, "must be in (0, 1)"),
+            optional_callable("split_fn", split_fn),
+            optional_callable("forward_fn", forward_fn),
+        )
         self.batch_size = batch_size
         self.rtol = rtol
         self.atol = atol
