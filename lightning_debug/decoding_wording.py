@@ -5,7 +5,49 @@ the verdicts from :mod:`lightning_debug.rules.decoding`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lightning_debug.decoders import DecodeTarget
+    from lightning_debug.rules.decoding import Scores
+
+
+def evidence(
+    target: DecodeTarget,
+    generator: tuple[str, Any] | None,
+    run: Scores,
+    unsupported: list[int],
+    tolerance: tuple[float, float],
+    mismatch: dict[str, Any],
+    beam: dict[str, Any],
+    recheck: dict[str, Any] | str | None,
+    seconds: float,
+) -> dict[str, Any]:
+    """The ``data`` every ``decode.*`` finding carries: the path and beam sizes decoded, the tolerance, the
+    largest differences, the beam test, the cost and, after a float64 re-run, its largest difference."""
+    rtol, atol = tolerance
+    data: dict[str, Any] = {
+        "path": target.kind,
+        "attribute": generator[0] if generator is not None else None,
+        "examples": len(next(iter(run.decoder.values()))),
+        "beam_sizes": sorted(run.decoder),
+        "unsupported_beam_sizes": unsupported,
+        "rtol": rtol,
+        "atol_per_token": atol,
+        "max_abs_diff": mismatch["max_abs"],
+        "max_rel_diff": mismatch["max_rel"],
+        "beam": beam,
+        "cost": {
+            "seconds": round(seconds, 4),
+            "generate_calls": target.calls["generate"],
+            "forward_calls": target.calls["forward"],
+        },
+    }
+    if hasattr(target, "settings"):
+        data["settings"] = target.settings()
+    if isinstance(recheck, dict):
+        data["float64_max_abs_diff"] = recheck["max_abs"]
+    return data
 
 
 def mismatch_finding(

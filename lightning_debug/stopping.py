@@ -102,6 +102,44 @@ def validate_additions(args: dict[str, Any]) -> None:
     require(*rows, error=MisconfiguredArgument, where="MetricEarlyStopping: ")
 
 
+# ---- the rules' inputs -------------------------------------------------------------------------------------------
+def criteria(es: EarlyStopping, *, relative: bool) -> dict[str, Any]:
+    """Lightning's stopping settings as :func:`rules.evaluate` takes them, read at each check (they are public
+    attributes a user may change). Lightning stores ``min_delta`` signed by mode: the rule wants it as given."""
+    return {
+        "mode": es.mode,
+        "min_delta": float(es.min_delta) * (1.0 if es.mode == "max" else -1.0),
+        "relative": relative,
+        "patience": es.patience,
+        "check_finite": es.check_finite,
+        "stopping_threshold": es.stopping_threshold,
+        "divergence_threshold": es.divergence_threshold,
+    }
+
+
+def warming(trainer: pl.Trainer, *, judged: int, warmup: int, unit: str, respect_min_epochs: bool) -> bool:
+    """:func:`rules.in_warmup` at this check, ``Trainer(min_epochs, min_steps)`` included if respected."""
+    return rules.in_warmup(
+        judged=judged,
+        warmup=warmup,
+        unit=unit,
+        global_step=trainer.global_step,
+        epoch=trainer.current_epoch,
+        min_epochs=(trainer.min_epochs or 0) if respect_min_epochs else 0,
+        min_steps=(trainer.min_steps or 0) if respect_min_epochs else 0,
+    )
+
+
+def require_monitor(es: EarlyStopping, logs: Any) -> None:
+    """With ``strict``, Lightning's error for a monitor that is not logged, as a :class:`MonitorMissing`
+    (a ``MisconfigurationException``: the hook guard lets it through)."""
+    if es.strict:
+        try:
+            es._validate_condition_metric(logs)
+        except RuntimeError as err:
+            raise MonitorMissing(str(err)) from None
+
+
 # ---- values and state --------------------------------------------------------------------------------------------
 def scalar(value: Tensor) -> Any:
     """A 0-d tensor as a numpy scalar of the same precision, so the rules round as torch does."""

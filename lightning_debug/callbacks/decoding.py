@@ -145,8 +145,14 @@ class DecodingConsistencyCheck(DebugCallback):
         start = time.perf_counter()
         with isolated(pl_module), torch.no_grad():
             pl_module.eval()
-            settings = {"n_examples": self.n_examples, "max_new_tokens": self.max_new_tokens}
-            target = decode_target(trainer, pl_module, generator, **settings, prompt_fraction=self.prompt_fraction)
+            target = decode_target(
+                trainer,
+                pl_module,
+                generator,
+                n_examples=self.n_examples,
+                max_new_tokens=self.max_new_tokens,
+                prompt_fraction=self.prompt_fraction,
+            )
             if isinstance(target, str):
                 self.skip(trainer, target)
                 return
@@ -157,27 +163,9 @@ class DecodingConsistencyCheck(DebugCallback):
             rtol, atol = self._tolerance(pl_module)
             mismatch = score_mismatches(run, rtol, atol)
             recheck = recheck_in_float64(target, mismatch["beams"], rtol, atol) if mismatch["count"] else None
-        data: dict[str, Any] = {
-            "path": target.kind,
-            "attribute": generator[0] if generator is not None else None,
-            "examples": len(next(iter(run.decoder.values()))),
-            "beam_sizes": sorted(run.decoder),
-            "unsupported_beam_sizes": unsupported,
-            "rtol": rtol,
-            "atol_per_token": atol,
-            "max_abs_diff": mismatch["max_abs"],
-            "max_rel_diff": mismatch["max_rel"],
-            "beam": beam_monotonicity(run, rtol, atol, self.beam_violation_rate),
-            "cost": {
-                "seconds": round(time.perf_counter() - start, 4),
-                "generate_calls": target.calls["generate"],
-                "forward_calls": target.calls["forward"],
-            },
-        }
-        if hasattr(target, "settings"):
-            data["settings"] = target.settings()
-        if isinstance(recheck, dict):
-            data["float64_max_abs_diff"] = recheck["max_abs"]
+        beam = beam_monotonicity(run, rtol, atol, self.beam_violation_rate)
+        seconds = time.perf_counter() - start
+        data = wording.evidence(target, generator, run, unsupported, (rtol, atol), mismatch, beam, recheck, seconds)
         self._report(trainer, mismatch, recheck, data)
 
     def _report(

@@ -120,6 +120,8 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
         raise_errors: bool = False,
         print_findings: bool = True,
     ) -> None:
+        """Over 50 lines for a reason: Lightning's arguments in Lightning's order (a drop-in), then the additions,
+        each stored under its own name (the CLI and the tests read them back)."""
         mode = stopping.monitor_mode(monitor, mode)
         super().__init__(**stopping.stock_arguments(locals()))
         stopping.validate_additions(locals())
@@ -251,11 +253,7 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
                 message, data = stopping.first_loader_message(self.monitor, found.key)
                 self.emit(trainer, "check.metric_resolved", message, data=data, key=self.monitor)
             return logs[found.key].squeeze()
-        if self.strict:  # Lightning's RuntimeError, which the hook guard lets through
-            try:
-                self._validate_condition_metric(logs)
-            except RuntimeError as err:
-                raise MonitorMissing(str(err)) from None
+        stopping.require_monitor(self, logs)
         if not self._validated and train_key(self.monitor) is not None:
             self.skip(trainer, f"`{self.monitor}` not judged: no validation batch has run", key=self.monitor)
         else:
@@ -268,14 +266,8 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
         pl_module = trainer.lightning_module
         self.judged += 1
         self.guard.record(trainer.callback_metrics, pl_module)
-        self._warming = rules.in_warmup(
-            judged=self.judged,
-            warmup=self.warmup,
-            unit=self.unit,
-            global_step=trainer.global_step,
-            epoch=trainer.current_epoch,
-            min_epochs=(trainer.min_epochs or 0) if self.respect_min_epochs else 0,
-            min_steps=(trainer.min_steps or 0) if self.respect_min_epochs else 0,
+        self._warming = stopping.warming(
+            trainer, judged=self.judged, warmup=self.warmup, unit=self.unit, respect_min_epochs=self.respect_min_epochs
         )
         self._verdict = None
         should_stop, reason = self._evaluate_stopping_criteria(current)
@@ -300,13 +292,7 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
             value,
             stopping.scalar(self.best_score),
             self.wait_count,
-            mode=self.mode,
-            min_delta=float(self.min_delta) * (1.0 if self.mode == "max" else -1.0),  # Lightning stores it signed
-            relative=self.min_delta_mode == "rel",
-            patience=self.patience,
-            check_finite=self.check_finite,
-            stopping_threshold=self.stopping_threshold,
-            divergence_threshold=self.divergence_threshold,
+            **stopping.criteria(self, relative=self.min_delta_mode == "rel"),
             warming=self._warming,
             deferral=self._deferral_now.phase if self._deferral_now is not None else None,
         )
