@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -50,13 +51,13 @@ def planned_steps(trainer: pl.Trainer) -> int:
     return max(1, per_epoch * epochs // max(1, trainer.accumulate_grad_batches))
 
 
+@dataclass
 class StageSums:
     """Per stage (``train`` / ``val``), the prediction sums of the step outputs, kept on the device until read."""
 
-    def __init__(self, ignore_index: int | None) -> None:
-        self.ignore_index = ignore_index
-        self.shift = False  # a causal LM: predictions are shifted against the targets
-        self.sums: dict[str, Tensor | None] = {"train": None, "val": None}
+    ignore_index: int | None
+    shift: bool = False  # a causal LM: predictions are shifted against the targets
+    sums: dict[str, Tensor | None] = field(default_factory=lambda: {"train": None, "val": None})
 
     def add(self, stage: str, outputs: Any, batch: Any) -> None:
         found = predictions(outputs, batch, shift=self.shift)
@@ -106,14 +107,14 @@ def probe_values(
     return values
 
 
+@dataclass
 class Curves:
     """The evaluation records (plain floats, one per evaluation) and the weight-norm series, logged against
     ``log10_step``. Norms are sampled on the device every N steps and pulled to the host at an evaluation."""
 
-    def __init__(self) -> None:
-        self.records: list[dict[str, float]] = []
-        self.norms: list[tuple[int, float]] = []  # (step, weight norm)
-        self.pending: list[tuple[int, Tensor]] = []  # sampled, not yet on the host
+    records: list[dict[str, float]] = field(default_factory=list)
+    norms: list[tuple[int, float]] = field(default_factory=list)  # (step, weight norm)
+    pending: list[tuple[int, Tensor]] = field(default_factory=list)  # sampled, not yet on the host
 
     def sample_norm(self, step: int, module: torch.nn.Module) -> None:
         """The weight norm at ``step``, on the device (once a step: batches share one under accumulation)."""

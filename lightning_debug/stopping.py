@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -159,30 +160,25 @@ def key_of(logs: Any, name: str) -> str:
     return lookup_metric(logs, name).key or name
 
 
+@dataclass
 class GrokkingGuard:
     """What the guard watches (training metric, dev loss, weight norm over the last ``window`` checks), the
-    chance level, and how many checks it deferred; :func:`rules.guard` decides from them."""
+    chance level, and how many checks it deferred; :func:`rules.guard` decides from them. A dataclass: pickled
+    copies compare equal, as Lightning's callbacks' ``vars`` do."""
 
-    def __init__(
-        self,
-        *,
-        enabled: bool,
-        monitor: str,
-        train_monitor: str | None,
-        loss_monitor: str,
-        best_possible: float | None,
-        chance: ChanceLevel,
-        tolerance: float,
-        min_change: float,
-        window: int,
-        max_deferral: int | None,
-    ) -> None:
-        self.enabled, self.monitor, self.train_monitor = enabled, monitor, train_monitor
-        self.loss_monitor, self.best_possible, self.chance = loss_monitor, best_possible, chance
-        self.tolerance, self.min_change, self.window, self.max_deferral = tolerance, min_change, window, max_deferral
-        self.history: dict[str, list[float]] = {"train": [], "loss": [], "norm": []}
-        self.in_unit_interval = True  # all observed values in [0, 1] (accuracy-like)
-        self.deferred = 0
+    enabled: bool
+    monitor: str
+    train_monitor: str | None
+    loss_monitor: str
+    best_possible: float | None
+    chance: ChanceLevel
+    tolerance: float
+    min_change: float
+    window: int
+    max_deferral: int | None
+    history: dict[str, list[float]] = field(default_factory=lambda: {"train": [], "loss": [], "norm": []})
+    in_unit_interval: bool = True  # all observed values in [0, 1] (accuracy-like)
+    deferred: int = 0
 
     @classmethod
     def from_arguments(cls, args: dict[str, Any]) -> GrokkingGuard:
