@@ -3,21 +3,25 @@
 
 A :class:`DecodeTarget` decodes one prompt batch and teacher-forces the result: :class:`ProtocolTarget` for a
 hand-written decoder on the LightningModule, ``integrations.hf.HFTarget`` for a Hugging Face model.
-:func:`run_decoders` collects their scores per beam size; :func:`first_examples` builds the prompts.
+:func:`find_decoder` tells which applies, :func:`decode_target` builds it on the prompts of
+:func:`first_examples`, :func:`run_decoders` collects their scores per beam size and :func:`recheck_in_float64`
+re-runs the failing beam sizes in float64.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch.utils.data import IterableDataset
 
+from lightning_debug.batching import batch_mover
+from lightning_debug.integrations import hf
 from lightning_debug.precision import float64_on_cpu
-from lightning_debug.rules.decoding import Scores
+from lightning_debug.rules.decoding import Scores, difference, score_mismatches
 from lightning_debug.signals import first_dataloader
 
 if TYPE_CHECKING:
@@ -126,3 +130,51 @@ def first_examples(trainer: pl.Trainer, n: int) -> Any | None:
             return _slice(loader.collate_fn(data[0]), n)
         return loader.collate_fn([data[i] for i in range(min(n, len(data)))])
     return None
+
+
+def find_decoder(pl_module: pl.LightningModule) -> tuple[bool, tuple[str, Any] | None]:
+    """Whether the module speaks the protocol; else the Hugging Face model it holds (attribute path, model)."""
+    if callable(getattr(pl_module, "decode_with_scores", None)) and callable(getattr(pl_module, "score_outputs", None)):
+        return True, None
+    # the full transformers import costs ~0.1 s: it happens only for a module that holds a transformers class
+    if not hf.holds_transformers(pl_module):
+        return False, None
+    try:
+        return False, hf.find_generator(pl_module)
+    except ImportError:  # a transformers too old or broken to use: no zero-config path
+        return False, None
+
+
+def decode_target(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    generator: tuple[str, Any] | None,
+    *,
+    n_examples: int,
+    max_new_tokens: int,
+    prompt_fraction: float,
+) -> DecodeTarget | str:
+    """What to decode with (the protocol when ``generator`` is None) on the first ``n_examples`` prompts, moved
+    to the module's device; or the reason why nothing can be."""
+    batch = first_examples(trainer, n_examples)
+    if batch is None:
+        return "no validation or training dataloader to take prompts from"
+    batch = batch_mover(trainer, pl_module)(batch)
+    if generator is None:
+        return ProtocolTarget(pl_module, batch)
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        return "the batch is not a mapping with `input_ids` (define `decode_with_scores`/`score_outputs`)"
+    return hf.HFTarget(generator[1], batch, max_new_tokens, prompt_fraction)
+
+
+def recheck_in_float64(target: DecodeTarget, beams: list[int], rtol: float, atol: float) -> dict[str, Any] | str:
+    """Re-run the failing beam sizes in float64 on the CPU (reference §4): noise vanishes, a bug stays. Whether
+    the mismatch is ``confirmed``, its ``max_abs`` and the per-beam ``diffs``; or why it could not run."""
+    try:
+        with target.in_float64() as target64:
+            run64, _ = run_decoders(target64, beams)
+    except Exception as err:  # a model that cannot run in float64: alarm on the float32 evidence
+        return f"float64 re-check unavailable ({type(err).__name__}: {err})"
+    mism = score_mismatches(run64, rtol, atol)
+    diffs = {k: difference(run64.decoder[k], run64.model[k]) for k in run64.decoder}
+    return {"confirmed": mism["count"] > 0, "max_abs": mism["max_abs"], "diffs": diffs}

@@ -242,3 +242,11 @@ def test_grokking_run_is_not_stopped_before_it_generalises(tmp_path):
         f"plain EarlyStopping stopped at step {plain.stopped_epoch * 10 + 10} (val_acc {plain_acc:.4f}); "
         f"MetricEarlyStopping reached val_acc 0.95 at step {horizon.reached_at}"
     )
+
+
+def test_a_pickled_copy_has_equal_vars():
+    """Lightning's ``test_pickling`` compares ``vars`` of a pickled copy: the guard's state compares by value."""
+    import pickle
+
+    es = MetricEarlyStopping("val_acc", mode="max")
+    assert vars(pickle.loads(pickle.dumps(es))) == vars(es)

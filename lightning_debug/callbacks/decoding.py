@@ -10,18 +10,18 @@ validation checks; everything it touches is restored.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lightning_debug import decoding_wording as wording
+from lightning_debug.arguments import require
 from lightning_debug.base import DebugCallback
-from lightning_debug.batching import batch_mover
-from lightning_debug.decoders import DecodeTarget, ProtocolTarget, first_examples, run_decoders
-from lightning_debug.integrations import hf
+from lightning_debug.decoders import decode_target, find_decoder, recheck_in_float64, run_decoders
 from lightning_debug.isolation import isolated
 from lightning_debug.precision import module_tolerance
-from lightning_debug.rules.decoding import beam_monotonicity, difference, score_mismatches
+from lightning_debug.rules.decoding import beam_monotonicity, score_mismatches
 from lightning_debug.sinks import Sink
 
 if TYPE_CHECKING:
@@ -79,23 +79,19 @@ class DecodingConsistencyCheck(DebugCallback):
     ) -> None:
         super().__init__(raise_errors=raise_errors, print_findings=print_findings, strict=strict, verbose=verbose)
         beams = tuple(int(k) for k in beam_sizes)
-        if not beams or any(k < 1 for k in beams) or list(beams) != sorted(set(beams)):
-            raise ValueError(f"`beam_sizes` must be distinct positive integers in increasing order, got {beam_sizes}")
-        if n_examples < 1:
-            raise ValueError(f"`n_examples` must be >= 1, got {n_examples}")
-        if max_new_tokens < 1:
-            raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}")
-        if not 0.0 < prompt_fraction <= 1.0:
-            raise ValueError(f"`prompt_fraction` must be in (0, 1], got {prompt_fraction}")
-        if every_n_val_checks is not None and every_n_val_checks < 1:
-            raise ValueError(f"`every_n_val_checks` must be None or >= 1, got {every_n_val_checks}")
-        for name, value in (("rtol", rtol), ("atol", atol)):
-            if value is not None and value < 0:
-                raise ValueError(f"`{name}` must be None or >= 0, got {value}")
-        if not 0.0 <= beam_violation_rate < 1.0:
-            raise ValueError(f"`beam_violation_rate` must be in [0, 1), got {beam_violation_rate}")
-        if not 0.5 < confidence < 1:  # the same range as every other `confidence` argument
-            raise ValueError(f"`confidence` must be in (0.5, 1), got {confidence}")
+        every = every_n_val_checks
+        increasing = bool(beams) and all(k >= 1 for k in beams) and list(beams) == sorted(set(beams))
+        require(
+            ("beam_sizes", beam_sizes, increasing, "must be distinct positive integers in increasing order"),
+            ("n_examples", n_examples, n_examples >= 1, "must be >= 1"),
+            ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, "must be >= 1"),
+            ("prompt_fraction", prompt_fraction, 0.0 < prompt_fraction <= 1.0, "must be in (0, 1]"),
+            ("every_n_val_checks", every_n_val_checks, every is None or every >= 1, "must be None or >= 1"),
+            ("rtol", rtol, rtol is None or rtol >= 0, "must be None or >= 0"),
+            ("atol", atol, atol is None or atol >= 0, "must be None or >= 0"),
+            ("beam_violation_rate", beam_violation_rate, 0.0 <= beam_violation_rate < 1.0, "must be in [0, 1)"),
+            ("confidence", confidence, 0.5 < confidence < 1, "must be in (0.5, 1)"),  # as every `confidence`
+        )
         self.beam_sizes = beams
         self.n_examples = n_examples
         self.max_new_tokens = max_new_tokens
@@ -138,7 +134,7 @@ class DecodingConsistencyCheck(DebugCallback):
         if type(trainer.strategy).__name__ in _SHARDED:
             self.skip(trainer, f"a sharded strategy ({type(trainer.strategy).__name__}) needs every rank to decode")
             return
-        protocol, generator = self._decoder(pl_module)
+        protocol, generator = find_decoder(pl_module)
         if not protocol and generator is None:  # decided before any isolation work: a model without a decoder is free
             self.skip(
                 trainer,
@@ -149,7 +145,14 @@ class DecodingConsistencyCheck(DebugCallback):
         start = time.perf_counter()
         with isolated(pl_module), torch.no_grad():
             pl_module.eval()
-            target = self._target(trainer, pl_module, generator)
+            target = decode_target(
+                trainer,
+                pl_module,
+                generator,
+                n_examples=self.n_examples,
+                max_new_tokens=self.max_new_tokens,
+                prompt_fraction=self.prompt_fraction,
+            )
             if isinstance(target, str):
                 self.skip(trainer, target)
                 return
@@ -159,29 +162,10 @@ class DecodingConsistencyCheck(DebugCallback):
                 return
             rtol, atol = self._tolerance(pl_module)
             mismatch = score_mismatches(run, rtol, atol)
-            recheck = self._float64(target, mismatch["beams"], rtol, atol) if mismatch["count"] else None
+            recheck = recheck_in_float64(target, mismatch["beams"], rtol, atol) if mismatch["count"] else None
         beam = beam_monotonicity(run, rtol, atol, self.beam_violation_rate)
-        data: dict[str, Any] = {
-            "path": target.kind,
-            "attribute": generator[0] if generator is not None else None,
-            "examples": len(next(iter(run.decoder.values()))),
-            "beam_sizes": sorted(run.decoder),
-            "unsupported_beam_sizes": unsupported,
-            "rtol": rtol,
-            "atol_per_token": atol,
-            "max_abs_diff": mismatch["max_abs"],
-            "max_rel_diff": mismatch["max_rel"],
-            "beam": beam,
-            "cost": {
-                "seconds": round(time.perf_counter() - start, 4),
-                "generate_calls": target.calls["generate"],
-                "forward_calls": target.calls["forward"],
-            },
-        }
-        if hasattr(target, "settings"):
-            data["settings"] = target.settings()
-        if isinstance(recheck, dict):
-            data["float64_max_abs_diff"] = recheck["max_abs"]
+        seconds = time.perf_counter() - start
+        data = wording.evidence(target, generator, run, unsupported, (rtol, atol), mismatch, beam, recheck, seconds)
         self._report(trainer, mismatch, recheck, data)
 
     def _report(
@@ -199,103 +183,16 @@ class DecodingConsistencyCheck(DebugCallback):
         )
         confirmed = isinstance(recheck, str) or (recheck is not None and bool(recheck["confirmed"]))
         if recheck is not None and confirmed:
-            self._report_mismatch(trainer, mismatch, recheck, data)
+            message, finding_data = wording.mismatch_finding(mismatch, recheck, data)
+            self.emit(trainer, "decode.score_mismatch", message, data=finding_data)
         beam_alarm = beam["examples"] > 0 and beam["p_value"] < 1 - self.confidence
         if beam_alarm:
-            self.emit(
-                trainer,
-                "decode.beam_not_monotonic",
-                f"A larger beam found a worse-scoring best hypothesis on {beam['worse']}/{beam['examples']} "
-                f"examples ({beam['fraction']:.0%}; beam search alone explains about "
-                f"{self.beam_violation_rate:.0%}, p={beam['p_value']:.2g}); worst: beam {beam['worst']['beam']} "
-                f"scored {beam['worst']['drop']:.3g} below beam {beam['worst']['than']} (length_penalty=0).",
-                data=data,
-            )
+            message = wording.beam_message(beam, self.beam_violation_rate)
+            self.emit(trainer, "decode.beam_not_monotonic", message, data=data)
         if not confirmed and not beam_alarm:
-            self._report_ok(trainer, mismatch, data)
+            self.emit(trainer, "decode.ok", wording.ok_message(mismatch, data), data=data)
 
     def _tolerance(self, pl_module: pl.LightningModule) -> tuple[float, float]:
         # the scores pass through float32 even for a float64 model (HF generate() upcasts logits to fp32 only)
         rtol, atol = module_tolerance(pl_module, scores_in_float32=True)
         return (self.rtol if self.rtol is not None else rtol), (self.atol if self.atol is not None else atol)
-
-    @staticmethod
-    def _decoder(pl_module: pl.LightningModule) -> tuple[bool, tuple[str, Any] | None]:
-        """Whether the module speaks the protocol; else the Hugging Face model it holds (attribute path, model)."""
-        if callable(getattr(pl_module, "decode_with_scores", None)) and callable(
-            getattr(pl_module, "score_outputs", None)
-        ):
-            return True, None
-        # the full transformers import costs ~0.1 s: it happens only for a module that holds a transformers class
-        if not hf.holds_transformers(pl_module):
-            return False, None
-        try:
-            return False, hf.find_generator(pl_module)
-        except ImportError:  # a transformers too old or broken to use: no zero-config path
-            return False, None
-
-    def _target(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, generator: tuple[str, Any] | None
-    ) -> DecodeTarget | str:
-        """What to decode with (the protocol when ``generator`` is None), or the reason why nothing can be."""
-        batch = first_examples(trainer, self.n_examples)
-        if batch is None:
-            return "no validation or training dataloader to take prompts from"
-        batch = batch_mover(trainer, pl_module)(batch)
-        if generator is None:
-            return ProtocolTarget(pl_module, batch)
-        if not isinstance(batch, Mapping) or "input_ids" not in batch:
-            return "the batch is not a mapping with `input_ids` (define `decode_with_scores`/`score_outputs`)"
-        return hf.HFTarget(generator[1], batch, self.max_new_tokens, self.prompt_fraction)
-
-    def _float64(self, target: DecodeTarget, beams: list[int], rtol: float, atol: float) -> dict[str, Any] | str:
-        """Re-run the failing beam sizes in float64 on the CPU (reference §4): noise vanishes, a bug stays."""
-        try:
-            with target.in_float64() as target64:
-                run64, _ = run_decoders(target64, beams)
-        except Exception as err:  # a model that cannot run in float64: alarm on the float32 evidence
-            return f"float64 re-check unavailable ({type(err).__name__}: {err})"
-        mism = score_mismatches(run64, rtol, atol)
-        diffs = {k: difference(run64.decoder[k], run64.model[k]) for k in run64.decoder}
-        return {"confirmed": mism["count"] > 0, "max_abs": mism["max_abs"], "diffs": diffs}
-
-    def _report_mismatch(
-        self, trainer: pl.Trainer, mismatch: dict[str, Any], recheck: dict[str, Any] | str, data: dict[str, Any]
-    ) -> None:
-        worst = [dict(row) for row in mismatch["worst"]]
-        for row in worst:
-            diffs = recheck["diffs"].get(row["beam"]) if isinstance(recheck, dict) else None
-            row["diff_float64"] = None if diffs is None else float(diffs[row["example"]])
-        w = worst[0]
-        f64 = f"float64 re-check Δ {w['diff_float64']:.4g}" if w["diff_float64"] is not None else str(recheck)
-        self.emit(
-            trainer,
-            "decode.score_mismatch",
-            f"Decoder scores differ from the teacher-forced log-likelihood of the decoded output on "
-            f"{mismatch['count']}/{mismatch['total']} hypotheses; worst: beam {w['beam']}, example {w['example']}: "
-            f"decoder {w['decoder']:.4f} vs model {w['model']:.4f}, Δ {w['diff']:.4g} > tolerance "
-            f"{w['tolerance']:.2g} ({f64}).",
-            data={**data, "mismatched": mismatch["count"], "worst": worst},
-        )
-
-    def _report_ok(self, trainer: pl.Trainer, mismatch: dict[str, Any], data: dict[str, Any]) -> None:
-        beam, cost = data["beam"], data["cost"]
-        noise = ""
-        if "float64_max_abs_diff" in data:
-            noise = (
-                f"; {mismatch['count']} float32 differences above tolerance shrank to "
-                f"{data['float64_max_abs_diff']:.2g} in float64 (float noise)"
-            )
-        beams = (
-            f"larger beams scored worse on {beam['worse']}/{beam['examples']} examples"
-            if beam["examples"]
-            else "beam search not checked (one beam size)"
-        )
-        self.emit(
-            trainer,
-            "decode.ok",
-            f"Decoder scores match the teacher-forced log-likelihood on {mismatch['total']} hypotheses "
-            f"(max |Δ| {mismatch['max_abs']:.2g}, {mismatch['max_rel']:.2g} relative){noise}; {beams}. "
-            f"Cost {cost['seconds']:.2f} s, {cost['generate_calls']} decode + {cost['forward_calls']} forward calls.",
-            data=data,
-        )

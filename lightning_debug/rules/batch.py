@@ -61,6 +61,33 @@ def rejudged(fits64: list[Fit], fits: list[Fit]) -> list[Fit]:
     return sorted(fits64, key=lambda f: f.ratio)
 
 
+@dataclass(frozen=True)
+class PaddingProbe:
+    """The pair that exercises padding: the most ``padded`` example next to the longest unpadded one (``ref``)."""
+
+    ref: int
+    padded: int
+
+
+def padding_probe(pads: Sequence[int], sizes: Sequence[int]) -> PaddingProbe | None:
+    """The longest unpadded example (by ``sizes``) and the most padded one; ``None`` when no example is padded
+    or every example is."""
+    ref = max(range(len(pads)), key=lambda i: (pads[i] == 0, sizes[i]))
+    padded = max(range(len(pads)), key=lambda i: pads[i])
+    return PaddingProbe(ref, padded) if pads[padded] > 0 and pads[ref] == 0 else None
+
+
+def all_within(fits: Sequence[Fit], rows: Sequence[Mapping[str, Any]]) -> bool:
+    """The best aggregation and every pair row within tolerance: nothing to re-run in float64."""
+    return fits[0].ratio <= 1 and all(r["ratio"] <= 1 for r in rows)
+
+
+def is_leaking(rel: torch.Tensor, rel64: torch.Tensor | None, threshold: float) -> bool:
+    """Outputs depend on other examples' inputs: the float64 matrix (when there is one, else the working
+    precision's) has an off-diagonal entry above ``threshold``."""
+    return float((rel64 if rel64 is not None else rel).max()) > threshold
+
+
 def pair_rows(
     totals: Mapping[int, float],
     losses: torch.Tensor,

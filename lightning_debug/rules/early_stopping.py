@@ -51,7 +51,7 @@ def past_divergence(value: Any, threshold: float | None, *, mode: str) -> bool:
 class Smoothed:
     """A smoothed value and the smoother's new state (the raw window and the EMA)."""
 
-    value: float
+    value: Any  # a float, or a numpy scalar of the raw value's dtype (`smoothed`)
     recent: list[float]
     ema: float | None
 
@@ -67,6 +67,16 @@ def smooth(value: float, recent: list[float], ema: float | None, *, method: str 
         ema = float(value) if ema is None else alpha * float(value) + (1 - alpha) * ema
         return Smoothed(ema, recent, ema)
     return Smoothed(value, recent, ema)
+
+
+def smoothed(raw: Any, recent: list[float], ema: float | None, *, method: str | None, window: int) -> Smoothed:
+    """:func:`smooth` for a raw check value of any float dtype: the smoothed value keeps ``raw``'s dtype (so the
+    comparisons round as before), and a non-finite ``raw`` passes through unsmoothed, leaving the state as it was
+    (a NaN would poison the window and the EMA)."""
+    if not math.isfinite(float(raw)):
+        return Smoothed(raw, recent, ema)
+    s = smooth(raw, recent, ema, method=method, window=window)
+    return Smoothed(np.asarray(s.value, dtype=np.asarray(raw).dtype)[()], s.recent, s.ema)
 
 
 @dataclass(frozen=True)
@@ -137,6 +147,14 @@ class Deferral:
     train_last: float
     target: float | None
     falling: dict[str, float]  # series name -> relative fall per check (saturated phase)
+
+
+def guard_target(best_possible: float | None, *, mode: str, in_unit_interval: bool) -> float | None:
+    """The best value the monitored metric can take: ``best_possible``, else 1.0 for a ``"max"`` metric whose
+    values all lay in [0, 1] (accuracy-like), else unknown (the saturation half of the guard is then off)."""
+    if best_possible is None and mode == "max" and in_unit_interval:
+        return 1.0
+    return best_possible
 
 
 def relative_slope(series: list[float]) -> float | None:

@@ -24,6 +24,19 @@ def log_spaced_steps(per_decade: int, max_step: int) -> set[int]:
     return {round(10 ** (k / per_decade)) for k in range(n + 1)} & set(range(1, max_step + 1))
 
 
+def sum_values(
+    stage: str, correct: float, tokens: float, nll: float, seq_correct: float, seqs: float
+) -> dict[str, float]:
+    """A stage's accuracy and mean loss per scored token from its prediction sums (and, when targets are
+    sequences, token and whole-sequence accuracy); nothing when no token was scored."""
+    out: dict[str, float] = {}
+    if tokens > 0:
+        out[f"{stage}_acc"], out[f"{stage}_loss"] = correct / tokens, nll / tokens
+        if seqs > 0:
+            out[f"{stage}_token_acc"], out[f"{stage}_seq_acc"] = correct / tokens, seq_correct / seqs
+    return out
+
+
 def is_memorized(train: float, val: float, *, threshold: float, val_threshold: float, min_gap: float) -> bool:
     """The training metric reached ``threshold`` while the dev metric is at least ``min_gap`` lower and not yet
     at ``val_threshold``: the training set is memorised, the dev set not learnt."""

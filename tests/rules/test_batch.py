@@ -6,8 +6,12 @@ import pytest
 import torch
 
 from lightning_debug.rules.batch import (
+    PaddingProbe,
     aggregation_fits,
+    all_within,
+    is_leaking,
     leaking_pairs,
+    padding_probe,
     padding_verdict,
     pair_rows,
     rejudged,
@@ -83,3 +87,21 @@ def test_target_visibility_tolerates_small_auxiliary_terms_and_empty_gradients()
     assert not target_visibility(norms).visible
     nothing = target_visibility(torch.zeros(2, 5, dtype=torch.float64))
     assert not nothing.visible and nothing.ratio != nothing.ratio  # NaN: nothing to compare with
+
+
+def test_the_padding_probe_pairs_the_most_padded_example_with_the_longest_unpadded_one():
+    assert padding_probe([2, 0, 5, 0], [6, 8, 3, 8]) == PaddingProbe(ref=1, padded=2)
+    assert padding_probe([0, 0], [4, 4]) is None  # nothing padded: nothing to probe
+    assert padding_probe([1, 2], [4, 3]) is None  # every example padded: no unpadded reference
+
+
+def test_all_within_needs_the_best_fit_and_every_pair_row_within_tolerance():
+    fits = aggregation_fits(2.0, torch.tensor([1.0, 3.0], dtype=torch.float64), [{}, {}], 1e-6, 0.0)
+    assert all_within(fits, [{"ratio": 0.5}])
+    assert not all_within(fits, [{"ratio": 1.5}])
+
+
+def test_a_leak_is_judged_on_the_float64_matrix_when_there_is_one():
+    rel, rel64 = torch.tensor([[0.0, 1e-3], [0.0, 0.0]]), torch.zeros(2, 2)
+    assert is_leaking(rel, None, 1e-6)
+    assert not is_leaking(rel, rel64, 1e-6)  # the working-precision entry was float noise

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lightning_debug.rules.early_stopping import evaluate, guard, improved, in_warmup, smooth
+from lightning_debug.rules.early_stopping import evaluate, guard, guard_target, improved, in_warmup, smooth, smoothed
 
 
 def run(values, **kw):
@@ -106,3 +106,18 @@ def test_guard_saturated_needs_a_falling_loss_or_norm():
     assert falling is not None and falling.phase == "saturated" and set(falling.falling) == {"loss"}
     assert guard(0.3, train, loss=[2.7, 2.8, 2.9, 3.0], norm=[10, 10, 10], **kw) is None  # plain overfitting
     assert guard(0.99, train, loss=[3.0, 2.9, 2.8], **kw) is None  # dev already at its best possible value
+
+
+def test_smoothed_keeps_the_raw_dtype_and_passes_a_non_finite_value_through():
+    s = smoothed(np.float32(0.5), [0.1, 0.2], None, method="median", window=3)
+    assert s.value == np.float32(0.2) and s.value.dtype == np.float32 and s.recent == [0.1, 0.2, 0.5]
+    nan = smoothed(np.float32("nan"), [0.1], 0.5, method="ema", window=3)
+    assert np.isnan(nan.value) and nan.recent == [0.1] and nan.ema == 0.5  # the state is not poisoned
+
+
+@pytest.mark.parametrize(
+    ("best_possible", "mode", "in_unit_interval", "expected"),
+    [(None, "max", True, 1.0), (None, "max", False, None), (None, "min", True, None), (0.5, "min", True, 0.5)],
+)
+def test_guard_target_is_one_only_for_an_accuracy_like_max_metric(best_possible, mode, in_unit_interval, expected):
+    assert guard_target(best_possible, mode=mode, in_unit_interval=in_unit_interval) == expected

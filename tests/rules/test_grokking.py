@@ -2,7 +2,14 @@
 
 import math
 
-from lightning_debug.rules.grokking import assess_stall, is_generalized, is_memorized, log10_step, log_spaced_steps
+from lightning_debug.rules.grokking import (
+    assess_stall,
+    is_generalized,
+    is_memorized,
+    log10_step,
+    log_spaced_steps,
+    sum_values,
+)
 
 LIMITS = dict(threshold=0.99, val_threshold=0.99, min_gap=0.2)
 
@@ -44,3 +51,10 @@ def test_log_spaced_steps_are_even_in_log10():
     assert sorted(log_spaced_steps(5, 1000)) == [1, 2, 3, 4, 6, 10, 16, 25, 40, 63, 100, 158, 251, 398, 631, 1000]
     assert max(log_spaced_steps(10, 350)) <= 350
     assert log10_step(0) == 0.0 and math.isclose(log10_step(99), 2.0)
+
+
+def test_sum_values_are_per_scored_token_with_sequence_accuracy_only_for_sequences():
+    assert sum_values("val", 3.0, 4.0, 2.0, 0.0, 0.0) == {"val_acc": 0.75, "val_loss": 0.5}
+    seq = sum_values("train", 3.0, 4.0, 2.0, 1.0, 2.0)
+    assert seq["train_token_acc"] == 0.75 and seq["train_seq_acc"] == 0.5
+    assert sum_values("val", 0.0, 0.0, 0.0, 0.0, 0.0) == {}, "no scored token: nothing to report"
