@@ -150,7 +150,10 @@ def suite_run(job: dict[str, Any], extra: list[str]) -> dict[str, Any]:
     findings = [f for cb in debug_callbacks_of(trainer) for f in cb.findings]
     stops = [f.data.get("reason", "") for f in findings if f.check == "stop.early"]
     return {
-        "findings": [{"id": f.check, "severity": f.severity.value, "step": f.step, "count": f.count} for f in findings],
+        "findings": [
+            {"id": f.check, "severity": f.severity.value, "step": f.step, "count": f.count, "message": f.message[:400]}
+            for f in findings
+        ],
         "stopped_by": next((r[8:] for r in stops if r.startswith("finding:")), None),
         "steps_run": int(trainer.global_step),
         "crash": crash,

@@ -18,6 +18,7 @@ import functools
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from lightning.pytorch.callbacks import Callback
@@ -146,21 +147,28 @@ class DebugCallback(LeanCallback):
         severity: Severity | str | None = None,
         key: str | None = None,
     ) -> Finding:
-        """Record a finding. A repeat of the same ``check`` and ``key`` is counted, not printed again."""
+        """Record a finding. A repeat of the same ``check`` and ``key`` is counted, not printed again, unless it
+        comes with a higher severity (a provisional info confirmed as a warning): then it takes that severity,
+        message and evidence, and is printed."""
         info = check_info(check)
         DebugCallback.total_emissions += 1
         if trainer is not None:
             setattr(trainer, _EMISSIONS, getattr(trainer, _EMISSIONS, 0) + 1)
         step = int(trainer.global_step) if trainer is not None else 0
+        level = Severity(severity) if severity is not None else info.severity
         dedup = f"{check}|{key or ''}"
         if dedup in self._seen:
             i = self._seen[dedup]
-            self.findings[i] = self.findings[i].repeated(step)
-            self._notify(trainer, self.findings[i])
-            return self.findings[i]
+            seen = self.findings[i].repeated(step)
+            if level.rank > seen.severity.rank:  # a provisional finding confirmed: announced again, with its evidence
+                seen = replace(seen, severity=level, message=message, data=jsonable(data or {}))
+                self._announce(trainer, seen)
+            self.findings[i] = seen
+            self._notify(trainer, seen)
+            return seen
         finding = Finding(
             check=check,
-            severity=Severity(severity) if severity is not None else info.severity,
+            severity=level,
             message=message,
             hint=hint if hint is not None else info.hint,
             step=step,

@@ -209,7 +209,9 @@ _CHECKS: tuple[CheckInfo, ...] = (
         "warning",
         "Training loss is not going down",
         "After warm-up the training loss has not moved meaningfully from its starting level "
-        "(e.g. still at ln(num_classes)).",
+        "(e.g. still at ln(num_classes)). Mid-run it is an info while a one-batch memorisation test can still "
+        "answer whether the model learns at all (healthy small transformers sit at chance for a while before "
+        "they take off), and becomes a warning if the run ends still flat.",
         (
             "model capacity too low to fit anything",
             "learning rate far too low or the optimizer not stepping",

@@ -35,6 +35,27 @@ def test_repeated_findings_are_counted_not_repeated(tmp_path, caplog):
     assert f.source == "Probe" and f.hint.startswith("Try")
 
 
+class Escalating(DebugCallback):
+    """A provisional info at step 2 that a later repeat confirms as a warning."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step in (2, 3):
+            self.emit(trainer, "loss.not_decreasing", f"flat at {step}", data={"step": step}, severity="info")
+        if step == 6:
+            self.emit(trainer, "loss.not_decreasing", "still flat at the end", data={"step": step})
+
+
+def test_a_repeat_with_a_higher_severity_confirms_the_finding_and_is_printed_again(tmp_path, caplog):
+    probe = Escalating()
+    make_trainer(tmp_path, [probe], max_steps=8).fit(DigitsMLP(), loaders()[0])
+    (f,) = probe.findings
+    assert (f.severity.value, f.count, f.step, f.last_step) == ("warning", 3, 2, 6)
+    assert (f.message, f.data) == ("still flat at the end", {"step": 6})
+    printed = [r.getMessage() for r in caplog.records if "loss.not_decreasing" in r.getMessage()]
+    assert len(printed) == 2 and "[warning] still flat" in printed[1], printed
+
+
 def test_a_check_that_raises_becomes_check_error_and_training_continues(tmp_path):
     probe = Probe(raise_at=3)
     train, _ = loaders(n_train=320)

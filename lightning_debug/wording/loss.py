@@ -9,6 +9,11 @@ from typing import Any
 from lightning_debug.findings import Finding, check_info
 from lightning_debug.rules import loss as rules
 
+PROVISIONAL_STALL = (
+    " Info until the run ends (a warning then if it is still flat): the one-batch memorisation test tells now "
+    "whether the model can learn at all."
+)
+
 
 def verdict_message(code: int, v: rules.LossVerdicts, floor: rules.Floor, start: float, span: float, t: int) -> str:
     """One sentence with the numbers for a trend verdict."""
