@@ -26,6 +26,7 @@ from lightning_debug.rules.calibration import (
     reliability_due,
     temperature_decides,
     underconfident_at_end,
+    validate_arguments,
 )
 from lightning_debug.rules.loss import declared_label_smoothing
 from lightning_debug.rules.persistence import streak
@@ -104,7 +105,7 @@ class CalibrationMonitor(DebugCallback):
         verbose: bool | None = None,
     ) -> None:
         super().__init__(raise_errors=raise_errors, print_findings=print_findings, strict=strict, verbose=verbose)
-        _validate(locals())
+        validate_arguments(locals())
         self.input_format = input_format
         self._format: InputFormat | None = None if input_format == "auto" else input_format  # type: ignore[assignment]
         self.keys = {"logits_key": logits_key, "probs_key": probs_key, "target_key": target_key}
@@ -244,22 +245,3 @@ class CalibrationMonitor(DebugCallback):
         self.history = [dict(h) for h in state_dict.get("history", [])]
         self._over = int(state_dict.get("over", 0))
         self._under = int(state_dict.get("under", 0))
-
-
-def _validate(args: dict[str, Any]) -> None:
-    """``ValueError`` naming the argument for every misuse of the constructor."""
-    if not 0 < args["ece_threshold"] < 1:
-        raise ValueError(f"ece_threshold must be in (0, 1), got {args['ece_threshold']!r}")
-    lowest = {
-        "min_samples": 1,
-        "z": 0,
-        "patience": 1,
-        "temperature_samples": 0,
-        "plot_every_n_epochs": 0,
-        "dataloader_idx": 0,
-    }  # fmt: skip (plot_every_n_epochs may be None)
-    for name, low in lowest.items():
-        if args[name] is not None and args[name] < low:
-            raise ValueError(f"{name} must be >= {low}, got {args[name]!r}")
-    if args["input_format"] not in ("auto", "logits", "probs"):
-        raise ValueError(f"input_format must be 'auto', 'logits' or 'probs', got {args['input_format']!r}")

@@ -224,36 +224,32 @@ class LossConvergenceMonitor(DebugCallback, LossRecorder):
             self.plateau_checks, code = int(v.plateau_checks), int(v.code)
             metrics["debug/loss/slope"] = float(v.trend.slope)
             if code != rules.NONE:
-                check = f"loss.{rules.VERDICTS[code]}"
                 message = words.verdict_message(code, v, floor, start, span, self.batches)
                 evidence = words.verdict_evidence(v, floor, start, span, self.batches, lr, self.peak_lr, self.rules)
-                provisional = not final and check == "loss.not_decreasing" and self._can_learn(trainer)
-                if provisional:
-                    message += words.PROVISIONAL_STALL
-                self._emit_loss(trainer, check, message, floor, evidence, severity="info" if provisional else None)
+                self._emit_loss(trainer, f"loss.{rules.VERDICTS[code]}", message, floor, evidence, final=final)
         Sink(trainer).log_scalars({k: val for k, val in metrics.items() if math.isfinite(val)})
 
-    def _can_learn(self, trainer: pl.Trainer) -> bool:
-        """A one-batch memorisation test is on the trainer (it runs on a stall) and has not failed: until the run
-        ends, a stall is the lecture's question to it, not yet a verdict. Healthy small transformers and RNNs sit
-        flat at chance for a third or more of a short run before they take off."""
-        return self.watched_on(trainer, "startup.overfit_ok") and not self.findings_on(
-            trainer, "startup.cannot_overfit"
-        )
-
     def _emit_loss(
-        self, trainer: pl.Trainer, check: str, message: str, floor: rules.Floor, data: dict, severity: str | None = None
+        self, trainer: pl.Trainer, check: str, message: str, floor: rules.Floor, data: dict, final: bool = True
     ) -> Finding:
-        """Emit a loss finding naming its floor, citing model-health findings that explain it."""
+        """Emit a loss finding naming its floor, citing model-health findings that explain it; a mid-run stall
+        is provisional (:func:`~lightning_debug.rules.loss.provisional_stall`)."""
+        provisional = rules.provisional_stall(
+            check,
+            final,
+            self.watched_on(trainer, "startup.overfit_ok"),
+            self.findings_on(trainer, "startup.cannot_overfit"),
+        )
         explaining = [f for f in self.findings_on(trainer) if f.check.startswith(EXPLAINING_PREFIXES)]
-        data = {
-            **data,
-            "floor": floor.value,
-            "floor_source": floor.source,
-            "explained_by": [f.check for f in explaining],
-        }
+        data = {**data, "floor": floor.value, "floor_source": floor.source}
+        data["explained_by"] = [f.check for f in explaining]
         hint = words.explained_hint(check, explaining)
-        return self.emit(trainer, check, message, data=data, hint=hint, key=self.series[0].name, severity=severity)
+        if provisional:
+            message += words.PROVISIONAL_STALL
+        key = self.series[0].name
+        return self.emit(
+            trainer, check, message, data=data, hint=hint, key=key, severity="info" if provisional else None
+        )
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

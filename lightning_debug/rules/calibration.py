@@ -7,7 +7,9 @@ Pure: plain floats in, a :class:`CalibrationVerdict` out. Used by
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -88,3 +90,22 @@ def due(v: CalibrationVerdict, over: int, under: int, patience: int, standalone:
 def underconfident_at_end(under: int, patience: int) -> bool:
     """A fit that ends underconfident for ``patience`` evaluations (short of training, or regularised)."""
     return under >= patience
+
+
+def validate_arguments(args: Mapping[str, Any]) -> None:
+    """``ValueError`` naming the argument for every misuse of ``CalibrationMonitor``'s constructor (``locals()``)."""
+    if not 0 < args["ece_threshold"] < 1:
+        raise ValueError(f"ece_threshold must be in (0, 1), got {args['ece_threshold']!r}")
+    lowest = {
+        "min_samples": 1,
+        "z": 0,
+        "patience": 1,
+        "temperature_samples": 0,
+        "plot_every_n_epochs": 0,
+        "dataloader_idx": 0,
+    }  # fmt: skip (plot_every_n_epochs may be None)
+    for name, low in lowest.items():
+        if args[name] is not None and args[name] < low:
+            raise ValueError(f"{name} must be >= {low}, got {args[name]!r}")
+    if args["input_format"] not in ("auto", "logits", "probs"):
+        raise ValueError(f"input_format must be 'auto', 'logits' or 'probs', got {args['input_format']!r}")

@@ -18,7 +18,7 @@ order) and spiky. So no decision rests on one bin or on an extreme of many noisy
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -610,3 +610,10 @@ def stalled(code: int, far: bool, floor: float, start: float, rules: LossRules =
     if code == CONVERGED:
         return floor > rules.plateau_level * start
     return bool(far)
+
+
+def provisional_stall(check: str, final: bool, test_available: bool, test_failures: Sequence[object]) -> bool:
+    """A mid-run ``loss.not_decreasing`` is an info while a one-batch memorisation test (``test_available``, with
+    no failure yet) can answer whether the model learns at all; at the end of the run it is a verdict. Healthy
+    small transformers and RNNs sit at chance for a third or more of a short run before they take off."""
+    return not final and check == "loss.not_decreasing" and test_available and not test_failures

@@ -270,3 +270,11 @@ def test_train_equal_to_validation_is_a_floor_only_once_the_model_learned():
 def test_thresholds_are_validated(kwargs, name):
     with pytest.raises(ValueError, match=name):
         R.LossRules(**kwargs)
+
+
+def test_a_mid_run_stall_is_provisional_only_while_a_one_batch_test_can_answer():
+    assert R.provisional_stall("loss.not_decreasing", False, True, [])
+    assert not R.provisional_stall("loss.not_decreasing", True, True, [])  # the end of the run: a verdict
+    assert not R.provisional_stall("loss.not_decreasing", False, False, [])  # no test on the trainer
+    assert not R.provisional_stall("loss.not_decreasing", False, True, ["startup.cannot_overfit"])
+    assert not R.provisional_stall("loss.plateau", False, True, [])
