@@ -5,6 +5,7 @@
     python benchmarks/detection.py --set tune           # the tune set: use it freely to tune rules
     python benchmarks/detection.py --smoke              # the 15 fixed scenarios of the first benchmark
     python benchmarks/detection.py --verify             # re-derive every ground truth with a bare run
+    python benchmarks/detection.py --truth-only         # only the ground truths not cached yet (no suite runs)
 
 A scenario is a sampled set-up (architecture, data size, batch 4-512, 30-3000 optimizer steps, optimizer and
 schedule, precision, regularisation, accumulation, seed; ``scenarios.py``) x one of 18 injected faults or none.
@@ -361,7 +362,9 @@ def run_generated(args: argparse.Namespace) -> dict[str, Any]:
     for job in jobs:
         cached = cache.get(job["id"])
         truth = cached if cached and cached["setup"] == job["setup"] and cached["fault"] == job["fault"] else None
-        tasks.append((job, truth, args.extra or [], args.verify))
+        if args.truth_only and truth is not None:
+            continue
+        tasks.append((job, truth, args.extra or [], args.verify or args.truth_only))
     done = set()
     if args.resume and args.log and Path(args.log).exists():
         done = {json.loads(line)["id"] for line in Path(args.log).read_text().splitlines() if line.strip()}
@@ -390,11 +393,14 @@ def run_generated(args: argparse.Namespace) -> dict[str, Any]:
     if log:
         log.close()
     results.sort(key=lambda r: r["id"])
-    if args.write_truth or args.verify:
+    if args.write_truth or args.verify or args.truth_only:
         for r in results:
             cache[r["id"]] = r["truth"]
         TRUTH_FILE.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
     elapsed = time.perf_counter() - start
+    if args.truth_only:
+        print(f"stored {len(results)} new ground truths ({sum(r['truth']['valid'] for r in results)} valid)")
+        return {"results": results}
     if args.verify:
         disagree = [r["id"] for r in results if "truth_disagrees" in r]
         print(f"verified {len(results)} ground truths; {len(disagree)} differ from the cache: {disagree}")
@@ -421,6 +427,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--extra", nargs="*", help="module:factory of extra callbacks (e.g. a future component)")
     parser.add_argument("--verify", action="store_true", help="recompute every ground truth, compare, store")
     parser.add_argument("--write-truth", action="store_true", help="store ground truths computed in this run")
+    parser.add_argument("--truth-only", action="store_true", help="only compute and store the missing ground truths")
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--log", help="append each finished scenario's result to this JSON-lines file")
     parser.add_argument("--resume", action="store_true", help="skip the scenarios already in the --log file")
