@@ -98,6 +98,11 @@ class InitLoss:
     gap: float  # loss - chance
     off: bool
 
+    @property
+    def scale_explains_gap(self) -> bool:
+        """The loss the logits' scale alone gives is within half the gap of the loss: the scale explains it."""
+        return abs(self.scale_loss - self.loss) <= 0.5 * abs(self.gap)
+
 
 def init_loss(loss: float, logits: np.ndarray, class_counts: np.ndarray, tolerance: float = LOSS_GAP_NATS) -> InitLoss:
     """A C-class cross-entropy at initialisation against ``ln C``.
@@ -271,3 +276,43 @@ def clipping(active: np.ndarray, threshold: float = CLIPPING_SHARE) -> Clipping:
     n = len(active)
     share = float(np.mean(active)) if n else math.nan
     return Clipping(bool(n >= MIN_SAMPLES and share >= threshold), share, n)
+
+
+# ---------------------------------------------------------------------------------------------- one check window
+@dataclass(frozen=True)
+class GradientVerdict:
+    """The four gradient verdicts on one check window."""
+
+    vanishing: Vanishing
+    exploding: Exploding
+    largest: str | None  # the layer with the largest gradient norm at the window's last sample
+    update_ratio: UpdateRatio
+    clipping: Clipping | None  # None when gradient clipping is off
+
+
+def check_due(unchecked: int, sample_every: int, check_every: int) -> bool:
+    """Enough samples are waiting to make a check window (counted over a resume too)."""
+    return unchecked * sample_every >= check_every
+
+
+def judge_gradients(
+    window: Mapping[str, np.ndarray],
+    run: Mapping[str, np.ndarray],
+    layers: Sequence[str],
+    numel: np.ndarray,
+    sparse: Sequence[bool],
+    peak_lr: float,
+    clipping_on: bool,
+) -> GradientVerdict:
+    """``window``: the check window's columns (``norm``, ``ratio``: (samples, layers); ``clip``, ``lr``:
+    (samples,)); ``run``: the run's ``total`` gradient norms and ``loss`` so far (growth is measured over the
+    run); ``numel``: elements per layer (norms become RMS, so layers of different sizes compare)."""
+    last = window["norm"][-1]
+    largest = layers[int(np.nanargmax(last))] if np.isfinite(last).any() else None
+    return GradientVerdict(
+        vanishing=vanishing(window["norm"] / np.sqrt(np.maximum(numel, 1)), layers, sparse=sparse),
+        exploding=exploding(run["total"], run["loss"]),
+        largest=largest,
+        update_ratio=update_ratio(window["ratio"], layers, window["lr"], peak_lr),
+        clipping=clipping(window["clip"]) if clipping_on else None,
+    )

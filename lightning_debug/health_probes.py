@@ -1,0 +1,289 @@
+"""What ``ModelHealthCheck`` measures, on the device: the one-batch startup probe and the periodic gradient sampler.
+
+Startup: one ``training_step`` and one ``torch.autograd.grad`` on one batch, under
+:func:`~lightning_debug.isolation.isolated` (buffers such as BatchNorm statistics put back, no ``.grad`` left),
+with every ReLU/tanh/sigmoid call seen through a ``TorchFunctionMode`` (:class:`ActivationProbe`).
+
+Periodic (:class:`GradientSampler`): on a sampled step, per-layer gradient and weight norms, the global norm and
+whether clipping is active, before the optimizer step; one parameter snapshot, turned into per-layer update norms
+after the step. Each sample is one device row; rows are pulled to the host in one transfer per check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils.data import IterableDataset
+
+from lightning_debug.batching import tensors_of
+from lightning_debug.isolation import isolated
+from lightning_debug.rules import health as rules
+from lightning_debug.signals import first_dataloader
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+_KINDS = {"relu": "relu", "relu_": "relu", "relu6": "relu", "tanh": "tanh", "tanh_": "tanh"}
+_KINDS.update(sigmoid="sigmoid", sigmoid_="sigmoid")
+_ACTIVATION_MODULES = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.Tanh, torch.nn.Sigmoid)
+
+
+class CannotProbe(Exception):
+    """The startup probe cannot run on this module or loader; the message says why (a ``check.skipped``)."""
+
+
+def sharded(trainer: pl.Trainer) -> str | None:
+    """The sharding strategy's class name (recognised anywhere in the strategy's MRO), else ``None``."""
+    names = {c.__name__ for c in type(trainer.strategy).__mro__}
+    return next((n for n in SHARDED_STRATEGIES if n in names), None)
+
+
+class ActivationProbe(TorchFunctionMode):
+    """Sees every ReLU/tanh/sigmoid call inside the module (module or functional) and counts, per call site,
+    units that are flat for the whole batch. Names: the activation module's own name, else the calling
+    module's name + the function (+ ``#k`` for its k-th call). Parameter-free leaf modules (GELU/SiLU
+    wrappers that use tanh/sigmoid inside) are not activation sites of these kinds and are skipped."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.stack: list[tuple[str, torch.nn.Module]] = []
+        self.sites: dict[str, tuple[str, torch.Tensor, torch.Tensor, int]] = {}
+        self.outputs: list[Any] = []  # outputs of the module and its children (where logits live)
+        self.handles = []
+        for name, m in module.named_modules():
+            self.handles.append(m.register_forward_pre_hook(self._enter(name)))
+            self.handles.append(m.register_forward_hook(self._leave(name.count(".") < 1 if name else True)))
+
+    def _enter(self, name: str) -> Any:
+        return lambda m, args: self.stack.append((name, m))
+
+    def _leave(self, top: bool) -> Any:
+        def hook(m: torch.nn.Module, args: Any, out: Any) -> None:
+            self.stack.pop()
+            if top:
+                self.outputs.append(out)
+
+        return hook
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        kind = _KINDS.get(getattr(func, "__name__", ""))
+        if kind is not None and self.stack and isinstance(out, torch.Tensor) and out.ndim >= 2:
+            name, m = self.stack[-1]
+            if not isinstance(m, _ACTIVATION_MODULES):
+                if not any(True for _ in m.parameters()):
+                    return out  # an activation wrapper of another kind (GELU, SiLU ...)
+                name = f"{name or 'forward'}:{getattr(func, '__name__', kind).rstrip('_')}"
+            self._record(name, kind, out.detach())
+        return out
+
+    def _record(self, name: str, kind: str, y: torch.Tensor) -> None:
+        k = 2
+        base = name
+        while name in self.sites:
+            name, k = f"{base}#{k}", k + 1
+        unit_dim = y.ndim - 1 if y.ndim == 3 else 1  # (B, F), (B, C, H, W...): dim 1; (B, T, F): features last
+        flat = y <= 0 if kind == "relu" else (y.abs() > 0.99 if kind == "tanh" else (y < 0.01) | (y > 0.99))
+        per_unit = flat.movedim(unit_dim, 0).reshape(y.shape[unit_dim], -1).all(dim=1)
+        self.sites[name] = (kind, per_unit.sum(), flat.float().mean(), y.shape[unit_dim])
+
+    def close(self) -> list[rules.UnitStats]:
+        for h in self.handles:
+            h.remove()
+        return [rules.UnitStats(n, k, units, int(f), float(v)) for n, (k, f, v, units) in self.sites.items()]
+
+
+@contextlib.contextmanager
+def kept_buffers(module: torch.nn.Module) -> Iterator[None]:
+    """BatchNorm running statistics and other buffers a train-mode forward updates are put back."""
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, copy in saved:
+                b.copy_(copy)
+
+
+def one_batch(trainer: pl.Trainer) -> Any | None:
+    """The first ``batch_size`` examples of the first train loader, collated (no sampler, no RNG drawn); ``None``
+    for a stream (``IterableDataset``), which a check never iterates: it gets the first real batch instead."""
+    loader = first_dataloader(trainer.train_dataloader)
+    if loader is None:
+        raise CannotProbe("no train DataLoader to take a batch from")
+    size = loader.batch_size
+    if isinstance(loader.dataset, IterableDataset) or size is None or not hasattr(loader.dataset, "__len__"):
+        return None
+    n = min(size, len(loader.dataset))
+    return loader.collate_fn([loader.dataset[i] for i in range(n)])
+
+
+def classifier(out: list[Any], batch: Any, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(logits (N, C), labels (N,)) when the step's loss is the cross-entropy of an output and an integer label
+    of the batch (plain, or shifted by one position as causal LMs score), else ``None``."""
+    labels = [t for t in tensors_of(batch) if not t.is_floating_point() and t.ndim >= 1 and t.dtype != torch.bool]
+    logits = [t for t in tensors_of(out) if t.is_floating_point() and t.ndim >= 2 and t.shape[-1] >= 2]
+    for z in logits:
+        for y in labels:
+            pairs = [(z, y)] + ([(z[:, :-1], y[:, 1:])] if z.ndim == 3 and y.ndim == 2 else [])
+            for zz, yy in pairs:
+                if zz.shape[:-1] != yy.shape:
+                    continue
+                zz, yy = zz.reshape(-1, zz.shape[-1]).detach().float(), yy.reshape(-1)
+                keep = yy != -100
+                if not keep.any() or yy[keep].min() < 0 or yy[keep].max() >= zz.shape[-1]:
+                    continue
+                ce = torch.nn.functional.cross_entropy(zz[keep], yy[keep])
+                if torch.isclose(ce, loss.detach().float(), rtol=1e-3, atol=1e-4):
+                    return zz[keep], yy[keep]
+    return None
+
+
+def optimized(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, int]:
+    """{name: numel} of the trainable tensors in any param group; a tensor that is no parameter of the module
+    (captured before a layer was replaced) gets a name of its own."""
+    names = {id(p): n for n, p in pl_module.named_parameters()}
+    out: dict[str, int] = {}
+    for opt in trainer.optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    out[names.get(id(p), f"<not a parameter of the module: {tuple(p.shape)}>#{len(out)}")] = p.numel()
+    return out
+
+
+@dataclass(frozen=True)
+class StartupEvidence:
+    """What one forward and backward on one batch showed."""
+
+    with_grad: dict[str, int]  # {name: numel} of the trainable parameters that received a gradient
+    units: list[rules.UnitStats]
+    loss: float
+    logits: np.ndarray | None  # (N, C) when the loss is a C-class cross-entropy of an output, else None
+    class_counts: np.ndarray | None  # (C,) label counts of those examples
+
+
+def probe_startup(
+    pl_module: pl.LightningModule, params: list[tuple[str, torch.nn.Parameter]], batch: Any
+) -> StartupEvidence:
+    """One ``training_step`` and one ``torch.autograd.grad`` on ``batch``, leaving no trace on the module."""
+    if not pl_module.automatic_optimization:
+        raise CannotProbe("manual optimization: `training_step` steps the optimizer itself, so it cannot be replayed")
+    with isolated(pl_module), kept_buffers(pl_module), torch.enable_grad():
+        pl_module.train()
+        probe = ActivationProbe(pl_module)
+        try:
+            with probe:
+                out = pl_module.training_step(batch, 0)
+        finally:
+            units = probe.close()
+        loss = out.get("loss") if isinstance(out, Mapping) else out
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
+            raise CannotProbe(f"`training_step` returned {type(out).__name__}, not a scalar loss with a graph")
+        grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
+        found = classifier(probe.outputs, batch, loss)
+    with_grad = {n: p.numel() for (n, p), g in zip(params, grads, strict=True) if g is not None}
+    logits = counts = None
+    if found is not None:
+        logits = found[0].cpu().numpy()
+        counts = torch.bincount(found[1], minlength=logits.shape[1]).cpu().numpy()
+    return StartupEvidence(with_grad, units, float(loss.detach()), logits, counts)
+
+
+class GradientSampler:
+    """Device-side samples of per-layer gradient norms and update/weight ratios, one row per sampled step:
+    ``[grad norm per layer, global norm, clipping active, update ratio per layer, loss]``."""
+
+    def __init__(self, pl_module: pl.LightningModule) -> None:
+        self.params = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        self.tensors = [p.detach() for _, p in self.params]  # views: they follow the updates
+        self.layers = rules.modules_of([n for n, _ in self.params])
+        modules = dict(pl_module.named_modules())
+        self.sparse = [isinstance(modules.get(layer), torch.nn.Embedding) for layer in self.layers]
+        index = {layer: i for i, layer in enumerate(self.layers)}
+        layer_ids = [index[rules.module_of(n)] for n, _ in self.params]
+        self.layer_of = torch.tensor(layer_ids, device=pl_module.device)  # (P,) layer index of each parameter
+        self.numel = np.bincount(layer_ids, [p.numel() for _, p in self.params], len(self.layers))
+        self.pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, device row) not yet pulled
+        self._sample: tuple[Any, torch.Tensor, int, float] | None = None  # snapshot, part, step, lr
+
+    @property
+    def waiting(self) -> int | None:
+        """The step of a sample whose optimizer step has not been seen yet, else ``None``."""
+        return None if self._sample is None else self._sample[2]
+
+    def before_step(self, step: int, lr: float, clip: float | None, algorithm: str | None) -> bool:
+        """Gradient and weight norms per layer and a parameter snapshot, before the optimizer step; ``False``
+        when no parameter has a gradient (nothing sampled)."""
+        tensors = self.tensors
+        grads = [p.grad for _, p in self.params]
+        live = [g for g in grads if g is not None]
+        if not live:
+            return False
+        n = len(self.layers)
+        with torch.no_grad():
+            index = self.layer_of if len(live) == len(tensors) else self._index(grads)
+            g2 = torch.stack(torch._foreach_norm(live)).float().square()
+            w2 = torch.stack(torch._foreach_norm(tensors)).float().square()
+            sums = torch.zeros(2 * n, device=g2.device).index_add_(
+                0, torch.cat([index, self.layer_of + n]), torch.cat([g2, w2])
+            )
+            total = g2.sum().sqrt()
+            if not clip:
+                active = torch.zeros((), device=g2.device)
+            elif algorithm == "value":
+                active = (torch.stack(torch._foreach_norm(live, math.inf)).max() > float(clip)).float()
+            else:
+                active = (total > float(clip)).float()
+            snapshot = torch._foreach_mul(tensors, 1.0)  # one copy of every parameter, until after the step
+        # layer grad norms, global norm, clipping active, layer weight norms (replaced by ratios after the step)
+        self._sample = (snapshot, torch.cat([sums[:n].sqrt(), total[None], active[None], sums[n:].sqrt()]), step, lr)
+        return True
+
+    def after_step(self, loss: Any) -> None:
+        """The update per layer from the snapshot, as a share of the layer's norm before the step."""
+        assert self._sample is not None
+        snapshot, part, step, lr = self._sample
+        self._sample = None
+        n = len(self.layers)
+        with torch.no_grad():
+            torch._foreach_sub_(snapshot, self.tensors)  # -dW, in the snapshot's memory
+            d2 = torch.stack(torch._foreach_norm(snapshot)).float().square()
+            dl = torch.zeros(n, device=d2.device).index_add_(0, self.layer_of, d2).sqrt()
+            wl = part[n + 2 :]
+            ratio = torch.where(wl > 0, dl / wl, torch.full_like(wl, math.nan))
+            loss = loss.detach().float().reshape(1) if isinstance(loss, torch.Tensor) else torch.full((1,), math.nan)
+        self.pending.append((step, lr, torch.cat([part[: n + 2], ratio, loss.to(ratio.device)])))
+
+    def _index(self, grads: list[torch.Tensor | None]) -> torch.Tensor:
+        """Layer index of the parameters that have a gradient (when some have none)."""
+        present = [i for i, g in enumerate(grads) if g is not None]
+        return self.layer_of[torch.tensor(present, device=self.layer_of.device)]
+
+    def pull(self) -> tuple[list[int], list[float], np.ndarray]:
+        """Steps, learning rates and rows of the pending samples, in one transfer; the queue is emptied."""
+        if not self.pending:
+            return [], [], np.zeros((0, 2 * len(self.layers) + 3))
+        rows = torch.stack([r for _, _, r in self.pending]).cpu().numpy()
+        steps, lrs = [s for s, _, _ in self.pending], [lr for _, lr, _ in self.pending]
+        self.pending = []
+        return steps, lrs, rows
+
+
+def columns(rows: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    """The named columns of sample rows over ``n`` layers."""
+    return {
+        "norm": rows[:, :n],
+        "total": rows[:, n],
+        "clip": rows[:, n + 1],
+        "ratio": rows[:, n + 2 : 2 * n + 2],
+        "loss": rows[:, -1],
+    }
