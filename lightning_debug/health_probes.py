@@ -198,11 +198,27 @@ def probe_startup(
     return StartupEvidence(with_grad, units, float(loss.detach()), logits, counts)
 
 
+@dataclass
+class _Sample:
+    step: int
+    lr: float
+    before: torch.Tensor  # (2n + 1,) squared: grad norm per layer, weight norm per layer, global grad norm
+    peak: torch.Tensor | None  # largest gradient entry (clipping by value only)
+    snapshot: Any = None  # the parameters before the step, until after it
+    update: torch.Tensor | None = None  # (n,) squared update norm per layer
+    loss: torch.Tensor | None = None
+
+
 class GradientSampler:
-    """Device-side samples of per-layer gradient norms and update/weight ratios, one row per sampled step:
+    """Device-side samples of per-layer gradient norms and update/weight ratios. A sample is a handful of
+    device ops (one ``_foreach_norm`` over gradients and weights, one matrix-vector product into layers, one
+    copy of the parameters; after the step one in-place difference, one norm, one product); square roots,
+    ratios and the clipping test are done for all samples at once when they are pulled, as rows
     ``[grad norm per layer, global norm, clipping active, update ratio per layer, loss]``."""
 
-    def __init__(self, pl_module: pl.LightningModule) -> None:
+    def __init__(self, pl_module: pl.LightningModule, clip: float | None = None, algorithm: str | None = None) -> None:
+        self.clip = float(clip) if clip else None  # Lightning's gradient_clip_val
+        self.clip_by_value = self.clip is not None and algorithm == "value"
         self.params = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
         self.tensors = [p.detach() for _, p in self.params]  # views: they follow the updates
         self.layers = rules.modules_of([n for n, _ in self.params])
@@ -210,72 +226,69 @@ class GradientSampler:
         self.sparse = [isinstance(modules.get(layer), torch.nn.Embedding) for layer in self.layers]
         index = {layer: i for i, layer in enumerate(self.layers)}
         layer_ids = [index[rules.module_of(n)] for n, _ in self.params]
-        self.layer_of = torch.tensor(layer_ids, device=pl_module.device)  # (P,) layer index of each parameter
         self.numel = np.bincount(layer_ids, [p.numel() for _, p in self.params], len(self.layers))
-        self.pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, device row) not yet pulled
-        self._sample: tuple[Any, torch.Tensor, int, float] | None = None  # snapshot, part, step, lr
+        n, count = len(self.layers), len(self.params)
+        device = pl_module.device
+        self.member = torch.zeros(n, count, device=device)  # layer x parameter: 1 where the parameter is the layer's
+        self.member[layer_ids, range(count)] = 1.0
+        self._summing: dict[tuple[int, ...], torch.Tensor] = {}  # gradients present -> (2n + 1, present + P)
+        self.pending: list[_Sample] = []  # not yet pulled
+        self.waiting: _Sample | None = None  # sampled before a step, the step not seen yet
 
-    @property
-    def waiting(self) -> int | None:
-        """The step of a sample whose optimizer step has not been seen yet, else ``None``."""
-        return None if self._sample is None else self._sample[2]
+    def _summing_for(self, present: tuple[int, ...]) -> torch.Tensor:
+        """The matrix that sums squared [gradient norms of ``present``, weight norms] into layer sums + total."""
+        if present not in self._summing:
+            n, count = self.member.shape
+            grads = self.member[:, list(present)]
+            top = torch.cat([grads, torch.zeros(n, count, device=grads.device)], 1)
+            middle = torch.cat([torch.zeros_like(grads), self.member], 1)
+            ones = torch.cat([torch.ones(len(present)), torch.zeros(count)]).to(grads.device)
+            self._summing[present] = torch.cat([top, middle, ones[None]])
+        return self._summing[present]
 
-    def before_step(self, step: int, lr: float, clip: float | None, algorithm: str | None) -> bool:
-        """Gradient and weight norms per layer and a parameter snapshot, before the optimizer step; ``False``
-        when no parameter has a gradient (nothing sampled)."""
-        tensors = self.tensors
+    def before_step(self, step: int, lr: float) -> bool:
+        """Squared gradient and weight norms per layer and a parameter snapshot, before the optimizer step;
+        ``False`` when no parameter has a gradient (nothing sampled)."""
         grads = [p.grad for _, p in self.params]
         live = [g for g in grads if g is not None]
         if not live:
             return False
-        n = len(self.layers)
-        with torch.no_grad():
-            index = self.layer_of if len(live) == len(tensors) else self._index(grads)
-            g2 = torch.stack(torch._foreach_norm(live)).float().square()
-            w2 = torch.stack(torch._foreach_norm(tensors)).float().square()
-            sums = torch.zeros(2 * n, device=g2.device).index_add_(
-                0, torch.cat([index, self.layer_of + n]), torch.cat([g2, w2])
-            )
-            total = g2.sum().sqrt()
-            if not clip:
-                active = torch.zeros((), device=g2.device)
-            elif algorithm == "value":
-                active = (torch.stack(torch._foreach_norm(live, math.inf)).max() > float(clip)).float()
-            else:
-                active = (total > float(clip)).float()
-            snapshot = torch._foreach_mul(tensors, 1.0)  # one copy of every parameter, until after the step
-        # layer grad norms, global norm, clipping active, layer weight norms (replaced by ratios after the step)
-        self._sample = (snapshot, torch.cat([sums[:n].sqrt(), total[None], active[None], sums[n:].sqrt()]), step, lr)
+        present = tuple(i for i, g in enumerate(grads) if g is not None)
+        norms = torch.stack(torch._foreach_norm(live + self.tensors)).float()
+        before = torch.mv(self._summing_for(present), norms.square())
+        peak = torch.stack(torch._foreach_norm(live, math.inf)).max() if self.clip_by_value else None
+        self.waiting = _Sample(step, lr, before, peak, torch._foreach_mul(self.tensors, 1.0))
         return True
 
     def after_step(self, loss: Any) -> None:
-        """The update per layer from the snapshot, as a share of the layer's norm before the step."""
-        assert self._sample is not None
-        snapshot, part, step, lr = self._sample
-        self._sample = None
-        n = len(self.layers)
-        with torch.no_grad():
-            torch._foreach_sub_(snapshot, self.tensors)  # -dW, in the snapshot's memory
-            d2 = torch.stack(torch._foreach_norm(snapshot)).float().square()
-            dl = torch.zeros(n, device=d2.device).index_add_(0, self.layer_of, d2).sqrt()
-            wl = part[n + 2 :]
-            ratio = torch.where(wl > 0, dl / wl, torch.full_like(wl, math.nan))
-            loss = loss.detach().float().reshape(1) if isinstance(loss, torch.Tensor) else torch.full((1,), math.nan)
-        self.pending.append((step, lr, torch.cat([part[: n + 2], ratio, loss.to(ratio.device)])))
-
-    def _index(self, grads: list[torch.Tensor | None]) -> torch.Tensor:
-        """Layer index of the parameters that have a gradient (when some have none)."""
-        present = [i for i, g in enumerate(grads) if g is not None]
-        return self.layer_of[torch.tensor(present, device=self.layer_of.device)]
+        """The squared update norm per layer, from the snapshot (the snapshot's memory is reused)."""
+        sample, self.waiting = self.waiting, None
+        assert sample is not None
+        torch._foreach_sub_(sample.snapshot, self.tensors)  # -dW
+        sample.update = torch.mv(self.member, torch.stack(torch._foreach_norm(sample.snapshot)).float().square())
+        sample.snapshot = None
+        sample.loss = loss.detach() if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
+        self.pending.append(sample)
 
     def pull(self) -> tuple[list[int], list[float], np.ndarray]:
         """Steps, learning rates and rows of the pending samples, in one transfer; the queue is emptied."""
+        n = len(self.layers)
         if not self.pending:
-            return [], [], np.zeros((0, 2 * len(self.layers) + 3))
-        rows = torch.stack([r for _, _, r in self.pending]).cpu().numpy()
-        steps, lrs = [s for s, _, _ in self.pending], [lr for _, lr, _ in self.pending]
-        self.pending = []
-        return steps, lrs, rows
+            return [], [], np.zeros((0, 2 * n + 3))
+        samples, self.pending = self.pending, []
+        before = torch.stack([s.before for s in samples]).sqrt()
+        update = torch.stack([s.update for s in samples if s.update is not None]).sqrt()
+        nan = torch.full((), math.nan, device=before.device)
+        loss = torch.stack([nan if s.loss is None else s.loss.reshape(()).float().to(nan.device) for s in samples])
+        total, weight = before[:, 2 * n], before[:, n : 2 * n]
+        if self.clip is None:
+            active = torch.zeros_like(total)
+        else:  # clipping by norm compares the global norm, by value the largest entry
+            peaks = [s.peak for s in samples if s.peak is not None]
+            active = ((torch.stack(peaks) if self.clip_by_value else total) > self.clip).float()
+        ratio = torch.where(weight > 0, update / weight, torch.full_like(weight, math.nan))
+        rows = torch.cat([before[:, :n], total[:, None], active[:, None], ratio, loss[:, None]], 1)
+        return [s.step for s in samples], [s.lr for s in samples], rows.cpu().numpy()
 
 
 def columns(rows: np.ndarray, n: int) -> dict[str, np.ndarray]:

@@ -79,6 +79,7 @@ class ModelHealthCheck(DebugCallback):
         self.history: dict[str, list[Any]] = {k: [] for k in ("step", "lr", "row", "total", "loss")}  # pulled samples
         self.checked = 0  # history entries already judged
         self.peak_lr = 0.0
+        self._until_sample = 0
 
     @property
     def layers(self) -> list[str]:
@@ -96,7 +97,8 @@ class ModelHealthCheck(DebugCallback):
             self.disabled = f"parameters are sharded by {strategy}; gathering them would cost a full copy per check"
             self.emit(trainer, "check.skipped", f"ModelHealthCheck: {self.disabled}.", data={"reason": self.disabled})
             return
-        self.sampler = GradientSampler(pl_module)
+        self.sampler = GradientSampler(pl_module, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
+        self._until_sample = 0  # optimizer steps until the next sampled one (0: read the trainer's step)
         if self.startup and not self.startup_done and trainer.global_rank == 0:
             self.startup_done = True
             try:
@@ -135,19 +137,25 @@ class ModelHealthCheck(DebugCallback):
 
     # ------------------------------------------------------------------ periodic: device only
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        sampler = self.sampler
-        if sampler is None or sampler.waiting is not None or trainer.global_step % self.sample_every_n_steps:
+        """Samples every ``sample_every_n_steps``-th step. ``trainer.global_step`` (~3 us) is read only where a
+        countdown of optimizer steps says a sampled step is due, and the countdown is re-aligned to it there."""
+        self._until_sample -= 1
+        if self._until_sample > 0 or self.sampler is None:
+            return
+        step = trainer.global_step
+        self._until_sample = self.sample_every_n_steps - step % self.sample_every_n_steps
+        if step % self.sample_every_n_steps or self.sampler.waiting is not None:
             return
         lr = optimizer.param_groups[0]["lr"]
         lr = float(lr) if not isinstance(lr, torch.Tensor) else math.nan
-        if sampler.before_step(trainer.global_step, lr, trainer.gradient_clip_val, trainer.gradient_clip_algorithm):
+        if self.sampler.before_step(step, lr):
             self.peak_lr = max(self.peak_lr, lr) if math.isfinite(lr) else self.peak_lr
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         sampler = self.sampler
-        if sampler is None or sampler.waiting is None or trainer.global_step == sampler.waiting:
+        if sampler is None or sampler.waiting is None or trainer.global_step == sampler.waiting.step:
             return  # no sample, or the sampled step's optimizer step has not run yet (gradient accumulation)
         sampler.after_step(outputs.get("loss") if isinstance(outputs, Mapping) else outputs)
         unchecked = len(self.history["step"]) - self.checked + len(sampler.pending)
