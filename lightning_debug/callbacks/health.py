@@ -200,6 +200,8 @@ class ModelHealthCheck(DebugCallback):
 
     def _log(self, trainer: pl.Trainer, step: int, w: dict[str, np.ndarray]) -> None:
         """One point per check and series: the window's medians (every sample is in the end-of-fit table)."""
+        if not trainer.loggers:
+            return
         norm, ratio = rules.column_medians(w["norm"]), rules.column_medians(w["ratio"])
         metrics = {f"{PREFIX}{layer}/norm": norm[j] for j, layer in enumerate(self.layers)}
         metrics.update({f"{PREFIX}{layer}/update_ratio": ratio[j] for j, layer in enumerate(self.layers)})
