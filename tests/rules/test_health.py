@@ -75,6 +75,22 @@ def test_vanishing_leaves_out_sparse_embedding_gradients():
     assert not v.fires and v.bottom == "encoder", v
 
 
+def test_vanishing_is_no_verdict_once_the_loss_has_fallen_tenfold():
+    """Healthy tiny BERTs of the detection benchmark that fit their task: the loss fell ~100x, every layer below
+    the classifier is orders of magnitude smaller (embeddings.LayerNorm 10^-4.2 to 10^-4.4, measured): small
+    gradients because little is left to learn. A loss still near its start keeps the verdict."""
+    layers = ["embeddings.LayerNorm", "encoder.0.query", "pooler", "classifier"]
+    rms = np.array([[10.0 ** (-6.5 - 0.05 * t), 1e-8, 1e-4, 1e-2] for t in range(10)])
+    fitted = rules.vanishing(rms, layers, losses=np.full(10, 0.007), start_loss=0.69)
+    assert not fitted.fires and fitted.learned and fitted.log10_ratio < -4, fitted
+    stuck = rules.vanishing(rms, layers, losses=np.full(10, 0.68), start_loss=0.69)
+    assert stuck.fires and not stuck.learned and stuck.bottom == "embeddings.LayerNorm"
+    window = {"norm": rms, "ratio": np.full((10, 4), 1e-3), "clip": np.zeros(10), "lr": np.full(10, 1e-3)}
+    run = {"total": np.ones(13), "loss": np.r_[[0.69] * 3, np.full(10, 0.007)]}
+    v = rules.judge_gradients({**window, "loss": run["loss"][3:]}, run, layers, np.ones(4), [False] * 4, 1e-3, False)
+    assert not v.vanishing.fires and v.vanishing.learned, "the run's first sampled losses are the start"
+
+
 def test_exploding_needs_growth_and_a_loss_that_did_not_fall_and_fires_on_nonfinite():
     losses = np.full(12, 2.3)
     norms = np.array([1.0] * 6 + [1e4] * 6)
@@ -124,6 +140,7 @@ def test_judge_gradients_combines_the_window_verdicts_and_names_the_largest_laye
         "ratio": np.full((11, 2), 1e-3),
         "clip": np.ones(11),
         "lr": np.full(11, 1e-2),
+        "loss": np.full(11, 2.3),
     }
     run = {"total": np.ones(11), "loss": np.full(11, 2.3)}
     numel = np.array([100, 100])
