@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -202,17 +202,17 @@ def probe_startup(
 class _Sample:
     step: int
     lr: float
-    norms: torch.Tensor  # (2P,) gradient norm of each parameter (0 without a gradient), then its weight norm
+    norms: Sequence[torch.Tensor]  # 2P scalars: each parameter's gradient norm (0 without one), then weight norm
     peak: torch.Tensor | None  # largest gradient entry (clipping by value only)
     snapshot: Any = None  # the parameters before the step, until after it
-    update: torch.Tensor | None = None  # (P,) norm of each parameter's update
+    update: Sequence[torch.Tensor] = ()  # P scalars: the norm of each parameter's update
     loss: torch.Tensor | None = None
 
 
 class GradientSampler:
     """Device-side samples of gradient norms and update/weight ratios. A sampled step costs two ops before
-    the optimizer step (one ``_foreach_norm`` over gradients and weights, stacked) and a copy of the parameters,
-    and three after it (an in-place difference, its norms, stacked). On a training step's cold caches a small
+    the optimizer step (one ``_foreach_norm`` over gradients and weights) and a copy of the parameters, and two
+    after it (an in-place difference, its norms). On a training step's cold caches a small
     device op costs 10-30 us, so everything else (sums into layers, square roots, ratios, the clipping test) is
     done once for all samples when they are pulled, as rows
     ``[grad norm per layer, global norm, clipping active, update ratio per layer, loss]``."""
@@ -245,7 +245,7 @@ class GradientSampler:
         if not live:
             return False
         full = live if len(live) == len(grads) else [self._zero if g is None else g for g in grads]
-        norms = torch.stack(torch._foreach_norm(full + self.tensors))
+        norms = torch._foreach_norm(full + self.tensors)  # stacked at the pull: one op for all samples
         peak = torch.stack(torch._foreach_norm(live, math.inf)).max() if self.clip_by_value else None
         snapshot = [t.clone() for t in self.tensors] if self._on_cpu else torch._foreach_mul(self.tensors, 1.0)
         self.waiting = _Sample(step, lr, norms, peak, snapshot)
@@ -256,7 +256,7 @@ class GradientSampler:
         sample, self.waiting = self.waiting, None
         assert sample is not None
         torch._foreach_sub_(sample.snapshot, self.tensors)  # -dW
-        sample.update = torch.stack(torch._foreach_norm(sample.snapshot))
+        sample.update = torch._foreach_norm(sample.snapshot)
         sample.snapshot = None
         sample.loss = loss.detach() if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
         self.pending.append(sample)
@@ -267,11 +267,11 @@ class GradientSampler:
         if not self.pending:
             return [], [], np.zeros((0, 2 * n + 3))
         samples, self.pending = self.pending, []
-        squares = torch.stack([s.norms for s in samples]).float().square()  # (k, 2P)
+        squares = torch.stack([x for s in samples for x in s.norms]).float().reshape(len(samples), -1).square()
         grad, weight = (squares[:, :count] @ self.member).sqrt(), (squares[:, count:] @ self.member).sqrt()
         total = squares[:, :count].sum(1).sqrt()
-        updated = [s.update for s in samples if s.update is not None]
-        update = (torch.stack(updated).float().square() @ self.member).sqrt()
+        updates = torch.stack([x for s in samples for x in s.update]).float().reshape(len(samples), count)
+        update = (updates.square() @ self.member).sqrt()
         losses = [s.loss for s in samples]
         if all(x is not None and x.device == total.device for x in losses):
             loss = torch.stack(losses).reshape(len(samples)).float()  # type: ignore[arg-type]
