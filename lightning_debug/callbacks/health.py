@@ -1,18 +1,13 @@
 """``ModelHealthCheck``: name the cause when the loss does not move (parameters, gradients, initialisation).
 
-At the start of fit, one forward and one backward on one batch of the train loader, leaving no trace
-(:func:`~lightning_debug.health_probes.probe_startup`), give ``setup.params_not_in_optimizer`` /
-``setup.optimizer_params_unused`` (gradient receivers vs param groups), ``init.loss_off_chance`` (a C-class
-cross-entropy at init vs ``ln C``) and ``init.dead_units`` / ``init.saturated_units`` (ReLU/tanh/sigmoid outputs,
-per layer).
-
-During training, every ``sample_every_n_steps`` optimizer steps, per-layer gradient norms (before clipping:
-Lightning calls ``on_before_optimizer_step`` before it clips), the global norm, whether clipping is active and
-the one-step update/weight ratio per layer are written to device tensors
-(:class:`~lightning_debug.health_probes.GradientSampler`). Every ``check_every_n_steps`` steps they are pulled in
-one transfer, logged under ``debug/grad/<layer>/`` and judged (``grad.vanishing``, ``grad.exploding``,
-``grad.update_ratio``, ``grad.clipping_always``). Under sharded parameters (FSDP, DeepSpeed) nothing is gathered:
-``check.skipped``.
+At the start of fit, one forward and backward on one batch, leaving no trace (``health_probes.probe_startup``):
+``setup.params_not_in_optimizer`` / ``setup.optimizer_params_unused`` (gradient receivers vs param groups),
+``init.loss_off_chance`` (a C-class cross-entropy at init vs ``ln C``), ``init.dead_units`` /
+``init.saturated_units`` (ReLU/tanh/sigmoid outputs per layer). During training, every ``sample_every_n_steps``
+optimizer steps, gradient norms before clipping and one-step updates go to device tensors
+(``health_probes.GradientSampler``); every ``check_every_n_steps`` steps they are pulled in one transfer, logged
+under ``debug/grad/<layer>/`` and judged (``grad.vanishing``, ``grad.exploding``, ``grad.update_ratio``,
+``grad.clipping_always``). Under sharded parameters (FSDP, DeepSpeed) nothing is gathered: ``check.skipped``.
 """
 
 from __future__ import annotations
