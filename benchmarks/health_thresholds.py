@@ -33,6 +33,7 @@ from torch import nn
 
 from lightning_debug.callbacks.health import ModelHealthCheck
 from lightning_debug.demos.digits import DigitsMLP, loaders
+from lightning_debug.health_probes import columns
 from lightning_debug.rules import health as rules
 
 
@@ -257,13 +258,13 @@ def statistics(cb: ModelHealthCheck) -> dict[str, float]:
     rows = np.asarray(cb.history["row"])
     if not len(rows):
         return out
-    c = cb._columns(rows)
+    c = columns(rows, len(cb.layers))
     per = cb.check_every_n_steps // cb.sample_every_n_steps
     van, high, low, clip = [], [], [], []
     lrs = np.asarray(cb.history["lr"])
     for start in range(0, len(rows) - rules.MIN_SAMPLES + 1, per):
         w = slice(start, start + per)
-        v = rules.vanishing(c["norm"][w] / np.sqrt(np.maximum(cb._numel, 1)), cb.layers)
+        v = rules.vanishing(c["norm"][w] / np.sqrt(np.maximum(cb.sampler.numel, 1)), cb.layers)
         van.append(v.log10_ratio)
         u = rules.update_ratio(c["ratio"][w], cb.layers, lrs[w], cb.peak_lr)
         high.append(float(np.nanmax(c["ratio"][w])) if np.isfinite(c["ratio"][w]).any() else math.nan)

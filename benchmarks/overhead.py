@@ -294,56 +294,94 @@ def _measure(case: Case, reps: int, root: str) -> dict[str, Any]:
     }
 
 
-def _time_hooks(callback: Callback, hooks: tuple[str, ...]) -> dict[str, float]:
-    """Wrap ``callback``'s hooks (on the instance) to add their wall time to the returned dict."""
+def _time_hooks(
+    callback: Callback, hooks: tuple[str, ...], clock: Callable[[], float] = time.perf_counter
+) -> dict[str, float]:
+    """Wrap ``callback``'s hooks (on the instance) to add their time by ``clock`` to the returned dict."""
     spent = dict.fromkeys(hooks, 0.0)
     for name in hooks:
         hook = getattr(callback, name)
 
         def timed(*args: Any, _hook: Callable[..., Any] = hook, _name: str = name, **kwargs: Any) -> Any:
-            began = time.perf_counter()
+            began = clock()
             try:
                 return _hook(*args, **kwargs)
             finally:
-                spent[_name] += time.perf_counter() - began
+                spent[_name] += clock() - began
 
         setattr(callback, name, timed)
     return spent
 
 
+class CpuStepClock(StepClock):
+    """Also the thread's CPU time per step: unlike wall time, it does not count the time another process holds
+    the core (on a shared machine one preemption inside a hook adds milliseconds to a sum of microseconds)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cpu_step_seconds: list[float] = []
+        self._last_cpu: float | None = None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._last_cpu = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, i)
+        now = time.thread_time()
+        if self._last_cpu is not None:
+            self.cpu_step_seconds.append(now - self._last_cpu)
+        self._last_cpu = now
+
+
+PERIODIC_HOOKS = ("on_before_optimizer_step", "on_train_batch_end")
+
+
+def _health_run(case: Case, root: str) -> tuple[Any, CpuStepClock, dict[str, float], dict[str, float]]:
+    """One run with ``ModelHealthCheck`` alone: the check, its clock, wall and CPU time in its hooks."""
+    from lightning_debug.callbacks.health import ModelHealthCheck
+
+    pl.seed_everything(0, verbose=False)
+    module, train, val = case.build()
+    check = ModelHealthCheck(verbose=False)
+    wall = _time_hooks(check, (*PERIODIC_HOOKS, "on_train_end"))
+    cpu = _time_hooks(check, PERIODIC_HOOKS, time.thread_time)
+    clock = CpuStepClock()
+    trainer = pl.Trainer(
+        max_epochs=case.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        default_root_dir=root, callbacks=[clock, check],
+    )  # fmt: skip
+    trainer.fit(module, train, val)
+    return check, clock, wall, cpu
+
+
 def health_cost(case: Case, reps: int, root: str) -> dict[str, Any]:
     """``ModelHealthCheck`` alone (issue 15): its startup against one bare epoch, and its periodic part per step.
 
-    The periodic part is the wall time inside its per-step hooks (``on_before_optimizer_step``,
+    The periodic part is the time inside its per-step hooks (``on_before_optimizer_step``,
     ``on_train_batch_end``: sampling every 10th step, the pull, verdicts and logging every 100th) summed over the
-    run, divided by the summed step times of the same run (so preemption on a shared machine inflates both);
+    run, divided by the summed step times of the same run, in wall time (preemption on a shared machine inflates
+    both, but a single one inside a hook weighs heavily) and in the thread's CPU time (blind to preemption);
     Lightning's dispatch of the two hooks (~2 us each per step, see ``LeanCallback``) is added from
-    ``--hook-dispatch-us``. Medians over repetitions."""
-    from lightning_debug.callbacks.health import ModelHealthCheck
-
+    ``--hook-dispatch-us``. ``end_seconds``: its end-of-fit work (last check, the table and the heat-map PNG;
+    no logger here, so the PNG is drawn). Medians over repetitions."""
     threads = torch.get_num_threads()
     if case.threads is not None:
         torch.set_num_threads(case.threads)
-    startup, periodic, bare_epochs, bare_steps = [], [], [], []
+    startup, periodic, periodic_cpu, end, bare_epochs, bare_steps = [], [], [], [], [], []
     try:
         run_once(case, False, root)  # warm-up
+        _health_run(case, root)  # warm-up: first-call costs (the activation probe's mode, matplotlib's import)
         for _ in range(reps):
             bare = run_once(case, False, root).clock
             bare_epochs.append(statistics.median(bare.epoch_seconds))
             bare_steps.append(bare.seconds_per_step)
-            pl.seed_everything(0, verbose=False)
-            module, train, val = case.build()
-            check = ModelHealthCheck(verbose=False)
-            spent = _time_hooks(check, ("on_before_optimizer_step", "on_train_batch_end"))
-            clock = StepClock()
-            trainer = pl.Trainer(
-                max_epochs=case.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                default_root_dir=root, callbacks=[clock, check],
-            )  # fmt: skip
-            trainer.fit(module, train, val)
+            check, clock, wall, cpu = _health_run(case, root)
             startup.append(check.startup_seconds)
-            periodic.append(sum(spent.values()) / sum(clock.step_seconds))
+            periodic.append(sum(wall[h] for h in PERIODIC_HOOKS) / sum(clock.step_seconds))
+            periodic_cpu.append(sum(cpu.values()) / sum(clock.cpu_step_seconds))
+            end.append(wall["on_train_end"])
     finally:
         torch.set_num_threads(threads)
     epoch = statistics.median(bare_epochs)
@@ -355,6 +393,9 @@ def health_cost(case: Case, reps: int, root: str) -> dict[str, Any]:
         "startup_epoch_ratios": [s / e for s, e in zip(startup, bare_epochs, strict=True)],
         "periodic_step_share": statistics.median(periodic),
         "periodic_step_shares": periodic,
+        "periodic_cpu_share": statistics.median(periodic_cpu),
+        "periodic_cpu_shares": periodic_cpu,
+        "end_seconds": statistics.median(end),
         "bare_epoch_seconds": epoch,
         "bare_ms_per_step": 1e3 * statistics.median(bare_steps),
     }
@@ -566,10 +607,14 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
             dispatch = args.hook_dispatch_us * 1e-3 / h["bare_ms_per_step"]
             print(
                 f"{h['case']:>10} ModelHealthCheck: startup {1e3 * h['startup_seconds']:.1f} ms = "
-                f"{100 * h['startup_epoch_ratio']:.1f}% of one bare epoch ({h['bare_epoch_seconds']:.2f} s); periodic "
-                f"{100 * h['periodic_step_share']:.2f}% of a {h['bare_ms_per_step']:.2f} ms step in its hooks "
-                f"(+{100 * dispatch:.2f}% hook dispatch); reps: "
+                f"{100 * h['startup_epoch_ratio']:.1f}% of one bare epoch ({h['bare_epoch_seconds']:.3f} s; reps "
+                + ", ".join(f"{100 * x:.1f}%" for x in h["startup_epoch_ratios"])
+                + f"); periodic {100 * h['periodic_step_share']:.2f}% of a {h['bare_ms_per_step']:.2f} ms step in its "
+                f"hooks (+{100 * dispatch:.2f}% hook dispatch; reps "
                 + ", ".join(f"{100 * x:.2f}%" for x in h["periodic_step_shares"])
+                + f"), CPU time {100 * h['periodic_cpu_share']:.2f}% (reps "
+                + ", ".join(f"{100 * x:.2f}%" for x in h["periodic_cpu_shares"])
+                + f"); end of fit {1e3 * h['end_seconds']:.0f} ms"
             )
         if args.json:
             with open(args.json, "w") as fh:

@@ -705,7 +705,8 @@ _CHECKS: tuple[CheckInfo, ...] = (
         "warning",
         "Vanishing gradients in the lower layers",
         "Over a check interval, the first layer's gradient RMS is more than 1000x below the last layer's (median of "
-        "the sampled steps) and not recovering.",
+        "the sampled steps) and not recovering, while the loss is still above a tenth of its start (a fitted model "
+        "has small gradients everywhere).",
         (
             "depth without normalisation or residual connections; saturating activations",
             "initialisation too small for the depth",

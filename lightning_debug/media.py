@@ -80,3 +80,27 @@ def grokking_figure(
     axes[0].set_title("Grokking curves")
     fig.tight_layout()
     return fig
+
+
+# viridis at 0, 1/4, 1/2, 3/4, 1: enough stops for a readable heat map without importing matplotlib
+_VIRIDIS = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
+
+
+def heatmap_pixels(panels: dict[str, Any], cell: int = 8, width: int = 512) -> Any:
+    """Stacked heat maps (title -> (rows, columns) array, NaN grey) as an RGB ``uint8`` array, each panel scaled
+    to its own finite range, in numpy alone: milliseconds where a labelled matplotlib figure costs 0.3-0.7 s."""
+    import numpy as np
+
+    stops = np.asarray(_VIRIDIS, dtype=float)
+    out = []
+    for values in panels.values():
+        v = np.asarray(values, dtype=float)
+        finite = np.isfinite(v)
+        lo, hi = (v[finite].min(), v[finite].max()) if finite.any() else (0.0, 1.0)
+        t = np.where(finite, (v - lo) / (hi - lo if hi > lo else 1.0), 0.0) * (len(stops) - 1)
+        k = np.clip(np.floor(t).astype(int), 0, len(stops) - 2)
+        rgb = stops[k] + (t - k)[..., None] * (stops[k + 1] - stops[k])
+        rgb[~finite] = 128
+        wide = max(1, width // max(v.shape[1], 1))
+        out += [np.repeat(np.repeat(rgb, cell, axis=0), wide, axis=1), np.full((4, v.shape[1] * wide, 3), 255.0)]
+    return np.concatenate(out[:-1]).astype(np.uint8)

@@ -260,7 +260,20 @@ class Sink:
         self, key: str, panels: Mapping[str, Any], row_labels: Sequence[str], column_labels: Sequence[int]
     ) -> None:
         """One image of stacked heat maps (title -> (rows, columns) array, NaN blank) over the same rows and
-        columns, e.g. a value per layer over training steps: to W&B, else PNG (through :meth:`log_figure`)."""
+        columns, e.g. a value per layer over training steps: to W&B as pixels (no figure drawn: W&B has the values
+        in a table), else a labelled figure as PNG (through :meth:`log_figure`)."""
+        run = self._wandb_run
+        if run is not None:
+            import wandb
+
+            from lightning_debug.media import heatmap_pixels
+
+            caption = (
+                f"{' / '.join(panels)}; rows (top down): {', '.join(row_labels)}; "
+                f"columns: steps {column_labels[0]}-{column_labels[-1]}"
+            )
+            run.log({key: wandb.Image(heatmap_pixels(dict(panels)), caption=caption)})
+            return
         import matplotlib.pyplot as plt
         import numpy as np
 

@@ -216,3 +216,15 @@ def test_iterable_dataset_gets_its_first_batch_checked(tmp_path):
     cb, _ = _fit(tmp_path, DigitsMLP(), DataLoader(Stream(), batch_size=32), max_steps=2)
     assert not _warnings(cb) and cb.evidence["units"] == {"net.1": cb.evidence["units"]["net.1"]}
     assert abs(cb.evidence["init_gap"]) < 0.25, cb.evidence
+
+
+def test_heatmap_pixels_colour_each_panel_without_matplotlib():
+    import numpy as np
+
+    from lightning_debug.media import heatmap_pixels
+
+    norm = np.log10(np.array([[1e-3, 1e-2, np.nan], [1.0, 1e-1, 1e-2]]))
+    pixels = heatmap_pixels({"norm": norm, "ratio": norm - 3}, cell=4, width=30)
+    assert pixels.dtype == np.uint8 and pixels.shape == (2 * 2 * 4 + 4, 30, 3), pixels.shape
+    assert (pixels[0, 20] == 128).all(), "NaN is grey"
+    assert tuple(pixels[4, 0]) == (253, 231, 37) and tuple(pixels[0, 0]) == (68, 1, 84), "each panel spans viridis"

@@ -23,6 +23,10 @@ SATURATED_SHARE = 0.5
 # grad.vanishing: median log10(first layer's grad RMS / last layer's) below this (1e-3: AUTOTRAINER's beta_1)
 VANISHING_LOG10 = -3.0
 RECOVERY_LOG10 = 1.0  # ...and not recovering: the window's second half at most this much above its first half
+# ...and the loss not learned: the window's median loss above this share of the run's first sampled losses. Healthy
+# tiny BERTs that fit their task (loss down by 100x) sit at 10^-4.4 with every layer below the classifier small:
+# little left to learn, not a gradient that cannot reach the input
+LEARNED_SHARE = 0.1
 # grad.exploding: the global gradient norm grew by this factor over its smallest earlier level, the loss too
 EXPLODING_FACTOR = 1e3
 # grad.update_ratio: per-step ||dW|| / ||W|| per layer. Usual ~1e-3; "far" = beyond these
@@ -98,6 +102,11 @@ class InitLoss:
     gap: float  # loss - chance
     off: bool
 
+    @property
+    def scale_explains_gap(self) -> bool:
+        """The loss the logits' scale alone gives is within half the gap of the loss: the scale explains it."""
+        return abs(self.scale_loss - self.loss) <= 0.5 * abs(self.gap)
+
 
 def init_loss(loss: float, logits: np.ndarray, class_counts: np.ndarray, tolerance: float = LOSS_GAP_NATS) -> InitLoss:
     """A C-class cross-entropy at initialisation against ``ln C``.
@@ -171,14 +180,23 @@ class Vanishing:
     top: str
     log10_ratio: float  # median over the window of log10(grad RMS of the bottom layer / of the top layer)
     falling: bool  # the window's second half recovers less than RECOVERY_LOG10 on its first half
+    learned: bool = False  # the loss fell below LEARNED_SHARE of its start: small gradients, nothing left to learn
 
 
 def vanishing(
-    rms: np.ndarray, layers: Sequence[str], threshold: float = VANISHING_LOG10, sparse: Sequence[bool] | None = None
+    rms: np.ndarray,
+    layers: Sequence[str],
+    threshold: float = VANISHING_LOG10,
+    sparse: Sequence[bool] | None = None,
+    losses: np.ndarray | None = None,
+    start_loss: float = math.nan,
 ) -> Vanishing:
     """``rms``: (samples, layers) gradient RMS per layer (layers input to output). The lowest layer's gradient
-    orders of magnitude below the top layer's, and not recovering. ``sparse`` layers (embeddings) are left out:
-    only the rows of the tokens in a batch get a gradient, so its RMS over the whole table is no measure."""
+    orders of magnitude below the top layer's, not recovering, and the loss not learned: the window's median
+    ``losses`` above ``LEARNED_SHARE`` of ``start_loss`` (the run's first sampled losses), since a model that has
+    fitted its data has small gradients everywhere and the lowest ones smallest. ``sparse`` layers (embeddings)
+    are left out: only the rows of the tokens in a batch get a gradient, so its RMS over the whole table is no
+    measure."""
     ok = np.isfinite(rms).all(axis=0) & (rms > 0).any(axis=0)
     if sparse is not None:
         ok &= ~np.asarray(sparse, dtype=bool)
@@ -190,7 +208,10 @@ def vanishing(
     half = len(ratio) // 2
     falling = bool(np.median(ratio[half:]) <= np.median(ratio[:half]) + RECOVERY_LOG10)
     level = float(np.median(ratio))
-    return Vanishing(bool(level < threshold and falling), layers[lo], layers[hi], level, falling)
+    now = float(np.median(losses)) if losses is not None and len(losses) else math.nan
+    learned = bool(start_loss > 0 and now <= LEARNED_SHARE * start_loss)
+    fires = bool(level < threshold and falling and not learned)
+    return Vanishing(fires, layers[lo], layers[hi], level, falling, learned)
 
 
 @dataclass(frozen=True)
@@ -271,3 +292,49 @@ def clipping(active: np.ndarray, threshold: float = CLIPPING_SHARE) -> Clipping:
     n = len(active)
     share = float(np.mean(active)) if n else math.nan
     return Clipping(bool(n >= MIN_SAMPLES and share >= threshold), share, n)
+
+
+# ---------------------------------------------------------------------------------------------- one check window
+@dataclass(frozen=True)
+class GradientVerdict:
+    """The four gradient verdicts on one check window."""
+
+    vanishing: Vanishing
+    exploding: Exploding
+    largest: str | None  # the layer with the largest gradient norm at the window's last sample
+    update_ratio: UpdateRatio
+    clipping: Clipping | None  # None when gradient clipping is off
+
+
+def check_due(unchecked: int, sample_every: int, check_every: int) -> bool:
+    """Enough samples are waiting to make a check window (counted over a resume too)."""
+    return unchecked * sample_every >= check_every
+
+
+def judge_gradients(
+    window: Mapping[str, np.ndarray],
+    run: Mapping[str, np.ndarray],
+    layers: Sequence[str],
+    numel: np.ndarray,
+    sparse: Sequence[bool],
+    peak_lr: float,
+    clipping_on: bool,
+) -> GradientVerdict:
+    """``window``: the check window's columns (``norm``, ``ratio``: (samples, layers); ``clip``, ``lr``,
+    ``loss``: (samples,)); ``run``: the run's ``total`` gradient norms and ``loss`` so far (growth is measured over the
+    run); ``numel``: elements per layer (norms become RMS, so layers of different sizes compare)."""
+    last = window["norm"][-1]
+    largest = layers[int(np.nanargmax(last))] if np.isfinite(last).any() else None
+    return GradientVerdict(
+        vanishing=vanishing(
+            window["norm"] / np.sqrt(np.maximum(numel, 1)),
+            layers,
+            sparse=sparse,
+            losses=window["loss"],
+            start_loss=float(np.median(run["loss"][:3])) if len(run["loss"]) else math.nan,
+        ),
+        exploding=exploding(run["total"], run["loss"]),
+        largest=largest,
+        update_ratio=update_ratio(window["ratio"], layers, window["lr"], peak_lr),
+        clipping=clipping(window["clip"]) if clipping_on else None,
+    )

@@ -75,6 +75,22 @@ def test_vanishing_leaves_out_sparse_embedding_gradients():
     assert not v.fires and v.bottom == "encoder", v
 
 
+def test_vanishing_is_no_verdict_once_the_loss_has_fallen_tenfold():
+    """Healthy tiny BERTs of the detection benchmark that fit their task: the loss fell ~100x, every layer below
+    the classifier is orders of magnitude smaller (embeddings.LayerNorm 10^-4.2 to 10^-4.4, measured): small
+    gradients because little is left to learn. A loss still near its start keeps the verdict."""
+    layers = ["embeddings.LayerNorm", "encoder.0.query", "pooler", "classifier"]
+    rms = np.array([[10.0 ** (-6.5 - 0.05 * t), 1e-8, 1e-4, 1e-2] for t in range(10)])
+    fitted = rules.vanishing(rms, layers, losses=np.full(10, 0.007), start_loss=0.69)
+    assert not fitted.fires and fitted.learned and fitted.log10_ratio < -4, fitted
+    stuck = rules.vanishing(rms, layers, losses=np.full(10, 0.68), start_loss=0.69)
+    assert stuck.fires and not stuck.learned and stuck.bottom == "embeddings.LayerNorm"
+    window = {"norm": rms, "ratio": np.full((10, 4), 1e-3), "clip": np.zeros(10), "lr": np.full(10, 1e-3)}
+    run = {"total": np.ones(13), "loss": np.r_[[0.69] * 3, np.full(10, 0.007)]}
+    v = rules.judge_gradients({**window, "loss": run["loss"][3:]}, run, layers, np.ones(4), [False] * 4, 1e-3, False)
+    assert not v.vanishing.fires and v.vanishing.learned, "the run's first sampled losses are the start"
+
+
 def test_exploding_needs_growth_and_a_loss_that_did_not_fall_and_fires_on_nonfinite():
     losses = np.full(12, 2.3)
     norms = np.array([1.0] * 6 + [1e4] * 6)
@@ -115,3 +131,47 @@ def test_column_medians_match_nanmedian():
     np.testing.assert_allclose(
         rules.column_medians(a[:6, :3]), np.nanmedian(np.where(np.isfinite(a[:6, :3]), a[:6, :3], np.nan), axis=0)
     )
+
+
+def test_judge_gradients_combines_the_window_verdicts_and_names_the_largest_layer():
+    layers = ["l0", "l1"]
+    window = {
+        "norm": np.array([[1e-6, 1.0]] * 10 + [[1e-6, 3.0]]),
+        "ratio": np.full((11, 2), 1e-3),
+        "clip": np.ones(11),
+        "lr": np.full(11, 1e-2),
+        "loss": np.full(11, 2.3),
+    }
+    run = {"total": np.ones(11), "loss": np.full(11, 2.3)}
+    numel = np.array([100, 100])
+    v = rules.judge_gradients(window, run, layers, numel, [False, False], 1e-2, clipping_on=True)
+    assert v.vanishing.fires and v.vanishing.bottom == "l0" and v.largest == "l1"
+    assert not v.exploding.fires and not v.update_ratio.too_high and v.clipping is not None and v.clipping.fires
+    off = rules.judge_gradients(window, run, layers, numel, [False, False], 1e-2, clipping_on=False)
+    assert off.clipping is None, "no clipping verdict when clipping is off"
+    sparse = rules.judge_gradients(window, run, layers, numel, [True, False], 1e-2, clipping_on=False)
+    assert not sparse.vanishing.fires
+
+
+def test_a_check_is_due_once_a_window_of_samples_waits():
+    assert not rules.check_due(9, 10, 100) and rules.check_due(10, 10, 100) and rules.check_due(12, 10, 100)
+
+
+def test_the_logit_scale_explains_a_gap_only_when_it_gives_the_loss_on_its_own():
+    def verdict(loss: float, scale_loss: float) -> rules.InitLoss:
+        return rules.InitLoss(loss, 10, math.log(10), math.log(10), scale_loss, 5.0, loss - math.log(10), True)
+
+    assert verdict(10.0, 9.0).scale_explains_gap
+    assert not verdict(10.0, 3.0).scale_explains_gap
+
+
+def test_words_name_the_layer_that_feeds_an_activation_module():
+    from lightning_debug import health_words as words
+
+    layers = ["net.0", "net.2", "head"]
+    assert words.feeding_layer("net.3", layers) == "net.2" and words.feeding_layer("net.1", layers) == "net.0"
+    assert words.feeding_layer("head:relu", layers) is None and words.feeding_layer("net.0", layers) is None
+    dead = rules.UnitStats("net.1", "relu", 64, 64, 1.0)
+    (w,) = words.units(rules.UnitVerdict((dead,), ()), [dead], layers)
+    assert (w.check, w.key, w.data["after"]) == ("init.dead_units", "net.1", "net.0")
+    assert w.message.startswith("net.1 (after net.0): 64 of 64 ReLU units (100%) are zero for every example")
