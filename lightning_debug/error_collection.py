@@ -72,9 +72,10 @@ class Collection:
         seed: int,
         evaluation: int,
         token_counts: Tensor | None,
+        rank: int = 0,
     ) -> None:
         self.sizes, self.max_tokens, self.cap, self.ignore_index = sizes, max_tokens, cap, ignore_index
-        self.seed, self.evaluation, self.token_counts = seed, evaluation, token_counts
+        self.seed, self.evaluation, self.token_counts, self.rank = seed, evaluation, token_counts, rank
         self.started = False
         self.offset = 0  # examples seen: the next one's position in validation order
         self.missing: str | None = None  # why a batch had nothing to analyse
@@ -144,7 +145,7 @@ class Collection:
         none = torch.full_like(ex.loss, -math.inf, dtype=torch.float64)
         token_acc = ex.correct_tokens.double() / ex.tokens.clamp_min(1)
         columns = [
-            torch.where(error, rules.sample_keys(self.seed, self.evaluation, batch_idx, n, dev), none),
+            torch.where(error, rules.sample_keys(self.seed, self.evaluation, batch_idx, n, dev, self.rank), none),
             torch.where(scored, ex.loss.double(), none),
             torch.where(error, ex.confidence.double(), none),
             torch.where(error & (ex.tokens > 1), token_acc, none),

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lightning_debug.error_collection import SCALAR_FIELDS, SELECTIONS, Collection, Pulled
 from lightning_debug.rules import errors as rules
 from lightning_debug.sinks import Sink
@@ -105,11 +107,12 @@ def sample_rows(c: Collection, keys: Any, rows: Any, tokenizer: Any) -> list[lis
     base, start = len(SCALAR_FIELDS), len(SCALAR_FIELDS) + len(meta)
     slot = [s for s, size in enumerate(c.sizes) for _ in range(size)]
     kept = [(i, s) for i, s in enumerate(slot) if math.isfinite(keys[i, s])]
-    table = rows[[i for i, _ in kept]].tolist() if kept else []
+    picked = rows[[i for i, _ in kept]]
+    table = picked[:, :start].tolist()  # ids stay in numpy: only their kept entries become Python ints
     blocks = [(start, c.in_width)] if c.in_width else []
     if c.token_task:
         blocks += [(start + c.in_width, c.out_width), (start + c.in_width + c.out_width, c.out_width)]
-    texts = decode([r[a : a + w] for r in table for a, w in blocks], tokenizer)
+    texts = decode([r[a : a + w] for r in picked for a, w in blocks], tokenizer)
     out = []
     for n, ((_, s), r) in enumerate(zip(kept, table, strict=True)):
         f = dict(zip(SCALAR_FIELDS, r[:base], strict=True))
@@ -123,10 +126,10 @@ def sample_rows(c: Collection, keys: Any, rows: Any, tokenizer: Any) -> list[lis
     return out
 
 
-def decode(rows: list[list[float]], tokenizer: Any) -> list[str]:
-    """Each row of ids (``-1``: padding) as text: one ``batch_decode`` call, else ``decode`` per row, else the
-    ids themselves."""
-    ids = [[int(i) for i in r if i >= 0] for r in rows]
+def decode(rows: Sequence[Any], tokenizer: Any) -> list[str]:
+    """Each numpy row of ids (``-1``: padding) as text: one ``batch_decode`` call, else ``decode`` per row, else
+    the ids themselves."""
+    ids = [r[r >= 0].astype(np.int64).tolist() for r in rows]
     if tokenizer is None or not ids:
         return [" ".join(map(str, r)) for r in ids]
     if callable(getattr(tokenizer, "batch_decode", None)):

@@ -17,6 +17,7 @@ from torch import Tensor
 from lightning_debug import error_tables as tables
 from lightning_debug.base import DebugCallback
 from lightning_debug.error_collection import Collection, LogitsCapture, batch_target, count_tokens, predictions
+from lightning_debug.error_ranks import agreed, pull_all, summed
 from lightning_debug.integrations.hf import is_causal_lm
 from lightning_debug.rules import errors as rules
 from lightning_debug.sinks import Sink
@@ -120,9 +121,9 @@ class ErrorAnalysis(DebugCallback):
         if trainer.sanity_checking:
             return
         self._clock, self._own = time.perf_counter(), 0.0
-        if self._due(trainer):
-            settings = (self.max_tokens, self.cap, self.ignore_index, self.seed)
-            self._run = Collection(self.sizes, *settings, self.evaluation, self.token_counts)
+        if agreed(trainer, self._due(trainer)):  # under DDP, rank zero's decision
+            settings = (self.max_tokens, self.cap, self.ignore_index, self.seed, self.evaluation)
+            self._run = Collection(self.sizes, *settings, summed(trainer, self.token_counts), trainer.global_rank)
             self._capture.attach(pl_module)
 
     def _due(self, trainer: pl.Trainer) -> bool:
@@ -174,11 +175,11 @@ class ErrorAnalysis(DebugCallback):
 
     def _judge(self, trainer: pl.Trainer, run: Collection) -> tuple[Any, ...] | None:
         """Pull, compute the slices, log the scalars, emit the findings; what publishing needs, or ``None``."""
-        if not run.started:
+        pulled = pull_all(trainer, run)  # one transfer; under DDP one gather, every rank's shard merged
+        if pulled is None:
             reason = run.missing or "no validation batches"
             self.emit(trainer, "check.skipped", f"ErrorAnalysis found nothing to analyse: {reason}.", key="errors:none")
             return None
-        pulled = run.pull()  # one transfer
         counts = tables.slice_counts(run, pulled.slices, pulled.frequency)
         overall = counts.pop(0)
         limits: dict[str, Any] = {"min_size": self.min_slice_size, "alpha": self.alpha, "min_gap": self.min_gap}

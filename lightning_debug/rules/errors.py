@@ -36,12 +36,14 @@ FREQUENCY_BUCKETS = 8  # unseen, 1-9, 10-99, ..., >= 10^6 occurrences in the tra
 
 
 # -- selection (device tensors) -----------------------------------------------------------------------------------
-def sample_keys(seed: int, evaluation: int, batch_idx: int, n: int, device: torch.device) -> Tensor:
-    """``n`` uniform keys in [0, 1) from a generator seeded by ``(seed, evaluation, batch_idx)``.
+def sample_keys(seed: int, evaluation: int, batch_idx: int, n: int, device: torch.device, rank: int = 0) -> Tensor:
+    """``n`` uniform keys in [0, 1) from a generator seeded by ``(seed, evaluation, batch_idx)`` (and the DDP
+    ``rank`` past zero: each rank's batch ``i`` draws its own keys).
 
     Drawn on the CPU (the same numbers on every device) and moved once; nothing is read back.
     """
-    g = torch.Generator().manual_seed(hash((seed, evaluation, batch_idx)) & 0x7FFF_FFFF_FFFF_FFFF)
+    stream = (seed, evaluation, batch_idx) + ((rank,) if rank else ())
+    g = torch.Generator().manual_seed(hash(stream) & 0x7FFF_FFFF_FFFF_FFFF)
     return torch.rand(n, generator=g, dtype=torch.float64).to(device, non_blocking=True)
 
 
