@@ -554,7 +554,9 @@ def errors_share(name: str, root: str, reps: int, **options: Any) -> dict[str, A
     """ErrorAnalysis against the same run without it, alternating ``reps`` times in one process (after one
     untimed warm-up run): ``own_share`` is the callback's own time (its hooks, timed inside it) over the bare
     run's validation time; ``side_by_side`` is (validation time with it) / (without it) - 1, which also holds
-    what the hooks' timing misses (dispatch, garbage collection, the W&B logger's work). Medians and per-rep."""
+    what the hooks' timing misses (dispatch, garbage collection, the W&B logger's work); ``own_loop_share`` is
+    the callback's own time over the validation loop alone (first to last batch, Lightning's end-of-validation
+    logging excluded: the smaller denominator). Medians and per-rep."""
     errors_run(name, root, None)
     bare, runs = [], []
     for _ in range(reps):
@@ -562,6 +564,7 @@ def errors_share(name: str, root: str, reps: int, **options: Any) -> dict[str, A
         runs.append(errors_run(name, root, options))
     own = [c["seconds"] / b for b, (_, c) in zip(bare, runs, strict=True)]
     side = [v / b - 1 for b, (v, _) in zip(bare, runs, strict=True)]
+    loop = [c["seconds"] / c["validation_seconds"] for _, c in runs]  # over the loop alone (epoch start to end)
     cost = runs[-1][1]
     return {
         "example": name,
@@ -573,6 +576,8 @@ def errors_share(name: str, root: str, reps: int, **options: Any) -> dict[str, A
         "bare_validation_seconds": bare,
         "own_share": statistics.median(own),
         "own_shares": own,
+        "own_loop_share": statistics.median(loop),
+        "own_loop_shares": loop,
         "side_by_side": statistics.median(side),
         "side_by_sides": side,
         "analysis_seconds": [
@@ -676,7 +681,8 @@ def errors_report(root: str, reps: int, json_path: str | None) -> list[dict[str,
         print(
             f"ErrorAnalysis on {r['example']} ({mode}), {r['reps']} reps: analysed {r['analysed']}, published "
             f"{r['published']} of {r['evaluations']} evaluations; own time {100 * r['own_share']:.1f}% of the bare "
-            f"validation time ({spread(r['own_shares'])}); side by side {100 * r['side_by_side']:+.1f}% "
+            f"validation time ({spread(r['own_shares'])}), {100 * r['own_loop_share']:.1f}% of the validation loop "
+            f"alone ({spread(r['own_loop_shares'])}); side by side {100 * r['side_by_side']:+.1f}% "
             f"({spread(r['side_by_sides'])}); bare validation "
             + ", ".join(f"{s:.2f}" for s in r["bare_validation_seconds"])
             + " s; per analysis "
