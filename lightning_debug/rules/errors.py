@@ -59,8 +59,8 @@ def merge_selections(
     keys = torch.cat([kept_keys, new_keys])
     rows = torch.cat([kept_rows, new_rows])
     index = torch.cat([keys[:, s].topk(k).indices for s, k in enumerate(sizes)])
-    slot = torch.repeat_interleave(
-        torch.arange(len(sizes), device=keys.device), torch.tensor(sizes, device=keys.device)
+    slot = torch.repeat_interleave(  # output_size given: no device-to-host sync on an accelerator
+        torch.arange(len(sizes), device=keys.device), torch.tensor(sizes, device=keys.device), output_size=sum(sizes)
     )
     own = slot.unsqueeze(1) == torch.arange(len(sizes), device=keys.device)
     picked = keys[index]
