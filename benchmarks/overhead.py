@@ -4,7 +4,7 @@
     python benchmarks/overhead.py --case mlp --reps 3 --json out/overhead.json
     python benchmarks/overhead.py --case mlp --reps 1 --examples   # + a one-epoch run of each example
     python benchmarks/overhead.py --health --reps 3               # ModelHealthCheck alone (issue 15)
-    python benchmarks/overhead.py --errors        # ErrorAnalysis' share of validation time on the two examples
+    python benchmarks/overhead.py --errors --reps 3  # ErrorAnalysis against no ErrorAnalysis on two examples
 
 For each case the same training run (fixed seed, same data) is timed bare and with
 ``debug_callbacks(metric="val_acc")``, alternating bare/suite to cancel drift. A step is timed from one
@@ -537,10 +537,25 @@ ERRORS_RUNS: dict[str, dict[str, Any]] = {
 }
 
 
-def errors_share(name: str, root: str, **options: Any) -> dict[str, Any]:
-    """ErrorAnalysis' own time (its hooks, timed inside the callback) as a share of the validation time of the
-    same run without it, on an example's run (same model, data, schedule and W&B offline logger; no other
-    callback, so the denominator is the bare validation loop)."""
+class ValidationClock(Callback):
+    """Wall time of each validation loop (``on_validation_start`` to ``on_validation_end``: every callback's
+    validation hooks included), sanity check excluded."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.seconds.append(time.perf_counter() - self._start)
+
+
+def errors_run(name: str, root: str, options: dict[str, Any] | None) -> tuple[float, dict[str, float]]:
+    """One run of an example (same model, data, schedule and W&B offline logger, no other callback): its total
+    validation time, and ErrorAnalysis' ``cost`` (``options`` None: without ErrorAnalysis)."""
     from lightning.pytorch.loggers import WandbLogger
 
     from lightning_debug.callbacks.errors import ErrorAnalysis
@@ -553,12 +568,13 @@ def errors_share(name: str, root: str, **options: Any) -> dict[str, Any]:
     try:
         pl.seed_everything(0, verbose=False)
         module, train, val = case.build()
-        analysis = ErrorAnalysis(verbose=False, **options)
+        clock = ValidationClock()
+        analysis = None if options is None else ErrorAnalysis(verbose=False, **options)
         logger = WandbLogger(project="lightning-debug-overhead-errors", save_dir=root, offline=True)
         trainer = pl.Trainer(
             accelerator="cpu",
             logger=logger,
-            callbacks=[analysis],
+            callbacks=[clock] + ([analysis] if analysis else []),
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
@@ -572,16 +588,43 @@ def errors_share(name: str, root: str, **options: Any) -> dict[str, Any]:
         wandb.finish()
     finally:
         torch.set_num_threads(threads)
-    c = analysis.cost
+    return sum(clock.seconds), dict(analysis.cost) if analysis else {}
+
+
+def errors_share(name: str, root: str, reps: int, **options: Any) -> dict[str, Any]:
+    """ErrorAnalysis against the same run without it, alternating ``reps`` times in one process (after one
+    untimed warm-up run): ``own_share`` is the callback's own time (its hooks, timed inside it) over the bare
+    run's validation time; ``side_by_side`` is (validation time with it) / (without it) - 1, which also holds
+    what the hooks' timing misses (dispatch, garbage collection, the W&B logger's work); ``own_loop_share`` is
+    the callback's own time over the validation loop alone (first to last batch, Lightning's end-of-validation
+    logging excluded: the smaller denominator). Medians and per-rep."""
+    errors_run(name, root, None)
+    bare, runs = [], []
+    for _ in range(reps):
+        bare.append(errors_run(name, root, None)[0])
+        runs.append(errors_run(name, root, options))
+    own = [c["seconds"] / b for b, (_, c) in zip(bare, runs, strict=True)]
+    side = [v / b - 1 for b, (v, _) in zip(bare, runs, strict=True)]
+    loop = [c["seconds"] / c["validation_seconds"] for _, c in runs]  # over the loop alone (epoch start to end)
+    cost = runs[-1][1]
     return {
         "example": name,
         "options": options,
-        "evaluations": c["evaluations"],
-        "analysed": c["analysed"],
-        "seconds": c["seconds"],
-        "validation_seconds": c["validation_seconds"],
-        "share": c["seconds"] / c["validation_seconds"],
-        "seconds_per_analysis": c["seconds"] / c["analysed"] if c["analysed"] else 0.0,
+        "reps": reps,
+        "evaluations": cost["evaluations"],
+        "analysed": [c["analysed"] for _, c in runs],
+        "published": [c["published"] for _, c in runs],
+        "bare_validation_seconds": bare,
+        "own_share": statistics.median(own),
+        "own_shares": own,
+        "own_loop_share": statistics.median(loop),
+        "own_loop_shares": loop,
+        "side_by_side": statistics.median(side),
+        "side_by_sides": side,
+        "analysis_seconds": [
+            (c["seconds"] - c["publish_seconds"]) / c["analysed"] if c["analysed"] else 0.0 for _, c in runs
+        ],
+        "publish_seconds": [c["publish_seconds"] / c["published"] if c["published"] else 0.0 for _, c in runs],
     }
 
 
@@ -621,7 +664,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
                 json.dump({"health": health}, fh, indent=2)
         return {"health": health}
     if args.errors:
-        return {"errors": errors_report(args.root, args.json)}
+        return {"errors": errors_report(args.root, args.reps, args.json)}
     results = [measure(CASES[name], args.reps, args.root) for name in args.case or sorted(CASES)]
     for r in results:
         print(
@@ -667,19 +710,31 @@ def _print_whole_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     return results
 
 
-def errors_report(root: str, json_path: str | None) -> list[dict[str, Any]]:
-    """Default budget and every evaluation, on both example runs."""
+def errors_report(root: str, reps: int, json_path: str | None) -> list[dict[str, Any]]:
+    """Default budget and every evaluation (``budget=None``), on both example runs."""
     results = [
-        errors_share(name, f"{root}/errors-{name}-{label}", **options)
+        errors_share(name, f"{root}/errors-{name}-{label}", reps, **options)
         for name in ERRORS_RUNS
         for label, options in (("default", {}), ("every", {"budget": None}))
     ]
     for r in results:
         mode = "every evaluation" if r["options"] else "default budget 2%"
+
+        def spread(xs: list[float]) -> str:
+            return ", ".join(f"{100 * x:+.1f}%" for x in xs)
+
         print(
-            f"ErrorAnalysis on {r['example']} ({mode}): analysed {r['analysed']} of {r['evaluations']} evaluations, "
-            f"{r['seconds']:.3f} s = {100 * r['share']:.1f}% of {r['validation_seconds']:.2f} s of validation "
-            f"({r['seconds_per_analysis']:.3f} s per analysis)"
+            f"ErrorAnalysis on {r['example']} ({mode}), {r['reps']} reps: analysed {r['analysed']}, published "
+            f"{r['published']} of {r['evaluations']} evaluations; own time {100 * r['own_share']:.1f}% of the bare "
+            f"validation time ({spread(r['own_shares'])}), {100 * r['own_loop_share']:.1f}% of the validation loop "
+            f"alone ({spread(r['own_loop_shares'])}); side by side {100 * r['side_by_side']:+.1f}% "
+            f"({spread(r['side_by_sides'])}); bare validation "
+            + ", ".join(f"{s:.2f}" for s in r["bare_validation_seconds"])
+            + " s; per analysis "
+            + ", ".join(f"{1e3 * s:.1f}" for s in r["analysis_seconds"])
+            + " ms, per publication "
+            + ", ".join(f"{1e3 * s:.1f}" for s in r["publish_seconds"])
+            + " ms"
         )
     if json_path:
         with open(json_path, "w") as fh:

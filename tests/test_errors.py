@@ -262,3 +262,57 @@ def test_the_token_counting_hook_switches_itself_off_for_classification(tmp_path
     callback = ErrorAnalysis()
     make_trainer(tmp_path, [callback], max_steps=3).fit(DigitsMLP(), loaders()[0])
     assert callback.on_train_batch_end is None and callback.token_counts is None, "Lightning no longer calls it"
+
+
+# -- DDP: every rank's shard merged into what one process collects ---------------------------------------------------
+def _collect(batch, scores, rank=0):
+    from lightning_debug.error_collection import Collection
+
+    run = Collection((20, 10, 10, 10), 16, 64, -100, 0, 0, None, rank)
+    run.add((scores, batch["labels"], "logits", None), batch, None, 0)
+    return run
+
+
+def _shard(batch, scores, rank, world):
+    part = {k: v[rank::world] for k, v in batch.items()}
+    return part, scores[rank::world]
+
+
+def test_merging_two_ranks_shards_equals_one_process():
+    from lightning_debug import error_tables as tables
+    from lightning_debug.error_ranks import LAYOUT, merge
+
+    g = torch.Generator().manual_seed(0)
+    n = 96
+    lengths = torch.randint(1, 12, (n,), generator=g)
+    mask = torch.arange(12)[None, :] < lengths[:, None]
+    sources = ["news", "forum", "wiki"]
+    batch = {
+        "input_ids": torch.randint(1, 30, (n, 12), generator=g) * mask,
+        "attention_mask": mask.long(),
+        "labels": torch.randint(0, 3, (n,), generator=g),
+        "source": [sources[(i * 7 + i // 5) % 3] for i in range(n)],  # the ranks meet them in other orders
+    }
+    scores = torch.randn(n, 3, generator=g)
+    full = _collect(batch, scores)
+    expected = full.pull()
+    shards = [_collect(*_shard(batch, scores, r, 2), rank=r) for r in (0, 1)]
+    assert shards[0].codes["source"] != shards[1].codes["source"], "the test needs different code orders"
+    parts = [(s.pull(), {k: getattr(s, k) for k in LAYOUT}) for s in shards]
+    merged_run = _collect(*_shard(batch, scores, 1, 2), rank=1)  # rank 1's own collection, merged in place
+    merged = merge(merged_run, parts)
+
+    def counts(run, pulled):
+        return {(c.column, c.value): (c.units, c.correct, round(c.loss_sum, 9)) for c in
+                tables.slice_counts(run, pulled.slices, pulled.frequency)}  # fmt: skip
+
+    assert counts(merged_run, merged) == counts(full, expected)
+
+    def positions(run, pulled, selection):
+        rows = tables.sample_rows(run, pulled.keys, pulled.rows, None)
+        return sorted((r[1], r[2]) for r in rows if r[0] == selection)  # (position, source)
+
+    assert positions(merged_run, merged, "highest_loss") == positions(full, expected, "highest_loss")
+    assert positions(merged_run, merged, "confident_error") == positions(full, expected, "confident_error")
+    errors = positions(merged_run, merged, "random_error")
+    assert len(errors) == 20 and all(batch["source"][p] == s for p, s in errors), "positions map to the dataset"

@@ -36,12 +36,14 @@ FREQUENCY_BUCKETS = 8  # unseen, 1-9, 10-99, ..., >= 10^6 occurrences in the tra
 
 
 # -- selection (device tensors) -----------------------------------------------------------------------------------
-def sample_keys(seed: int, evaluation: int, batch_idx: int, n: int, device: torch.device) -> Tensor:
-    """``n`` uniform keys in [0, 1) from a generator seeded by ``(seed, evaluation, batch_idx)``.
+def sample_keys(seed: int, evaluation: int, batch_idx: int, n: int, device: torch.device, rank: int = 0) -> Tensor:
+    """``n`` uniform keys in [0, 1) from a generator seeded by ``(seed, evaluation, batch_idx)`` (and the DDP
+    ``rank`` past zero: each rank's batch ``i`` draws its own keys).
 
     Drawn on the CPU (the same numbers on every device) and moved once; nothing is read back.
     """
-    g = torch.Generator().manual_seed(hash((seed, evaluation, batch_idx)) & 0x7FFF_FFFF_FFFF_FFFF)
+    stream = (seed, evaluation, batch_idx) + ((rank,) if rank else ())
+    g = torch.Generator().manual_seed(hash(stream) & 0x7FFF_FFFF_FFFF_FFFF)
     return torch.rand(n, generator=g, dtype=torch.float64).to(device, non_blocking=True)
 
 
@@ -57,8 +59,8 @@ def merge_selections(
     keys = torch.cat([kept_keys, new_keys])
     rows = torch.cat([kept_rows, new_rows])
     index = torch.cat([keys[:, s].topk(k).indices for s, k in enumerate(sizes)])
-    slot = torch.repeat_interleave(
-        torch.arange(len(sizes), device=keys.device), torch.tensor(sizes, device=keys.device)
+    slot = torch.repeat_interleave(  # output_size given: no device-to-host sync on an accelerator
+        torch.arange(len(sizes), device=keys.device), torch.tensor(sizes, device=keys.device), output_size=sum(sizes)
     )
     own = slot.unsqueeze(1) == torch.arange(len(sizes), device=keys.device)
     picked = keys[index]
@@ -169,6 +171,43 @@ def frequency_bucket_label(bucket: int) -> str:
     if bucket == FREQUENCY_BUCKETS - 1:
         return f">={10 ** (bucket - 1)}"
     return f"{10 ** (bucket - 1)}-{10**bucket - 1}"
+
+
+NO_COST = {
+    "seconds": 0.0,  # the callback's own time, publishing included
+    "validation_seconds": 0.0,  # the validation loops' time without the callback's
+    "publish_seconds": 0.0,  # the part of ``seconds`` spent building and logging tables
+    "analysed": 0,
+    "published": 0,
+    "evaluations": 0,
+}
+FIRST_COST = 0.3  # seconds assumed for a first analysis (tables aside)
+FIRST_PUBLISH_COST = 1.0  # seconds assumed for a first publication: up to 1.5 s measured on a loaded machine
+
+
+def affordable(spent: float, expected: float, validation_seconds: float, budget: float) -> bool:
+    """Whether ``expected`` more seconds keep a callback's time (``spent`` so far) within ``budget`` times
+    ``validation_seconds`` (nothing is affordable before any validation time is measured)."""
+    return spent + expected <= budget * validation_seconds
+
+
+def analysis_due(cost: dict[str, float], budget: float) -> bool:
+    """Analyse the coming evaluation when the expected cost of an analysis (the mean of past ones, tables aside;
+    :data:`FIRST_COST` before any) is affordable within the validation time so far plus this evaluation's
+    expected share (their mean): never at the first evaluation, when no validation time is measured yet.
+    ``cost`` is :attr:`ErrorAnalysis.cost <lightning_debug.callbacks.errors.ErrorAnalysis>`."""
+    spent = cost["seconds"] - cost["publish_seconds"]
+    expected = spent / cost["analysed"] if cost["analysed"] else FIRST_COST
+    validation = cost["validation_seconds"] * (1 + 1 / max(cost["evaluations"], 1))
+    return affordable(cost["seconds"], expected, validation, budget)
+
+
+def publication_due(cost: dict[str, float], spent: float, budget: float) -> bool:
+    """Publish the tables of an analysed evaluation when the expected cost of publishing (the mean of past
+    publications, :data:`FIRST_PUBLISH_COST` before any) is affordable after ``spent`` seconds (this analysis
+    included), within the validation time so far (this evaluation's included)."""
+    expected = cost["publish_seconds"] / cost["published"] if cost["published"] else FIRST_PUBLISH_COST
+    return affordable(spent, expected, cost["validation_seconds"], budget)
 
 
 # -- slice statistics (host) --------------------------------------------------------------------------------------

@@ -15,7 +15,11 @@ import torch
 from scipy import stats
 
 from lightning_debug.rules.errors import (
+    FIRST_COST,
+    FIRST_PUBLISH_COST,
+    NO_COST,
     SliceCounts,
+    analysis_due,
     compact,
     empty_selection,
     fisher_worse,
@@ -24,6 +28,7 @@ from lightning_debug.rules.errors import (
     length_bucket,
     merge_selections,
     per_example,
+    publication_due,
     sample_keys,
     slice_regressions,
     slice_statistics,
@@ -239,3 +244,27 @@ def test_defaults_are_the_documented_ones():
     from lightning_debug.rules import errors
 
     assert (errors.MIN_SIZE, errors.ALPHA, errors.MIN_GAP) == (30, 0.005, 0.05)
+
+
+def _cost(**kw):
+    return {**NO_COST, **kw}
+
+
+def test_the_first_analysis_waits_for_measured_validation_time_then_the_budget_decides():
+    assert not analysis_due(_cost(), 0.02), "no validation time measured yet"
+    # one 10 s evaluation: 2% of it plus the next one's expected 10 s is 0.4 s, more than the first guess
+    assert analysis_due(_cost(validation_seconds=10.0, evaluations=1), 0.02)
+    assert not analysis_due(_cost(validation_seconds=FIRST_COST, evaluations=1), 0.02)
+    # past analyses cost 0.1 s each (tables aside): three done in 40 s of validation leave room for a fourth...
+    done = _cost(seconds=0.5, publish_seconds=0.2, analysed=3, validation_seconds=40.0, evaluations=4)
+    assert analysis_due(done, 0.02)  # 0.5 + 0.1 <= 0.02 * 50
+    # ...but not after they spent the credit
+    assert not analysis_due({**done, "seconds": 0.95, "publish_seconds": 0.65}, 0.02)
+
+
+def test_tables_are_published_when_the_budget_still_allows_them_after_the_analysis():
+    assert not publication_due(_cost(validation_seconds=10.0, evaluations=1), 0.1, 0.02), "0.1 + 1 s > 0.2 s"
+    assert publication_due(_cost(validation_seconds=60.0, evaluations=1), 0.1, 0.02), "0.1 + 1 s <= 1.2 s"
+    assert FIRST_PUBLISH_COST == 1.0
+    cheap = _cost(publish_seconds=0.05, published=1, validation_seconds=10.0, evaluations=2)
+    assert publication_due(cheap, 0.1, 0.02) and not publication_due(cheap, 0.16, 0.02)
