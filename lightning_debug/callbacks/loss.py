@@ -165,18 +165,12 @@ class LossConvergenceMonitor(DebugCallback, LossRecorder):
     def _report_nonfinite(self, trainer: pl.Trainer, rows: Rows) -> None:
         """``loss.nonfinite`` for the first NaN/Inf of each series among rows not tested before."""
         for j, i in rules.first_nonfinite(rows.values, rows.fresh):
-            name, value, step = self.series[j].name, rows.values[i, j], rows.steps[i]
-            self.emit(
-                trainer,
-                "loss.nonfinite",
-                words.nonfinite_message(name, j == 0, value, step),
-                data={"series": name, "step": step, "batch": rows.first_batch + i + 1, "value": value},
-                key=name,
-            )
+            name = self.series[j].name
+            message, data = words.nonfinite(name, j == 0, rows.values[i, j], rows.steps[i], rows.first_batch + i + 1)
+            self.emit(trainer, "loss.nonfinite", message, data=data, key=name)
 
     def _check_jump(self, trainer: pl.Trainer, step: int, new: int) -> None:
-        total = self.series[0]
-        if total.start is None:
+        if (total := self.series[0]).start is None:
             return
         floor, bins = self._floor(trainer), np.asarray(total.values)
         v = rules.assess_jump(
@@ -191,9 +185,12 @@ class LossConvergenceMonitor(DebugCallback, LossRecorder):
     def _floor(self, trainer: pl.Trainer, with_val: bool = False) -> rules.Floor:
         """The floor from evidence; ``with_val``: also where train ~= validation (asked only of a flat loss)."""
         memorised = next((f.data.get("level") for f in self.findings_on(trainer, "loss.floor_high")), None)
-        total = self.series[0]
-        val_level = self.val_level if with_val else math.nan
-        return rules.evidence_floor(self.floor, self.smoothing, memorised, total.finite()[0], total.start, val_level)
+        bins, start, val_level = (
+            self.series[0].finite()[0],
+            self.series[0].start,
+            self.val_level if with_val else math.nan,
+        )
+        return rules.evidence_floor(self.floor, self.smoothing, memorised, bins, start, val_level)
 
     def _evaluate(self, trainer: pl.Trainer, final: bool) -> None:
         """Log the smoothed loss and components; the trend verdict (against the data's floor if flat above it)."""
@@ -243,10 +240,8 @@ class LossConvergenceMonitor(DebugCallback, LossRecorder):
         explaining = [f for f in self.findings_on(trainer) if f.check.startswith(EXPLAINING_PREFIXES)]
         data = {**data, "floor": floor.value, "floor_source": floor.source}
         data["explained_by"] = [f.check for f in explaining]
-        hint = words.explained_hint(check, explaining)
-        if provisional:
-            message += words.PROVISIONAL_STALL
-        key = self.series[0].name
+        hint, key = words.explained_hint(check, explaining), self.series[0].name
+        message += words.PROVISIONAL_STALL if provisional else ""
         return self.emit(
             trainer, check, message, data=data, hint=hint, key=key, severity="info" if provisional else None
         )

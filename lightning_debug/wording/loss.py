@@ -84,9 +84,11 @@ def jump_message(v: rules.JumpVerdict, i: int, floor: rules.Floor, start: float,
     return message, data
 
 
-def nonfinite_message(name: str, total: bool, value: float, step: int) -> str:
+def nonfinite(name: str, total: bool, value: float, step: int, batch: int) -> tuple[str, dict[str, Any]]:
+    """``loss.nonfinite``: its message and evidence."""
     what = "loss" if total else f"loss component {name!r}"
-    return f"The training {what} is {value} at step {step} (first non-finite value)."
+    message = f"The training {what} is {value} at step {step} (first non-finite value)."
+    return message, {"series": name, "step": step, "batch": batch, "value": value}
 
 
 def explained_hint(check: str, explaining: list[Finding]) -> str | None:
