@@ -3,8 +3,9 @@
 A model stopped at its best accuracy can be very confident whether right or wrong. Every validation epoch
 this callback bins the top-label confidence of every validation prediction (streaming, O(bins) memory, on the
 device: :class:`~lightning_debug.metrics.StreamingCalibration`), logs ECE / MCE / RMS CE / adaptive ECE /
-Brier / NLL / the signed gap and a temperature fitted on a bounded sample of logits, draws the reliability
-diagram and the confidence histogram, and warns when the model is clearly over- or underconfident.
+Brier / NLL / the signed gap, fits a temperature on a bounded sample of logits where it matters, draws the
+reliability diagram and the confidence histogram at log-spaced evaluations, and warns when the model is clearly
+over- or underconfident.
 """
 
 from __future__ import annotations
