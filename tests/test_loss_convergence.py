@@ -347,6 +347,15 @@ def test_a_short_run_gets_a_verdict(tmp_path, module):
     assert "floor 0 (a likelihood's best)" in f.message and "%" not in f.message.split(":")[1][:40], f.message
 
 
+def test_a_run_whose_last_check_is_its_last_batch_still_gets_the_final_verdict(tmp_path):
+    """Checks every 19 batches of a 38-batch run: the last periodic check takes every row, and the end of the run
+    must still give its verdict (it gave none, so a 200-step run checked every 20 batches ended silent)."""
+    monitor = LossConvergenceMonitor(check_every_n_steps=19)
+    fit(tmp_path, DigitsMLP(), epochs=2, batch_size=64, monitor=monitor)
+    assert monitor.batches == 38 and monitor.finished, monitor.batches
+    assert ids(monitor) & {"loss.converged", "loss.still_decreasing", "loss.plateau"}, describe(monitor)
+
+
 class StopAt(Callback):
     def __init__(self, step):
         self.step = step

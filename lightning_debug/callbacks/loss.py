@@ -151,15 +151,15 @@ class LossConvergenceMonitor(DebugCallback, LossRecorder):
             self._check(trainer, final=True)
 
     def _check(self, trainer: pl.Trainer, *, probe: bool = False, final: bool = False) -> None:
-        """The new rows: NaN/Inf, then a jump in their bins; at a check (not a probe), the trend verdict."""
+        """The new rows: NaN/Inf, then a jump in their bins; at a check (not a probe), the trend verdict, and at the
+        end always (the last periodic check may have taken every row)."""
         b = self.schedule.bin_steps
         rows = self._take_rows(b, final)
-        if rows is None:
-            return
-        self._report_nonfinite(trainer, rows)
-        if rows.binned:
-            self._check_jump(trainer, rows.steps[rows.binned - 1], new=-(-rows.binned // b))
-        if not probe and self.series[0].start is not None:
+        if rows is not None:
+            self._report_nonfinite(trainer, rows)
+            if rows.binned:
+                self._check_jump(trainer, rows.steps[rows.binned - 1], new=-(-rows.binned // b))
+        if (rows is not None or final) and not probe and self.series[0].start is not None:
             self._evaluate(trainer, final)
 
     def _report_nonfinite(self, trainer: pl.Trainer, rows: Rows) -> None:
