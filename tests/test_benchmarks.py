@@ -47,9 +47,11 @@ def test_detection_smoke_set(tmp_path):
 
 
 def test_seed_sets_are_disjoint_and_the_report_set_is_big_enough():
-    report, tune = detection.scenario_list("report"), detection.scenario_list("tune")
-    seeds = {s["setup"]["seed"] for s in report}, {s["setup"]["seed"] for s in tune}
-    assert not seeds[0] & seeds[1], sorted(seeds[0] & seeds[1])[:5]
+    report, tune, holdout = (detection.scenario_list(name) for name in ("report", "tune", "holdout"))
+    seeds = [{s["setup"]["seed"] for s in scenarios} for scenarios in (report, tune, holdout)]
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        assert not seeds[a] & seeds[b], sorted(seeds[a] & seeds[b])[:5]
+    assert len(holdout) == len(report)
     assert len(report) >= 200 and len({s["id"] for s in report}) == len(report), len(report)
     assert len(FAULTS) >= 16
     faults = {s["fault"] for s in report}
