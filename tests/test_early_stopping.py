@@ -113,6 +113,17 @@ def test_stop_on_another_callbacks_finding(tmp_path):
         MetricEarlyStopping("val_loss", stop_on=["loss.nope"])
 
 
+def test_a_stop_before_the_first_validation_says_no_value_was_recorded(tmp_path):
+    """Issue 14's message defect: "Best val_loss = -inf at step -1" when a finding stopped the run first."""
+    train, val = loaders(batch_size=100, n_train=400)
+    es = MetricEarlyStopping("val_loss", patience=100)
+    make_trainer(tmp_path, [Emitter(at=2), es], max_epochs=10).fit(DigitsMLP(), train, val)
+    finding = stop_finding(es)
+    assert "No val_loss had been recorded yet." in finding.message, finding.message
+    assert "inf" not in finding.message and "step -1" not in finding.message, finding.message
+    assert finding.data["best_step"] is None
+
+
 class Snapshots(Callback):
     """The module's weights after every validation, by global step."""
 
