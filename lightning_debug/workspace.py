@@ -15,7 +15,8 @@ from lightning_debug.callbacks.health import PREFIX as GRAD
 
 
 def wandb_workspace(entity: str, project: str, name: str = "lightning-debug") -> Any:
-    """The ``wandb_workspaces.workspaces.Workspace`` spec; call ``.save()`` on it to create the view."""
+    """The ``wandb_workspaces.workspaces.Workspace`` spec; call ``.save()`` on it to create the view. Over 50
+    lines for a reason: the dashboard's declaration, one section per area, read top to bottom like the view."""
     try:
         import wandb_workspaces.reports.v2 as wr
         import wandb_workspaces.workspaces as ws

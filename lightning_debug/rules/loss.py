@@ -474,6 +474,8 @@ def assess_loss_batch(
     ``patient``: enough of the run has passed (:attr:`Schedule.stuck_after`) to call a flat start stuck mid-run.
     ``final``: the run ended; a plateau needs one check instead of ``rules.plateau_checks``, and a curve with
     no other verdict gets ``still_decreasing``. Priority: diverging, not_decreasing, plateau, converged.
+    Over 50 lines for a reason: one vectorised decision over many curves at once (the Monte-Carlo of
+    ``tests/rules/simulate.py`` judges thousands per call) whose priorities read in one place.
     """
     start = np.asarray(start, dtype=float)
     floor = np.asarray(floor, dtype=float)
