@@ -1,4 +1,4 @@
-"""Noise-aware trend statistics: thin wrappers over ``scipy.stats``.
+"""Noise-aware trend statistics: ``scipy.stats``' numbers, computed directly where its wrappers cost more than the work.
 
 Point-to-point comparisons (step s vs s-k) are what produces false alarms in existing tools. Decisions here
 use a robust slope with a confidence interval (Theil-Sen) and a rank trend test (Mann-Kendall, i.e. Kendall's
