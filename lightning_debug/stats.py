@@ -48,8 +48,12 @@ def trend(
     y: Sequence[float] | np.ndarray, x: Sequence[float] | np.ndarray | None = None, confidence: float = 0.95
 ) -> Trend:
     """Robust trend of ``y`` against ``x`` (default: 0..n-1). Needs at least 3 finite points."""
-    x_arr, y_arr = _finite(y, x)
-    slopes, _ = _pairwise_slopes(x_arr, y_arr)
+    return _trend(*_finite(y, x), confidence)[0]
+
+
+def _trend(x_arr: np.ndarray, y_arr: np.ndarray, confidence: float) -> tuple[Trend, np.ndarray, float]:
+    """:func:`trend` of finite points, with the sorted pairwise slopes and Kendall's S it was computed from."""
+    slopes, s = _pairwise_slopes(x_arr, y_arr)
     slope = float(np.median(slopes))
     low, high = _sen_interval(slopes, _kendall_variance(x_arr, y_arr), confidence)
     if np.ptp(y_arr) == 0:
@@ -57,7 +61,7 @@ def trend(
     else:
         kt = _kendalltau(x_arr, y_arr)
         tau, p = float(kt.statistic), float(kt.pvalue)
-    return Trend(
+    fitted = Trend(
         slope=slope,
         low=low,
         high=high,
@@ -66,6 +70,7 @@ def trend(
         p_value=p if math.isfinite(p) else 1.0,
         n=len(y_arr),
     )
+    return fitted, slopes, s
 
 
 # The same numbers as ``scipy.stats.theilslopes`` / ``kendalltau`` / ``median_abs_deviation``, computed directly:
@@ -141,7 +146,7 @@ def trend_autocorrelated(
     and Sen's (1968) interval is recomputed with that variance.
     """
     x_arr, y_arr = _finite(y, x)
-    base = trend(y_arr, x_arr, confidence)
+    base, slopes, s = _trend(x_arr, y_arr, confidence)
     n = base.n
     resid = y_arr - (base.intercept + base.slope * x_arr)
     resid = resid - resid.mean()
@@ -150,7 +155,6 @@ def trend_autocorrelated(
     rho = min(max(rho, 0.0), 0.95)
     k = np.arange(1, n)
     inflation = 1.0 + 2.0 * float(np.sum((1 - k / n) * rho**k))
-    slopes, s = _pairwise_slopes(x_arr, y_arr)
     var_s = _kendall_variance(x_arr, y_arr) * inflation
     low, high = _sen_interval(slopes, var_s, confidence)
     sigma = math.sqrt(max(var_s, 0.0))
