@@ -705,8 +705,8 @@ _CHECKS: tuple[CheckInfo, ...] = (
         "warning",
         "Vanishing gradients in the lower layers",
         "Over a check interval, the first layer's gradient RMS is more than 1000x below the last layer's (median of "
-        "the sampled steps) and not recovering, while the loss is still above a tenth of its start (a fitted model "
-        "has small gradients everywhere).",
+        "the sampled steps) and not recovering, while the loss has not covered half its way from its start to its "
+        "floor (a declared label smoothing's, else 0; a fitted model has small gradients everywhere).",
         (
             "depth without normalisation or residual connections; saturating activations",
             "initialisation too small for the depth",

@@ -26,6 +26,7 @@ from lightning_debug.batching import batch_mover
 from lightning_debug.health_probes import CannotProbe, GradientSampler, columns, one_batch, optimized, probe_startup
 from lightning_debug.health_probes import sharded as sharding_strategy
 from lightning_debug.rules import health as rules
+from lightning_debug.rules.loss import declared_label_smoothing, label_smoothing_floor
 from lightning_debug.sinks import Sink
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ class ModelHealthCheck(DebugCallback):
         self.checked = 0  # history entries already judged
         self.peak_lr = 0.0
         self._until_sample = 0
+        self._floor = 0.0  # the loss's lowest reachable value: a declared label smoothing's, else 0
 
     @property
     def layers(self) -> list[str]:
@@ -93,6 +95,8 @@ class ModelHealthCheck(DebugCallback):
             self.emit(trainer, "check.skipped", f"ModelHealthCheck: {self.disabled}.", data={"reason": self.disabled})
             return
         self.sampler = GradientSampler(pl_module, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
+        smoothing = declared_label_smoothing(pl_module)
+        self._floor = label_smoothing_floor(*smoothing) if smoothing else 0.0
         self._until_sample = 0  # optimizer steps until the next sampled one (0: read the trainer's step)
         if self.startup and not self.startup_done and trainer.global_rank == 0:
             self.startup_done = True
@@ -183,7 +187,7 @@ class ModelHealthCheck(DebugCallback):
             run = {k: np.asarray(self.history[k]) for k in ("total", "loss")}
             clip = trainer.gradient_clip_val
             verdict = rules.judge_gradients(
-                w, run, self.layers, self.sampler.numel, self.sampler.sparse, self.peak_lr, bool(clip)
+                w, run, self.layers, self.sampler.numel, self.sampler.sparse, self.peak_lr, bool(clip), self._floor
             )
             self._say(trainer, words.gradients(verdict, steps, w["total"], clip))
             if not final:  # windows stay aligned to the run's start, whether or not a checkpoint follows
