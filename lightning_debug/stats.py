@@ -81,7 +81,8 @@ _NORMAL_MAD = float(_st.norm.ppf(0.75))  # median_abs_deviation(scale="normal") 
 
 
 @functools.lru_cache(maxsize=8)
-def _z(confidence: float) -> float:
+def two_sided_z(confidence: float) -> float:
+    """The normal quantile of a two-sided ``confidence`` interval (1.96 for 0.95), computed once per level."""
     return float(_st.norm.ppf(0.5 + confidence / 2))
 
 
@@ -117,9 +118,25 @@ def _kendall_variance(x: np.ndarray, y: np.ndarray) -> float:
 def _sen_interval(slopes: np.ndarray, var_s: float, confidence: float) -> tuple[float, float]:
     """Sen's (1968) confidence interval of the median slope: order statistics of the pairwise slopes."""
     sigma, nt = math.sqrt(max(var_s, 0.0)), len(slopes)
-    lo_i = max(int(np.round((nt - _z(confidence) * sigma) / 2.0)) - 1, 0)
-    hi_i = min(int(np.round((nt + _z(confidence) * sigma) / 2.0)), nt - 1)
+    lo_i = max(int(np.round((nt - two_sided_z(confidence) * sigma) / 2.0)) - 1, 0)
+    hi_i = min(int(np.round((nt + two_sided_z(confidence) * sigma) / 2.0)), nt - 1)
     return float(slopes[lo_i]), float(slopes[hi_i])
+
+
+def finite_median(a: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Median of the finite values along ``axis`` (NaN where there are none): ``np.nanmedian``'s numbers with
+    infinities left out, without its masked arrays, which made it ~50x slower on the few-row arrays a check
+    judges (a loss check spent most of its 1.3 ms there)."""
+    a = np.moveaxis(np.asarray(a, dtype=float), axis, -1)
+    if a.shape[-1] == 0:
+        return np.full(a.shape[:-1], np.nan)
+    finite = np.isfinite(a)
+    k = finite.sum(axis=-1)
+    s = np.sort(np.where(finite, a, np.nan), axis=-1)  # NaNs last
+    lo = np.take_along_axis(s, np.maximum((k - 1) // 2, 0)[..., None], axis=-1)[..., 0]
+    hi = np.take_along_axis(s, np.minimum(k // 2, a.shape[-1] - 1)[..., None], axis=-1)[..., 0]
+    with np.errstate(invalid="ignore"):
+        return np.where(k > 0, (lo + hi) / 2, np.nan)
 
 
 def robust_scale(y: Sequence[float] | np.ndarray) -> float:

@@ -3,12 +3,14 @@
 Floats are drawn without subnormals: the test session flushes denormals (torch.set_flush_denormal).
 """
 
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_debug.stats import MIN_TREND_POINTS, robust_scale, trend
+from lightning_debug.stats import MIN_TREND_POINTS, finite_median, robust_scale, trend
 
 series_len = st.integers(min_value=MIN_TREND_POINTS, max_value=60)
 
@@ -85,3 +87,21 @@ def test_trend_gives_scipys_numbers_exactly():
             assert (got.tau, got.p_value) == (kt.statistic, kt.pvalue), trial
         d = np.diff(y)
         assert robust_scale(y) == sp.median_abs_deviation(d, scale="normal") / np.sqrt(2), trial
+
+
+def test_finite_median_gives_nanmedians_numbers_bitwise():
+    """The checks' medians of bins with gaps: np.nanmedian's exact numbers (ties of two middles averaged, an
+    all-NaN slice NaN), along any axis, and infinities counted as gaps."""
+    rng = np.random.default_rng(0)
+    for _ in range(1000):
+        shape = tuple(int(n) for n in rng.integers(1, 7, size=rng.integers(1, 4)))
+        a = rng.standard_normal(shape)
+        a[rng.random(shape) < 0.2] = np.nan
+        axis = int(rng.integers(-len(shape), len(shape)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # numpy warns on an all-NaN slice
+            expected = np.nanmedian(a, axis=axis)
+        got = finite_median(a, axis=axis)
+        assert np.array_equal(got, expected, equal_nan=True), (a, axis, got, expected)
+    assert finite_median(np.array([1.0, np.inf, 3.0, -np.inf])) == 2.0
+    assert finite_median(np.zeros((3, 0))).shape == (3,)

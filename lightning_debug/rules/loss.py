@@ -24,6 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
+from scipy.special import ndtr
+
+from lightning_debug.stats import finite_median, two_sided_z
 
 MIN_VERDICT_BATCHES = 30  # a run at least this long ends with a training-loss verdict
 MAX_TREND_POINTS = 32  # the trend window is re-binned to at most this many points (Theil-Sen is O(n^2))
@@ -239,19 +242,11 @@ def bin_medians(values: np.ndarray, bin_steps: int) -> np.ndarray:
     blocks = [masked[:full].reshape(-1, bin_steps, *values.shape[1:])]
     out = []
     with np.errstate(all="ignore"):
-        median = np.median if np.isfinite(masked).all() else _nanmedian
+        median = np.median if np.isfinite(masked).all() else finite_median
         out.append(median(blocks[0], axis=1))
         if full < n:
             out.append(median(masked[full:], axis=0)[None])
     return np.concatenate(out) if out else masked[:0]
-
-
-def _nanmedian(a: np.ndarray, axis: int) -> np.ndarray:
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN bin has a NaN median: that is the intent
-        return np.nanmedian(a, axis=axis)
 
 
 def rebin(values: np.ndarray, xs: np.ndarray, max_points: int = MAX_TREND_POINTS) -> tuple[np.ndarray, np.ndarray]:
@@ -272,9 +267,9 @@ def spread(bins: np.ndarray, reference: int = 5) -> np.ndarray:
     autocorrelated noise. 0 with fewer than ``reference + 3`` bins (no estimate yet)."""
     if bins.shape[-1] < reference + 3:
         return np.zeros(bins.shape[:-1])
-    local = _nanmedian(sliding_window_view(bins, reference, axis=-1), -1)
+    local = finite_median(sliding_window_view(bins, reference, axis=-1), -1)
     resid = bins[..., reference - 1 :] - local
-    return 1.4826 * _nanmedian(np.abs(resid), -1)
+    return 1.4826 * finite_median(np.abs(resid), -1)
 
 
 # ---------------------------------------------------------------------------------------------- trend
@@ -295,8 +290,6 @@ def trend(y: np.ndarray, x: np.ndarray, confidence: float = 0.95) -> Trend:
     not, so the variance of S is inflated by ``1 + 2 sum_k (1 - k/n) rho^k`` with ``rho`` the lag-1
     autocorrelation of the residuals (clipped to [0, 0.95]), as in :func:`lightning_debug.stats.trend_autocorrelated`.
     """
-    from scipy.stats import norm
-
     y = np.asarray(y, dtype=float)
     x = np.broadcast_to(np.asarray(x, dtype=float), y.shape)
     n = y.shape[-1]
@@ -315,7 +308,7 @@ def trend(y: np.ndarray, x: np.ndarray, confidence: float = 0.95) -> Trend:
     inflation = 1 + 2 * ((1 - k / n) * rho[..., None] ** k).sum(axis=-1)
     var_s = n * (n - 1) * (2 * n + 5) / 18.0 * inflation
     sigma = np.sqrt(var_s)
-    z = float(norm.ppf(0.5 + confidence / 2))
+    z = two_sided_z(confidence)
     pairs = len(i)
     lo_i = np.clip(np.round((pairs - z * sigma) / 2).astype(int) - 1, 0, pairs - 1)
     hi_i = np.clip(np.round((pairs + z * sigma) / 2).astype(int), 0, pairs - 1)
@@ -324,7 +317,7 @@ def trend(y: np.ndarray, x: np.ndarray, confidence: float = 0.95) -> Trend:
     high = np.take_along_axis(ordered, hi_i[..., None], axis=-1)[..., 0]
     s = np.sign(dy).sum(axis=-1)
     z_s = np.where(s != 0, (s - np.sign(s)) / sigma, 0.0)
-    p = 2 * norm.sf(np.abs(z_s))
+    p = 2 * ndtr(-np.abs(z_s))  # norm.sf's numbers without its argument checks
     return Trend(slope=slope, low=low, high=high, p_value=p)
 
 
@@ -350,7 +343,7 @@ def _rolling_median(bins: np.ndarray, k: int) -> np.ndarray:
     out = np.full(bins.shape, np.nan)
     if bins.shape[-1] >= k:
         clean = np.where(np.isfinite(bins), bins, np.nan)
-        out[..., k - 1 :] = _nanmedian(sliding_window_view(clean, k, axis=-1), -1)
+        out[..., k - 1 :] = finite_median(sliding_window_view(clean, k, axis=-1), -1)
     return out
 
 
