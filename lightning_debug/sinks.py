@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lightning_debug")
 _OUTPUT_DIR = "_lightning_debug_output_dir"  # kept on the trainer: one folder per run
-_PENDING = "_lightning_debug_pending_scalars"  # kept on the trainer: (step, scalars) not yet sent
+_PENDING = "_lightning_debug_pending_scalars"  # kept on the trainer: {step: scalars} not yet sent
 
 ALERT_WAIT = timedelta(minutes=5)
 ALERT_LIMIT = 10  # per run: an alert storm helps nobody
@@ -105,28 +105,31 @@ class Sink:
     def log_scalars(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Plain floats only: callers pull tensors to the host once, before calling.
 
-        The scalars of one step are sent together, in one call per logger, when a later step's arrive or at
-        :meth:`flush` (the debug callbacks' ``teardown`` / ``on_exception``): at the end of a validation several
-        callbacks log at the same step, and each W&B ``log`` call costs ~1 ms and writes a history row of its
-        own, a few percent of a small model's epoch."""
+        Scalars are held back by step and sent, one call per step and logger in step order, when a later step's
+        arrive or at :meth:`flush` (the debug callbacks' ``teardown`` / ``on_exception``): at the end of a
+        validation several callbacks log at the same step, a point of an earlier step (a sample taken mid-epoch,
+        logged at its end) joins them instead of splitting them, and each W&B ``log`` call costs ~1 ms and
+        writes a history row of its own, a few percent of a small model's epoch."""
         step = self.trainer.global_step if step is None else step
-        pending: tuple[int, dict[str, float]] | None = getattr(self.trainer, _PENDING, None)
-        if pending is not None and pending[0] == step:
-            pending[1].update(metrics)
-            return
-        self.flush()
-        setattr(self.trainer, _PENDING, (step, dict(metrics)))
+        pending: dict[int, dict[str, float]] | None = getattr(self.trainer, _PENDING, None)
+        if pending and step > max(pending):
+            self.flush()
+            pending = None
+        if pending is None:
+            pending = {}
+            setattr(self.trainer, _PENDING, pending)
+        pending.setdefault(step, {}).update(metrics)
 
     @_safe
     def flush(self) -> None:
         """Send the scalars :meth:`log_scalars` holds back."""
         pending = getattr(self.trainer, _PENDING, None)
-        if pending is None:
+        if not pending:
             return
         setattr(self.trainer, _PENDING, None)
-        step, metrics = pending
-        for lg in self.trainer.loggers:
-            lg.log_metrics(metrics, step=step)
+        for step in sorted(pending):
+            for lg in self.trainer.loggers:
+                lg.log_metrics(pending[step], step=step)
 
     @_safe
     def define_metric(self, key: str, *, summary: str | None = None, step_metric: str | None = None) -> None:

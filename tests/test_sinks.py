@@ -119,3 +119,24 @@ def test_scalars_of_one_step_reach_each_logger_in_one_call_and_the_last_at_teard
     steps = [step for step, _ in ours]
     assert len(ours) == 3 and len(set(steps)) == 3, ours  # the third epoch's only at teardown
     assert all(m == {"debug/a": 1.0, "debug/b": 2.0} for _, m in ours), ours
+
+
+class LateSample(DebugCallback):
+    """At each validation end: a scalar of this step, then one of an earlier step (a sample taken mid-epoch, as
+    GrokkingMonitor's weight norm), then another of this step."""
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            step = trainer.global_step
+            Sink(trainer).log_scalars({"debug/a": 1.0})
+            Sink(trainer).log_scalars({"debug/sample": 3.0}, step=step - 2)
+            Sink(trainer).log_scalars({"debug/b": 2.0})
+
+
+def test_a_late_point_joins_the_held_scalars_and_steps_reach_the_logger_in_order(tmp_path):
+    train, val = loaders(n_train=128)
+    logger = Recording(str(tmp_path))
+    make_trainer(tmp_path, [LateSample()], logger=logger, max_epochs=2).fit(DigitsMLP(), train, val)
+    ours = [(step, m) for step, m in logger.calls if any(k.startswith("debug/") for k in m)]
+    assert [step for step, _ in ours] == [2, 4, 6, 8], ours  # 4 steps of 2 per epoch: one call each
+    assert ours[1][1] == {"debug/a": 1.0, "debug/b": 2.0} and ours[0][1] == {"debug/sample": 3.0}, ours
