@@ -175,7 +175,9 @@ def test_find_predictions_reads_dicts_hf_outputs_and_xy_batches():
 
 
 def test_arguments_are_validated():
-    for kwargs in ({"ece_threshold": 0.0}, {"patience": 0}, {"min_samples": 0}, {"temperature_samples": -1}):
+    bad = ({"ece_threshold": 0.0}, {"patience": 0}, {"min_samples": 0}, {"temperature_samples": -1})
+    bad += ({"chart_budget": 0},)
+    for kwargs in bad:
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             CalibrationMonitor(**kwargs)
     with pytest.raises(ValueError, match="n_bins"):
@@ -325,9 +327,10 @@ def test_default_charts_at_evaluations_1_2_4_and_the_last_with_temperature_only_
     tmp_path, wandb_logger
 ):
     """The reliability charts' cost grows with the log of the run's length: 7 evaluations give 4 tables (1, 2,
-    4 and 7 at the end of fit); the temperature is fitted with them and where a verdict needs it."""
+    4 and 7 at the end of fit); the temperature is fitted with them and where a verdict needs it. (Without the
+    time budget, which on this 1-second run affords only the last: the next test.)"""
     train, val = loaders(n_train=256, n_val=256)
-    monitor = CalibrationMonitor()
+    monitor = CalibrationMonitor(chart_budget=None)
     make_trainer(tmp_path, [monitor], logger=wandb_logger, max_epochs=7).fit(DigitsMLP(), train, val)
     import wandb
 
@@ -337,3 +340,19 @@ def test_default_charts_at_evaluations_1_2_4_and_the_last_with_temperature_only_
     assert len(run.series("debug/calibration/reliability_diagram_table")) == 4
     fitted = [h["epoch"] for h in monitor.history if "temperature" in h]
     assert {0.0, 1.0, 3.0} <= set(fitted), fitted
+
+
+def test_default_charts_keep_within_their_time_budget_and_the_last_is_always_logged(tmp_path, wandb_logger):
+    """A 7-epoch run of ~0.1 s epochs: the 1st, 2nd and 4th evaluations' charts (~20 ms each) would be several
+    percent of it, beyond 2% of the time so far; the last evaluation's are logged at the end of fit."""
+    train, val = loaders(n_train=256, n_val=256)
+    monitor = CalibrationMonitor()
+    make_trainer(tmp_path, [monitor], logger=wandb_logger, max_epochs=7).fit(DigitsMLP(), train, val)
+    import wandb
+
+    wandb.finish()
+    run = read_offline_run(tmp_path)
+    assert len(run.series("debug/calibration/ece")) == 7
+    charts = run.series("debug/calibration/reliability_diagram_table")
+    assert len(charts) == 1, f"only the last evaluation's charts, got {len(charts)}"
+    assert monitor._charts[0] == 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
@@ -22,6 +23,7 @@ from lightning_debug.integrations.hf import is_causal_lm
 from lightning_debug.metrics import InputFormat, LogitSample, StreamingCalibration, looks_like_probabilities
 from lightning_debug.rules.calibration import (
     assess_calibration,
+    chart_affordable,
     due,
     label_smoothing_cap,
     reliability_due,
@@ -79,6 +81,10 @@ class CalibrationMonitor(DebugCallback):
             the scalars are logged every epoch). ``None`` (default): at the 1st, 2nd, 4th, 8th, ... evaluation
             and at the last one of a fit, so their cost grows with the log of the run's length (a W&B table and
             its charts cost ~10-20 ms, a matplotlib figure ~0.3-0.5 s: too much for every 0.1 s epoch).
+        chart_budget: with the default schedule (``plot_every_n_epochs=None``), the share of the fit's time so
+            far the charts may bring their total to: a scheduled evaluation's are logged when they keep within it
+            (0.02: a 2 s run of 0.07 s epochs gets the 16th and the last evaluation's, an hour-long run every
+            scheduled one); the last evaluation's are always logged. ``None``: every scheduled evaluation's.
         dataloader_idx: the validation dataloader to watch.
     """
 
@@ -98,6 +104,7 @@ class CalibrationMonitor(DebugCallback):
         patience: int = 2,
         temperature_samples: int = 4096,
         plot_every_n_epochs: int | None = None,
+        chart_budget: float | None = 0.02,
         dataloader_idx: int = 0,
         input_format: str = "auto",
         raise_errors: bool = False,
@@ -118,6 +125,9 @@ class CalibrationMonitor(DebugCallback):
         self.patience = patience
         self.temperature_samples = temperature_samples
         self.plot_every_n_epochs = plot_every_n_epochs
+        self.chart_budget = chart_budget
+        self._charts = (0, 0.0)  # charts drawn in this process and their seconds (the budget's evidence)
+        self._fit_began = time.perf_counter()
         self.dataloader_idx = dataloader_idx
         self.metrics = {
             fmt: StreamingCalibration(n_bins, fine_bins=fine_bins, ignore_index=ignore_index, input_format=fmt)
@@ -138,6 +148,7 @@ class CalibrationMonitor(DebugCallback):
         self._cap = label_smoothing_cap(declared_label_smoothing(pl_module))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_began = time.perf_counter()
         sink = Sink(trainer)
         for name in ("ece", "adaptive_ece", "mce", "gap", "temperature", "nll", "brier"):
             sink.define_metric(PREFIX + name, summary="min,max", step_metric="trainer/global_step")
@@ -195,19 +206,27 @@ class CalibrationMonitor(DebugCallback):
             self.skip(trainer, message, key=key, data=data)
         if scalars["count"] == 0:
             return
-        plot = reliability_due(len(self.history) + 1, self.plot_every_n_epochs)
+        budget = self.chart_budget if self.plot_every_n_epochs is None else None  # an asked-for N is kept
+        plot = reliability_due(len(self.history) + 1, self.plot_every_n_epochs) and chart_affordable(
+            self._charts[1], self._charts[0], time.perf_counter() - self._fit_began, budget
+        )
         if plot or temperature_decides(**self._thresholds(scalars)):
             add_temperature(scalars, self.sample, trainer.strategy.all_gather if trainer.world_size > 1 else None)
         Sink(trainer).log_scalars({PREFIX + k: v for k, v in scalars.items() if math.isfinite(v)})
         self.history.append({"step": float(trainer.global_step), "epoch": float(trainer.current_epoch), **scalars})
         self._last = None if plot else (result, scalars, trainer.current_epoch)
         if plot:
-            log_reliability(Sink(trainer), PREFIX, result, scalars, trainer.current_epoch)
+            self._chart(trainer, result, scalars, trainer.current_epoch)
         self._judge(trainer, scalars)
+
+    def _chart(self, trainer: pl.Trainer, result: dict[str, Tensor], scalars: dict[str, float], epoch: int) -> None:
+        began = time.perf_counter()
+        log_reliability(Sink(trainer), PREFIX, result, scalars, epoch)
+        self._charts = (self._charts[0] + 1, self._charts[1] + time.perf_counter() - began)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._last is not None and self.plot_every_n_epochs is None:  # the run's last state, at its own epoch
-            log_reliability(Sink(trainer), PREFIX, *self._last)
+            self._chart(trainer, *self._last)
             self._last = None
         if underconfident_at_end(self._under, self.patience):
             self._warn(trainer, "underconfident", self.history[-1])

@@ -65,6 +65,22 @@ def reliability_due(evaluation: int, every: int | None) -> bool:
     return every > 0 and (evaluation - 1) % every == 0
 
 
+# A reliability table and its two native W&B charts: 15-25 ms measured on the quickstart; the expected cost of a
+# chart before any is timed (a matplotlib figure, without W&B, costs 0.3-0.5 s: learned from the first)
+CHART_SECONDS = 0.02
+
+
+def chart_affordable(spent: float, charts: int, elapsed: float, budget: float | None) -> bool:
+    """Whether one more set of reliability charts keeps their time within ``budget`` of the fit's ``elapsed``
+    seconds: the ``charts`` drawn so far took ``spent`` seconds, the next is expected to take their mean
+    (:data:`CHART_SECONDS` before any). ``None``: no budget. On a 2 s run the 1st, 2nd, 4th, 8th evaluations'
+    charts would be 5% of it; on an hour-long run the budget never binds."""
+    if budget is None:
+        return True
+    expected = spent / charts if charts else CHART_SECONDS
+    return spent + expected <= budget * elapsed
+
+
 def label_smoothing_cap(smoothing: tuple[int, float] | None) -> float | None:
     """The confidence label smoothing ``(classes, eps)`` trains a certain, correct prediction to: its target puts
     ``1 - eps + eps / C`` on the label, not 1, so such a model is underconfident by design (``None``: no smoothing)."""
@@ -107,5 +123,8 @@ def validate_arguments(args: Mapping[str, Any]) -> None:
     for name, low in lowest.items():
         if args[name] is not None and args[name] < low:
             raise ValueError(f"{name} must be >= {low}, got {args[name]!r}")
+    budget = args["chart_budget"]
+    if budget is not None and not 0 < budget <= 1:
+        raise ValueError(f"chart_budget must be in (0, 1] or None (every scheduled chart), got {budget!r}")
     if args["input_format"] not in ("auto", "logits", "probs"):
         raise ValueError(f"input_format must be 'auto', 'logits' or 'probs', got {args['input_format']!r}")

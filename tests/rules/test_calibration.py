@@ -2,7 +2,12 @@
 
 import math
 
-from lightning_debug.rules.calibration import assess_calibration, reliability_due, temperature_decides
+from lightning_debug.rules.calibration import (
+    assess_calibration,
+    chart_affordable,
+    reliability_due,
+    temperature_decides,
+)
 
 DEFAULTS = dict(ece_threshold=0.1, min_samples=200, z=3.0)
 
@@ -77,3 +82,11 @@ def test_the_temperature_decides_only_a_miscalibrated_evaluation_with_a_clear_di
     assert not temperature_decides(**{**base, "ece": 0.05})  # calibrated: no verdict to decide
     assert not temperature_decides(**{**base, "gap": 0.02})  # mixed: neither direction
     assert not temperature_decides(**{**base, "count": 100})
+
+
+def test_charts_are_affordable_within_the_budget_of_the_fit_so_far():
+    assert chart_affordable(0.0, 0, elapsed=1.0, budget=0.02), "0.02 s expected within 2% of 1 s"
+    assert not chart_affordable(0.0, 0, elapsed=0.5, budget=0.02)
+    assert not chart_affordable(0.4, 1, elapsed=30.0, budget=0.02), "a 0.4 s figure: 0.8 s > 0.6 s"
+    assert chart_affordable(0.4, 1, elapsed=40.0, budget=0.02)
+    assert chart_affordable(5.0, 1, elapsed=1.0, budget=None), "no budget: every scheduled chart"
