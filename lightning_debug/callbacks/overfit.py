@@ -27,6 +27,7 @@ from lightning_debug.rules.overfit import (
     assess_memorisation,
     memorisation_floor,
     passes,
+    recognised_smoothing_floor,
     reference_start,
     start_cost,
 )
@@ -204,6 +205,10 @@ class OverfitBatchCheck(DebugCallback):
             self.skip(trainer, "training_step returned no loss tensor", key="loss")
             return
         m = assess_memorisation(curve, floor.value, self.rel_tol, self.abs_tol, classes, start)
+        recognised = recognised_smoothing_floor(curve, classes) if m.status not in ("passed", "mostly") else None
+        if recognised is not None and recognised.value > floor.value:  # an undeclared label smoothing's floor
+            floor = recognised
+            m = assess_memorisation(curve, floor.value, self.rel_tol, self.abs_tol, classes, start)
         settings = {"max_steps": self.max_steps, "rel_tol": self.rel_tol, "abs_tol": self.abs_tol}
         first, seconds = reference_start(curve[0], start), time.perf_counter() - began
         self._emit(trainer, words.memorisation(m, curve, floor, first, seconds, trigger, trainer.global_step, settings))

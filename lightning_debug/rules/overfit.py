@@ -16,7 +16,10 @@ from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_debug.rules.loss import Floor, classes_of_probability_floor
+import numpy as np
+
+from lightning_debug.rules.loss import Floor, classes_of_probability_floor, label_smoothing_floor
+from lightning_debug.stats import finite_median
 
 SLOW_BUT_LEARNING = 0.25  # a failed check that closed at least this much of the gap learns, if slowly
 MOSTLY_MEMORISED = 0.75  # ...and this much is a pass: a healthy small transformer gets ~90% of the way in 100 steps
@@ -71,6 +74,40 @@ def assess_memorisation(
     else:
         status = "stuck"
     return Memorisation(status, closed, target, last, classes_of_probability_floor(last, classes))
+
+
+SMOOTHING_GRID = (0.05, 0.1, 0.15, 0.2)  # label smoothing values a floor is recognised for (0.1 the common one)
+SETTLED_STEPS = 10  # a curve settled at its lowest level: reached this many steps before the end, or held
+SETTLED_TOLERANCE = 0.03  # ...within this share above a label-smoothing floor
+
+
+def settled_level(curve: list[float]) -> float:
+    """The lowest level of a one-batch curve, robust to single spikes (the minimum of its running median of 5),
+    if the curve settled there: reached at least :data:`SETTLED_STEPS` steps before its end, or its last
+    ``SETTLED_STEPS`` running medians within :data:`SETTLED_TOLERANCE` of it. NaN for a curve still falling."""
+    if len(curve) < 2 * SETTLED_STEPS or not all(map(math.isfinite, curve)):
+        return math.nan
+    running = finite_median(np.lib.stride_tricks.sliding_window_view(np.asarray(curve, dtype=float), 5), -1)
+    low = int(np.argmin(running))
+    level = float(running[low])
+    held = bool(np.all(running[-SETTLED_STEPS:] <= level * (1 + SETTLED_TOLERANCE)))
+    return level if low <= len(running) - 1 - SETTLED_STEPS or held else math.nan
+
+
+def recognised_smoothing_floor(curve: list[float], classes: int | None) -> Floor | None:
+    """The floor of label smoothing the curve settled at (from above, within :data:`SETTLED_TOLERANCE`), for a
+    module that does not declare its smoothing (``F.cross_entropy(..., label_smoothing=0.1)`` inline): a loss
+    cannot go below the entropy of its smoothed target, so a memorising curve that stops exactly there has
+    reached its floor. ``None`` without the class count, or when the level matches no value of
+    :data:`SMOOTHING_GRID` (or is the floor of probabilities fed to cross-entropy, which is a fault)."""
+    level = settled_level(curve)
+    if classes is None or classes < 2 or not math.isfinite(level) or classes_of_probability_floor(level, classes):
+        return None
+    for eps in SMOOTHING_GRID:
+        floor = label_smoothing_floor(classes, eps)
+        if floor <= level <= floor * (1 + SETTLED_TOLERANCE):
+            return Floor(floor, f"label smoothing {eps:g} over {classes} classes, where one-batch memorisation settled")
+    return None
 
 
 @dataclass(frozen=True)

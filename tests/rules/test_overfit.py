@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_debug.rules.loss import label_smoothing_floor
-from lightning_debug.rules.overfit import batch_floor
+from lightning_debug.rules.overfit import assess_memorisation, batch_floor, recognised_smoothing_floor
 from lightning_debug.signals import context_targets
 
 
@@ -102,3 +102,26 @@ def test_memorisation_floor_keeps_the_stronger_evidence():
     assert own.value == pytest.approx(math.log(2) / 2) and "2 of 4 targets" in own.source, own
     assert memorisation_floor(zero, None, None) is zero and memorisation_floor(zero, [("a", 1)], None) is zero
     assert memorisation_floor(Floor(1.0, "set by `floor`"), shared, None).value == 1.0
+
+
+def test_an_undeclared_label_smoothing_floor_is_recognised_where_memorisation_settles():
+    """Tune-set tiny BERT with inline ``label_smoothing=0.1`` over 2 classes: its one-batch curve sits at
+    0.19852, the entropy of the smoothed target (0.19852): it has reached its floor, not "levelled off far above
+    0". A curve that settles there with late spikes (SGD momentum at the floor) counts too; one still falling
+    through that level, the floor of probabilities fed to cross-entropy, or an unknown class count does not."""
+    floor = label_smoothing_floor(2, 0.1)
+    bert = [0.19854, 0.19853] + [0.19852] * 99
+    recognised = recognised_smoothing_floor(bert, classes=2)
+    assert recognised is not None and recognised.value == floor and "label smoothing 0.1" in recognised.source
+    spiky = [0.26 - 0.0012 * t for t in range(50)] + [0.1997 + 0.0005 * (t % 3) for t in range(40)]
+    spiky += [0.2403, 0.271, 0.2455, 0.2022, 0.2599, 0.4509, 0.3666, 0.2492, 0.21, 0.205]
+    assert recognised_smoothing_floor(spiky, classes=2) == recognised
+    falling = [0.35 * 0.985**t for t in range(101)]  # passes 0.2 at step ~37 and goes on down
+    assert recognised_smoothing_floor(falling, classes=2) is None
+    still_falling = [0.21 + 0.14 * 0.97**t for t in range(101)]  # the tune-set RNN: 3.6% above at step 100
+    assert recognised_smoothing_floor(still_falling, classes=2) is None
+    probabilities = [0.3133 + 0.4 * 0.9**t for t in range(101)]  # log(1 + 1/e): a fault, not a smoothing
+    assert recognised_smoothing_floor(probabilities, classes=2) is None
+    assert recognised_smoothing_floor(bert, classes=None) is None
+    m = assess_memorisation(bert, recognised.value, 0.05, 1e-3, classes=2, start=0.693)
+    assert m.status == "passed", m
