@@ -24,8 +24,8 @@ intervals, median detection latency in steps, runs stopped by a finding, CPU sec
 from 1) is only measured, never tuned on: the numbers in docs/detection.md come from it. ``--quick`` takes its
 24 scenarios from the tune set. ``holdout`` (seeds from 200000, the report set's size) is a fresh set for when the
 report set has informed a change: measured once, on the final code, never looked at before. ``holdout2`` (seeds
-from 300000) and ``holdout3`` (seeds from 400000), the same size, are the next fresh sets, each for when the one
-before it has been seen in turn.
+from 300000), ``holdout3`` (400000) and ``holdout4`` (500000), the same size, are the next fresh sets, each for
+when the one before it has informed a change in turn.
 """
 
 from __future__ import annotations
@@ -48,9 +48,16 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `lightni
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TRUTH_FILE = Path(__file__).with_name("detection_truth.json")
-SEED_BASE = {"report": 1, "tune": 100_000, "holdout": 200_000, "holdout2": 300_000, "holdout3": 400_000}
-PER_FAULT = {"report": 8, "tune": 4, "holdout": 8, "holdout2": 8, "holdout3": 8}
-HEALTHY_SAMPLED = {"report": 68, "tune": 30, "holdout": 68, "holdout2": 68, "holdout3": 68}
+SEED_BASE = {
+    "report": 1,
+    "tune": 100_000,
+    "holdout": 200_000,
+    "holdout2": 300_000,
+    "holdout3": 400_000,
+    "holdout4": 500_000,
+}
+PER_FAULT = {"report": 8, "tune": 4, "holdout": 8, "holdout2": 8, "holdout3": 8, "holdout4": 8}
+HEALTHY_SAMPLED = {"report": 68, "tune": 30, "holdout": 68, "holdout2": 68, "holdout3": 68, "holdout4": 68}
 HEALTHY_ARCHS = ("mlp", "mlp", "cnn", "gru", "lstm", "rnn", "attnpool", "bert", "gpt2", "bart")
 
 
@@ -71,7 +78,7 @@ def scenario_list(seed_set: str, quick: bool = False) -> list[dict[str, Any]]:
             arch = fault.archs[i % len(fault.archs)] if i < len(fault.archs) else rng.choice(fault.archs)
             setup = apply_fault(sample_setup(rng, arch, seed, max_steps), fault.name, rng)
             out.append({"id": f"{seed_set}-{fault.name}-{i}", "setup": setup.to_dict(), "fault": fault.name})
-    n_incident, n_lm = (1, 1) if quick else ((8, 4) if seed_set in ("report", "holdout", "holdout2", "holdout3") else (2, 2))
+    n_incident, n_lm = (1, 1) if quick else ((8, 4) if seed_set.startswith(("report", "holdout")) else (2, 2))
     for i in range(n_incident):
         setup = incident_setup(base + i)
         if quick:

@@ -76,37 +76,40 @@ def assess_memorisation(
     return Memorisation(status, closed, target, last, classes_of_probability_floor(last, classes))
 
 
-SMOOTHING_GRID = (0.05, 0.1, 0.15, 0.2)  # label smoothing values a floor is recognised for (0.1 the common one)
-SETTLED_STEPS = 10  # a curve settled at its lowest level: reached this many steps before the end, or held
-SETTLED_TOLERANCE = 0.03  # ...within this share above a label-smoothing floor
+RECOGNISED_SMOOTHING = 0.1  # the label smoothing whose floor a settled curve is recognised at (the common value)
+SETTLED_STEPS = 10  # a curve settled at its lowest level: reached at least this many steps before its end...
+SETTLED_TOLERANCE = 0.03  # ...within this share above the smoothing's floor
+PROBABILITY_MARGIN = 0.1  # a level within this share above the probability-input floor is that fault's first
 
 
 def settled_level(curve: list[float]) -> float:
     """The lowest level of a one-batch curve, robust to single spikes (the minimum of its running median of 5),
-    if the curve settled there: reached at least :data:`SETTLED_STEPS` steps before its end, or its last
-    ``SETTLED_STEPS`` running medians within :data:`SETTLED_TOLERANCE` of it. NaN for a curve still falling."""
+    if the curve settled there: reached at least :data:`SETTLED_STEPS` steps before its end (a curve still
+    falling at its end has not settled, however slowly it falls). NaN otherwise."""
     if len(curve) < 2 * SETTLED_STEPS or not all(map(math.isfinite, curve)):
         return math.nan
     running = finite_median(np.lib.stride_tricks.sliding_window_view(np.asarray(curve, dtype=float), 5), -1)
-    low = int(np.argmin(running))
-    level = float(running[low])
-    held = bool(np.all(running[-SETTLED_STEPS:] <= level * (1 + SETTLED_TOLERANCE)))
-    return level if low <= len(running) - 1 - SETTLED_STEPS or held else math.nan
+    low = int(np.argmin(running))  # the first of equal minima: a flat curve settled at its start
+    return float(running[low]) if low <= len(running) - 1 - SETTLED_STEPS else math.nan
 
 
 def recognised_smoothing_floor(curve: list[float], classes: int | None) -> Floor | None:
-    """The floor of label smoothing the curve settled at (from above, within :data:`SETTLED_TOLERANCE`), for a
-    module that does not declare its smoothing (``F.cross_entropy(..., label_smoothing=0.1)`` inline): a loss
-    cannot go below the entropy of its smoothed target, so a memorising curve that stops exactly there has
-    reached its floor. ``None`` without the class count, or when the level matches no value of
-    :data:`SMOOTHING_GRID` (or is the floor of probabilities fed to cross-entropy, which is a fault)."""
+    """The floor of label smoothing 0.1 when the curve settled on it (from above, within
+    :data:`SETTLED_TOLERANCE`), for a module that does not declare its smoothing (``F.cross_entropy(...,
+    label_smoothing=0.1)`` inline): a loss cannot go below the entropy of its smoothed target, so a memorising
+    curve that stops exactly there has reached its floor. ``None`` without the class count, or when the level is
+    within :data:`PROBABILITY_MARGIN` above the floor of probabilities fed to cross-entropy (a fault: for 2
+    classes 0.313, against smoothing 0.2's 0.325). Only 0.1: each value recognised is a level at which a
+    bottleneck's curve could be mistaken for a smoothed one."""
     level = settled_level(curve)
-    if classes is None or classes < 2 or not math.isfinite(level) or classes_of_probability_floor(level, classes):
+    if classes is None or classes < 2 or not math.isfinite(level):
         return None
-    for eps in SMOOTHING_GRID:
-        floor = label_smoothing_floor(classes, eps)
-        if floor <= level <= floor * (1 + SETTLED_TOLERANCE):
-            return Floor(floor, f"label smoothing {eps:g} over {classes} classes, where one-batch memorisation settled")
+    if classes_of_probability_floor(level, classes, tolerance=PROBABILITY_MARGIN):
+        return None
+    floor = label_smoothing_floor(classes, RECOGNISED_SMOOTHING)
+    if floor <= level <= floor * (1 + SETTLED_TOLERANCE):
+        where = "where one-batch memorisation settled"
+        return Floor(floor, f"label smoothing {RECOGNISED_SMOOTHING:g} over {classes} classes, {where}")
     return None
 
 
