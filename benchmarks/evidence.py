@@ -107,11 +107,14 @@ def model_params(module: Bench) -> list[torch.Tensor]:
 
 
 def run_probes(module: Bench, val: Any, fault: str | None) -> dict[str, Any]:
+    """The direct probes, drawing their noise from a forked generator: the bare run that follows draws what the
+    suite's run draws (until 2026-12 they moved the global one, so the two runs' dropout masks and in-batch
+    permutations differed, and a chaotic fault could blow up in one and not the other)."""
     items = [val.dataset[i] for i in range(16)]
     collate = val.collate_fn
     module.eval()
     out: dict[str, Any] = {}
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
         out["cross_sample_change"] = _cross_sample_change(module, collate(items[:8]))
         if isinstance(collate(items[:2]), dict):  # padded token batches
             out["pad_change"] = _pad_change(module, items, collate)
