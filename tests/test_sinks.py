@@ -111,11 +111,16 @@ class SameStep(DebugCallback):
             Sink(trainer).log_scalars({"debug/b": 2.0})
 
 
-def test_scalars_of_one_step_reach_each_logger_in_one_call_and_the_last_at_teardown(tmp_path):
+def debug_calls(tmp_path, callback, epochs):
+    """The (step, scalars) logger calls that carry debug scalars, from a short digits run with ``callback``."""
     train, val = loaders(n_train=128)
     logger = Recording(str(tmp_path))
-    make_trainer(tmp_path, [SameStep()], logger=logger, max_epochs=3).fit(DigitsMLP(), train, val)
-    ours = [(step, m) for step, m in logger.calls if any(k.startswith("debug/") for k in m)]
+    make_trainer(tmp_path, [callback], logger=logger, max_epochs=epochs).fit(DigitsMLP(), train, val)
+    return [(step, m) for step, m in logger.calls if any(k.startswith("debug/") for k in m)]
+
+
+def test_scalars_of_one_step_reach_each_logger_in_one_call_and_the_last_at_teardown(tmp_path):
+    ours = debug_calls(tmp_path, SameStep(), epochs=3)
     steps = [step for step, _ in ours]
     assert len(ours) == 3 and len(set(steps)) == 3, ours  # the third epoch's only at teardown
     assert all(m == {"debug/a": 1.0, "debug/b": 2.0} for _, m in ours), ours
@@ -134,9 +139,6 @@ class LateSample(DebugCallback):
 
 
 def test_a_late_point_joins_the_held_scalars_and_steps_reach_the_logger_in_order(tmp_path):
-    train, val = loaders(n_train=128)
-    logger = Recording(str(tmp_path))
-    make_trainer(tmp_path, [LateSample()], logger=logger, max_epochs=2).fit(DigitsMLP(), train, val)
-    ours = [(step, m) for step, m in logger.calls if any(k.startswith("debug/") for k in m)]
+    ours = debug_calls(tmp_path, LateSample(), epochs=2)
     assert [step for step, _ in ours] == [2, 4, 6, 8], ours  # 4 steps of 2 per epoch: one call each
     assert ours[1][1] == {"debug/a": 1.0, "debug/b": 2.0} and ours[0][1] == {"debug/sample": 3.0}, ours
