@@ -10,7 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_debug.stats import MIN_TREND_POINTS, finite_median, robust_scale, trend
+from lightning_debug.stats import (
+    MIN_TREND_POINTS,
+    finite_median,
+    robust_scale,
+    theil_sen_slope,
+    trend,
+    trend_autocorrelated,
+)
 
 series_len = st.integers(min_value=MIN_TREND_POINTS, max_value=60)
 
@@ -87,6 +94,26 @@ def test_trend_gives_scipys_numbers_exactly():
             assert (got.tau, got.p_value) == (kt.statistic, kt.pvalue), trial
         d = np.diff(y)
         assert robust_scale(y) == sp.median_abs_deviation(d, scale="normal") / np.sqrt(2), trial
+
+
+def test_the_cheap_paths_give_the_full_trends_numbers_bitwise():
+    """``trend_autocorrelated``'s tau (computed from S, without scipy's test) is ``scipy.stats.kendalltau``'s
+    statistic, and ``theil_sen_slope`` is ``trend``'s slope: ties, gaps and constant series included."""
+    from scipy import stats as sp
+
+    rng = np.random.default_rng(1)
+    for trial in range(300):
+        n = int(rng.integers(3, 40))
+        y = np.round(rng.normal(size=n).cumsum(), 0 if trial % 3 == 0 else 6)
+        if trial % 25 == 0:
+            y[:] = 1.0
+        y[rng.random(n) < 0.1] = np.nan
+        if np.isfinite(y).sum() < 3:
+            continue
+        finite = y[np.isfinite(y)]
+        expected_tau = sp.kendalltau(np.arange(len(finite)), finite).statistic if np.ptp(finite) > 0 else 0.0
+        assert trend_autocorrelated(y).tau == expected_tau, trial
+        assert theil_sen_slope(y) == trend(y).slope, trial
 
 
 def test_finite_median_gives_nanmedians_numbers_bitwise():

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_debug.stats import trend
+from lightning_debug.stats import theil_sen_slope
 
 SMOOTHING = (None, "median", "ema")
 
@@ -163,7 +163,7 @@ def relative_slope(series: list[float]) -> float | None:
     if len(finite) < 3:
         return None
     level = abs(float(np.median(finite)))
-    return trend(finite).slope / level if level > 0 else 0.0
+    return theil_sen_slope(finite) / level if level > 0 else 0.0
 
 
 def guard(
