@@ -4,7 +4,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_debug import DebugCallback, DebugReport, debug_callbacks
+from lightning_debug import DebugCallback, DebugReport, MetricEarlyStopping, ModelHealthCheck, debug_callbacks
 
 from models import DigitsMLP, loaders, make_trainer
 
@@ -119,8 +119,8 @@ PER_STEP_HOOKS = (
 
 
 def test_lightning_dispatches_only_the_hooks_a_callback_defines(tmp_path):
-    """Lightning pays ~2 us per hook call per callback, no-op or not: the suite leaves it 5 calls per step
-    (of 6 hooks x 10 callbacks), and a run still sees every hook a callback does define."""
+    """Lightning pays ~2.5 us per hook call per callback, no-op or not: the suite leaves it 4 calls per step
+    (of 6 hooks x 11 callbacks), and a run still sees every hook a callback does define."""
     suite = debug_callbacks("val_acc")
     dispatched = sorted(
         f"{type(cb).__name__}.{name}" for cb in suite for name in PER_STEP_HOOKS if callable(getattr(cb, name))
@@ -129,9 +129,7 @@ def test_lightning_dispatches_only_the_hooks_a_callback_defines(tmp_path):
         "ErrorAnalysis.on_train_batch_end",  # counts target tokens; switches itself off after one non-token batch
         "GrokkingMonitor.on_train_batch_end",
         "LossConvergenceMonitor.on_train_batch_end",
-        "MetricEarlyStopping.on_train_batch_end",
         "ModelHealthCheck.on_before_optimizer_step",
-        "ModelHealthCheck.on_train_batch_end",
     ], dispatched
 
     class Counting(DebugCallback):
@@ -146,6 +144,32 @@ def test_lightning_dispatches_only_the_hooks_a_callback_defines(tmp_path):
     assert Counting.on_before_backward is None and Counting.on_train_batch_start is None
     make_trainer(tmp_path, [counting], max_steps=5).fit(DigitsMLP(), loaders()[0])
     assert counting.batches == 5
+
+
+def test_hooks_with_work_only_on_some_steps_are_dispatched_on_those_steps(tmp_path):
+    """``on_train_batch_end`` of the health check is there only after a sampled step (every 5th of 23 here),
+    early stopping's only for checks counted in steps or a stop to act on; the work is done all the same."""
+
+    class CountedHealth(ModelHealthCheck):
+        def __init__(self) -> None:
+            super().__init__(sample_every_n_steps=5, check_every_n_steps=25)
+            self.sampled_ends = 0
+
+        def on_train_batch_end_due(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.sampled_ends += 1
+            super().on_train_batch_end_due(trainer, pl_module, outputs, batch, batch_idx)
+
+    health = CountedHealth()
+    assert health.on_train_batch_end is None
+    make_trainer(tmp_path, [health], max_steps=23).fit(DigitsMLP(), loaders()[0])
+    assert health.sampled_ends == 5, health.sampled_ends  # steps 0, 5, 10, 15, 20
+    assert len(health.history["step"]) == 5, health.history["step"]
+
+    stopping = MetricEarlyStopping("val_acc", mode="max")
+    assert stopping.on_train_batch_end is None
+    stopping._pending = "loss.nonfinite"
+    assert callable(stopping.on_train_batch_end)
+    assert callable(MetricEarlyStopping("val_acc", mode="max", unit="steps").on_train_batch_end)
 
 
 class Listener(DebugCallback):
