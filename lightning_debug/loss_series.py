@@ -97,8 +97,6 @@ class LossRecorder:
 
     def _record(self, values: torch.Tensor, step: int, lr: float | None) -> None:
         """One batch's values (a device tensor, not read) at global ``step``, and the learning rate it used."""
-        if self._pending and values.device != self._pending[0].device:
-            self._pull()  # the rows pending on the previous device
         self._pending.append(values)
         self._steps.append(step)
         if lr is not None and lr > self.peak_lr:
@@ -202,14 +200,18 @@ def step_values(
             raise Unreadable("keys", f"logged metric(s) {missing} not found in trainer.callback_metrics")
         parts.extend(metrics[k] for k in logged_keys)
     if len(parts) == 1:
-        value = parts[0].detach()
+        value = parts[0].detach() if parts[0].requires_grad else parts[0]  # Lightning's is already detached
         return value if value.dim() == 0 else value.float().mean()
     return torch.stack([p.detach().float().mean() for p in parts])
 
 
 def host_rows(pending: list[torch.Tensor]) -> list[list[float]]:
-    """Device rows to host lists: the one transfer per check."""
-    return torch.stack([v.reshape(-1) for v in pending]).tolist() if pending else []
+    """Device rows to host lists: the one transfer per check (one per row if the module changed devices)."""
+    rows = [v.reshape(-1) for v in pending]
+    try:
+        return torch.stack(rows).tolist() if rows else []
+    except RuntimeError:  # rows on several devices: not checked per step, where it costs more than it saves
+        return [row.tolist() for row in rows]
 
 
 def planned_batches(trainer: pl.Trainer) -> float | None:

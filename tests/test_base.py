@@ -4,7 +4,14 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_debug import DebugCallback, DebugReport, MetricEarlyStopping, ModelHealthCheck, debug_callbacks
+from lightning_debug import (
+    DebugCallback,
+    DebugReport,
+    GrokkingMonitor,
+    MetricEarlyStopping,
+    ModelHealthCheck,
+    debug_callbacks,
+)
 
 from models import DigitsMLP, loaders, make_trainer
 
@@ -147,8 +154,9 @@ def test_lightning_dispatches_only_the_hooks_a_callback_defines(tmp_path):
 
 
 def test_hooks_with_work_only_on_some_steps_are_dispatched_on_those_steps(tmp_path):
-    """``on_train_batch_end`` of the health check is there only after a sampled step (every 5th of 23 here),
-    early stopping's only for checks counted in steps or a stop to act on; the work is done all the same."""
+    """``on_train_batch_end`` of the health check is there only after a sampled step (every 5th of 23 here), the
+    grokking monitor's on its weight-norm steps when training outputs carry no predictions, early stopping's only
+    for checks counted in steps or a stop to act on; the work is done all the same."""
 
     class CountedHealth(ModelHealthCheck):
         def __init__(self) -> None:
@@ -164,6 +172,20 @@ def test_hooks_with_work_only_on_some_steps_are_dispatched_on_those_steps(tmp_pa
     make_trainer(tmp_path, [health], max_steps=23).fit(DigitsMLP(), loaders()[0])
     assert health.sampled_ends == 5, health.sampled_ends  # steps 0, 5, 10, 15, 20
     assert len(health.history["step"]) == 5, health.history["step"]
+
+    class CountedGrokking(GrokkingMonitor):
+        def __init__(self) -> None:
+            super().__init__(norm_every_n_steps=5)
+            self.batch_ends = 0
+
+        def on_train_batch_end_due(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.batch_ends += 1
+            super().on_train_batch_end_due(trainer, pl_module, outputs, batch, batch_idx)
+
+    grokking = CountedGrokking()  # the module returns a bare loss: no training predictions to count
+    make_trainer(tmp_path, [grokking], max_steps=23).fit(DigitsMLP(), loaders()[0])
+    sampled = [s for s, _ in grokking.curves.pending]  # weight norms not yet recorded: no validation here
+    assert grokking.batch_ends == 5 and sampled == [5, 10, 15, 20], (grokking.batch_ends, sampled)  # + the 1st batch
 
     stopping = MetricEarlyStopping("val_acc", mode="max")
     assert stopping.on_train_batch_end is None
