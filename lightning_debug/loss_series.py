@@ -7,7 +7,7 @@ host, and what it reads of the run (its planned length, its learning rate). Plum
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +75,7 @@ class LossRecorder:
     def _init_recorder(self, names: list[str], check_every: int | None, warmup: int | None) -> None:
         self.series = [LossSeries(name) for name in names]
         self._step = 0  # the global step the next batch's training_step sees
+        self._global_step: Callable[[], int] | None = None  # reads trainer.global_step, once training started
         self.schedule = schedule_for(None, check_every=check_every, warmup=warmup)
         self.batches = 0  # training batches recorded
         self._tail: list[tuple[int, list[float]]] = []  # (global step, values) pulled but not yet binned

@@ -22,15 +22,18 @@ from __future__ import annotations
 import difflib
 import re
 import warnings
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torch.utils.data import DataLoader
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 InputFormat = Literal["logits", "probs"]
 MODES = ("min", "max")
@@ -211,6 +214,25 @@ class ChanceLevel:
 
 
 # -- the model and its data -------------------------------------------------------------------------------------
+def global_step_reader(trainer: pl.Trainer) -> Callable[[], int]:
+    """A reader of ``trainer.global_step`` for hooks that run on every training step: the optimizer-step
+    counter Lightning's property returns, read directly (the property goes through four more, ~0.3 us warm
+    and ~3 us between two training steps). Checked against the property once; the property itself wherever
+    that counter is not where Lightning keeps it. Call it once training has started (after a resume)."""
+    loop = trainer.fit_loop.epoch_loop
+    module = trainer.lightning_module
+    try:
+        if module is None or module.automatic_optimization:
+            counter = loop.automatic_optimization.optim_progress.optimizer.step.total
+        else:
+            counter = loop.manual_optimization.optim_step_progress.total
+        if counter.completed == trainer.global_step:
+            return lambda: counter.completed
+    except AttributeError:  # another Lightning's internals
+        pass
+    return lambda: trainer.global_step
+
+
 def weight_norm(module: torch.nn.Module) -> Tensor:
     """The global L2 norm of ``module``'s parameters as a 0-d float32 tensor on their device (NaN if none).
 

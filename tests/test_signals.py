@@ -12,6 +12,7 @@ from lightning_debug.signals import (
     ChanceLevel,
     check_mode,
     first_dataloader,
+    global_step_reader,
     metric_value,
     mode_sign,
     predictions,
@@ -91,3 +92,40 @@ def test_float64_on_cpu_leaves_the_module_untouched():
         assert out.dtype == torch.float64
     assert all(v.dtype == torch.float32 and torch.equal(v, before[k]) for k, v in layer.state_dict().items())
     assert torch.get_default_dtype() == torch.float32
+
+
+@pytest.mark.parametrize("manual, accumulate", [(False, 1), (False, 3), (True, 1)])
+def test_the_global_step_reader_reads_what_the_trainer_says_at_every_batch(tmp_path, manual, accumulate):
+    """The per-step hooks' shortcut to ``trainer.global_step``: the same number at every batch end, under
+    gradient accumulation and manual optimisation."""
+    from lightning.pytorch.callbacks import Callback
+
+    from models import DigitsMLP, loaders, make_trainer
+
+    class Manual(DigitsMLP):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            optimizer = self.optimizers()
+            optimizer.zero_grad()
+            loss = super().training_step(batch, batch_idx)
+            self.manual_backward(loss)
+            optimizer.step()
+            return loss
+
+    class Compare(Callback):
+        def __init__(self) -> None:
+            self.pairs: list[tuple[int, int]] = []
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.read = global_step_reader(trainer)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.pairs.append((self.read(), trainer.global_step))
+
+    compare = Compare()
+    trainer = make_trainer(tmp_path, [compare], max_steps=7, accumulate_grad_batches=accumulate)
+    trainer.fit(Manual() if manual else DigitsMLP(), loaders()[0])
+    assert len(compare.pairs) == 7 * accumulate and all(a == b for a, b in compare.pairs), compare.pairs

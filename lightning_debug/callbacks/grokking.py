@@ -9,7 +9,6 @@ reports when the training set was memorised, when the dev metric caught up and h
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +22,7 @@ from lightning_debug.integrations.hf import is_causal_lm
 from lightning_debug.isolation import isolated
 from lightning_debug.metrics import prediction_sums
 from lightning_debug.rules.grokking import assess_stall, is_generalized, is_memorized, log10_step, log_spaced_steps
-from lightning_debug.signals import weight_norm
+from lightning_debug.signals import global_step_reader, weight_norm
 from lightning_debug.sinks import Sink
 
 if TYPE_CHECKING:
@@ -106,7 +105,7 @@ class GrokkingMonitor(DebugCallback):
         self._stash: dict[str, float] | None = None  # a validation's values, recorded once the train epoch ends
         self._probe_steps: set[int] = set()
         self._probe_train: dict[str, float] = {}
-        self._trainer: Callable[[], pl.Trainer | None] = lambda: None  # a weak reference, set up with the trainer
+        self._global_step: Callable[[], int] | None = None  # reads trainer.global_step, once training started
         self._train_predictions = True  # the last training outputs seen carried predictions (or none seen yet)
 
     records = property(lambda self: self.curves.records)  # one per evaluation, plain floats
@@ -115,12 +114,12 @@ class GrokkingMonitor(DebugCallback):
     # -- collecting -----------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._sums.shift = is_causal_lm(pl_module)
-        self._trainer = weakref.ref(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         series.define_series(Sink(trainer))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._global_step = global_step_reader(trainer)
         if self.evals_per_decade:  # here the number of training batches is known
             self._probe_steps = log_spaced_steps(self.evals_per_decade, series.planned_steps(trainer))
 
@@ -129,10 +128,9 @@ class GrokkingMonitor(DebugCallback):
         """Lightning's hook, there only for the batches with work: while the training outputs carry predictions
         (looked at again on every weight-norm step), at a weight-norm step and at a probe step. The other steps
         pay no dispatch (~2.5 us each)."""
-        trainer = self._trainer()
-        if trainer is None or self._train_predictions:
+        if self._global_step is None or self._train_predictions:
             return self.on_train_batch_end_due
-        step = trainer.global_step
+        step = self._global_step()
         return self.on_train_batch_end_due if step % self.norm_every_n_steps == 0 or step in self._probe_steps else None
 
     def on_train_batch_end_due(

@@ -27,6 +27,7 @@ from lightning_debug.base import DebugCallback
 from lightning_debug.findings import Finding
 from lightning_debug.loss_series import LossRecorder, Rows, Unreadable, current_lr, step_values
 from lightning_debug.rules import loss as rules
+from lightning_debug.signals import global_step_reader
 from lightning_debug.sinks import Sink
 from lightning_debug.wording import loss as words
 
@@ -109,13 +110,15 @@ class LossConvergenceMonitor(DebugCallback, LossRecorder):
         self.finished = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._global_step = global_step_reader(trainer)
         self._step = trainer.global_step  # after a resume has restored it
         self._plan(trainer, self.check_every_n_steps, self.warmup_steps)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step, self._step = self._step, trainer.global_step  # the step training_step saw; the next batch sees this
+        now = self._global_step() if self._global_step is not None else trainer.global_step
+        step, self._step = self._step, now  # the step training_step saw; the next batch sees this
         try:
             values = step_values(trainer, pl_module, outputs, self.key, self._logged_keys)
         except Unreadable as why:
