@@ -348,7 +348,7 @@ class CpuStepClock(StepClock):
         self._last_cpu = now
 
 
-PERIODIC_HOOKS = ("on_before_optimizer_step", "on_train_batch_end")
+PERIODIC_HOOKS = ("on_before_optimizer_step", "on_train_batch_end_due")  # the latter: on sampled steps only
 
 
 def _health_run(case: Case, root: str) -> tuple[Any, CpuStepClock, dict[str, float], dict[str, float]]:
@@ -373,13 +373,14 @@ def _health_run(case: Case, root: str) -> tuple[Any, CpuStepClock, dict[str, flo
 def health_cost(case: Case, reps: int, root: str) -> dict[str, Any]:
     """``ModelHealthCheck`` alone (issue 15): its startup against one bare epoch, and its periodic part per step.
 
-    The periodic part is the time inside its per-step hooks (``on_before_optimizer_step``,
-    ``on_train_batch_end``: sampling every 10th step, the pull, verdicts and logging every 100th) summed over the
-    run, divided by the summed step times of the same run, in wall time (preemption on a shared machine inflates
-    both, but a single one inside a hook weighs heavily) and in the thread's CPU time (blind to preemption);
-    Lightning's dispatch of the two hooks (~2 us each per step, see ``LeanCallback``) is added from
-    ``--hook-dispatch-us``. ``end_seconds``: its end-of-fit work (last check, the table and the heat-map PNG;
-    no logger here, so the PNG is drawn). Medians over repetitions."""
+    The periodic part is the time inside its per-step hooks (``on_before_optimizer_step`` on every step,
+    ``on_train_batch_end`` on sampled ones: sampling every 10th step, the pull, verdicts and logging every
+    100th) summed over the run, divided by the summed step times of the same run, in wall time (preemption on
+    a shared machine inflates both, but a single one inside a hook weighs heavily) and in the thread's CPU
+    time (blind to preemption); Lightning's dispatch of its hooks (~2.5 us each: one every step, one every
+    10th; see ``LeanCallback``) is added from ``--hook-dispatch-us``. ``end_seconds``: its end-of-fit work
+    (last check, the table and the heat-map PNG; no logger here, so the PNG is drawn). Medians over
+    repetitions."""
     threads = torch.get_num_threads()
     if case.threads is not None:
         torch.set_num_threads(case.threads)
@@ -652,7 +653,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     parser.add_argument("--whole-run", choices=sorted(WHOLE_RUNS), action="append", help="whole-run cost only")
     parser.add_argument("--whole-seconds", type=float, help="scale the whole runs' epochs to about this long")
     parser.add_argument("--health", action="store_true", help="only ModelHealthCheck's startup and periodic cost")
-    parser.add_argument("--hook-dispatch-us", type=float, default=4.0, help="Lightning's dispatch of its 2 hooks")
+    parser.add_argument("--hook-dispatch-us", type=float, default=2.75, help="Lightning's dispatch per step")
     parser.add_argument("--errors", action="store_true", help="only ErrorAnalysis' share of validation time")
     args = parser.parse_args(argv)
     torch.set_flush_denormal(True)
