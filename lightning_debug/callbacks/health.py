@@ -27,6 +27,7 @@ from lightning_debug.health_probes import CannotProbe, GradientSampler, columns,
 from lightning_debug.health_probes import sharded as sharding_strategy
 from lightning_debug.rules import health as rules
 from lightning_debug.rules.loss import declared_label_smoothing, label_smoothing_floor
+from lightning_debug.signals import global_step_reader
 from lightning_debug.sinks import Sink
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ class ModelHealthCheck(DebugCallback):
         self.history: dict[str, list[Any]] = {k: [] for k in ("step", "lr", "row", "total", "loss")}  # pulled samples
         self.checked = 0  # history entries already judged
         self.peak_lr = 0.0
-        self._until_sample = 0
+        self._global_step: Callable[[], int] | None = None  # reads trainer.global_step, once training started
         self._floor = 0.0  # the loss's lowest reachable value: a declared label smoothing's, else 0
 
     @property
@@ -97,7 +98,7 @@ class ModelHealthCheck(DebugCallback):
         self.sampler = GradientSampler(pl_module, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
         smoothing = declared_label_smoothing(pl_module)
         self._floor = label_smoothing_floor(*smoothing) if smoothing else 0.0
-        self._until_sample = 0  # optimizer steps until the next sampled one (0: read the trainer's step)
+        self._global_step = global_step_reader(trainer)
         if self.startup and not self.startup_done and trainer.global_rank == 0:
             self.startup_done = True
             try:
@@ -135,15 +136,19 @@ class ModelHealthCheck(DebugCallback):
         self._say(trainer, words.units(rules.unit_health(seen.units), seen.units, self.layers))
 
     # ------------------------------------------------------------------ periodic: device only
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        """Samples every ``sample_every_n_steps``-th step. ``trainer.global_step`` (~3 us) is read only where a
-        countdown of optimizer steps says a sampled step is due, and the countdown is re-aligned to it there."""
-        self._until_sample -= 1
-        if self._until_sample > 0 or self.sampler is None:
-            return
+    @property
+    def on_before_optimizer_step(self) -> Callable[..., None] | None:  # type: ignore[override]
+        """Lightning's hook, there only on the sampled steps (every ``sample_every_n_steps``-th optimizer step,
+        while no sample waits for its update): ``None`` (not dispatched) on the others."""
+        if self.sampler is None or self.sampler.waiting is not None:
+            return None
+        read = self._global_step
+        return self.on_before_optimizer_step_due if read is None or read() % self.sample_every_n_steps == 0 else None
+
+    def on_before_optimizer_step_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        """Samples this optimizer step: norms and a snapshot before it, the update after it."""
         step = trainer.global_step
-        self._until_sample = self.sample_every_n_steps - step % self.sample_every_n_steps
-        if step % self.sample_every_n_steps or self.sampler.waiting is not None:
+        if self.sampler is None or step % self.sample_every_n_steps:
             return
         lr = optimizer.param_groups[0]["lr"]
         lr = float(lr) if not isinstance(lr, torch.Tensor) else math.nan
