@@ -58,7 +58,8 @@ class LeanCallback(Callback):
     context and a ``state_key`` for each one it does call, no-op or not: about 2 us per hook per callback, six
     hooks per training step. For the nine callbacks of the suite that alone was 3-6% of a 1.7 ms MLP step. So
     the hooks a subclass does not define are set to ``None`` and never dispatched (a subclass that defines one
-    must not call ``super()`` for it: there is nothing to call).
+    must not call ``super()`` for it: there is nothing to call). A hook with work on some steps only can be a
+    property returning its body (``on_<hook>_due``, guarded like the hooks) on those steps and ``None`` else.
     """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -1,6 +1,7 @@
 """What reaches the loggers: the offline W&B run read back from its file, and the no-W&B path on disk."""
 
 import csv
+import itertools
 
 import matplotlib
 
@@ -8,7 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from lightning_debug import DebugCallback, DebugReport
+from lightning_debug import DebugCallback, DebugReport, LossConvergenceMonitor
 from lightning_debug.sinks import Sink
 
 from models import DigitsMLP, loaders, make_trainer
@@ -111,11 +112,12 @@ class SameStep(DebugCallback):
             Sink(trainer).log_scalars({"debug/b": 2.0})
 
 
-def debug_calls(tmp_path, callback, epochs):
+def debug_calls(tmp_path, callback, epochs, **trainer_kwargs):
     """The (step, scalars) logger calls that carry debug scalars, from a short digits run with ``callback``."""
     train, val = loaders(n_train=128)
     logger = Recording(str(tmp_path))
-    make_trainer(tmp_path, [callback], logger=logger, max_epochs=epochs).fit(DigitsMLP(), train, val)
+    trainer = make_trainer(tmp_path, [callback], logger=logger, max_epochs=epochs, **trainer_kwargs)
+    trainer.fit(DigitsMLP(), train, val)
     return [(step, m) for step, m in logger.calls if any(k.startswith("debug/") for k in m)]
 
 
@@ -142,3 +144,12 @@ def test_a_late_point_joins_the_held_scalars_and_steps_reach_the_logger_in_order
     ours = debug_calls(tmp_path, LateSample(), epochs=2)
     assert [step for step, _ in ours] == [2, 4, 6, 8], ours  # 4 steps of 2 per epoch: one call each
     assert ours[1][1] == {"debug/a": 1.0, "debug/b": 2.0} and ours[0][1] == {"debug/sample": 3.0}, ours
+
+
+def test_the_loss_monitor_logs_no_denser_than_the_trainer_logs_training_metrics(tmp_path):
+    """Checks every 10 steps are judged every 10 steps, but a W&B row costs ~1 ms: a point is logged only once
+    ``log_every_n_steps`` (25) have passed since the last one, and the run's last check always."""
+    ours = debug_calls(tmp_path, LossConvergenceMonitor(check_every_n_steps=10), epochs=16, log_every_n_steps=25)
+    steps = [step for step, m in ours if "debug/loss/smoothed" in m]
+    gaps = [b - a for a, b in itertools.pairwise(steps)]
+    assert len(steps) >= 2 and all(g >= 25 for g in gaps[:-1]) and steps[-1] == 64, steps  # 6 checks judged

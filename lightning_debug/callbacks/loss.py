@@ -96,6 +96,7 @@ class LossConvergenceMonitor(DebugCallback, LossRecorder):
         self.diverge_factor = diverge_factor
         self._init_recorder([key or "loss", *self.components], check_every_n_steps, warmup_steps)
         self.plateau_checks = 0  # consecutive checks at which the plateau condition held
+        self.logged_step = -1  # the global step of the last logged point (-1: none yet)
         self.smoothing: tuple[int, float] | None = None  # (classes, eps) of declared label smoothing
         self.finished = False  # the final verdict was given
 
@@ -227,7 +228,10 @@ class LossConvergenceMonitor(DebugCallback, LossRecorder):
                 message = words.verdict_message(code, v, floor, start, span, self.batches)
                 evidence = words.verdict_evidence(v, floor, start, span, self.batches, lr, self.peak_lr, self.rules)
                 self._emit_loss(trainer, f"loss.{rules.VERDICTS[code]}", message, floor, evidence, final=final)
-        Sink(trainer).log_scalars({k: val for k, val in metrics.items() if math.isfinite(val)})
+        step = trainer.global_step
+        if final or self.logged_step < 0 or step - self.logged_step >= trainer.log_every_n_steps:
+            self.logged_step = step  # no denser than the trainer logs training metrics: each W&B row costs ~1 ms
+            Sink(trainer).log_scalars({k: val for k, val in metrics.items() if math.isfinite(val)})
 
     def _emit_loss(
         self, trainer: pl.Trainer, check: str, message: str, floor: rules.Floor, data: dict, final: bool = True
@@ -251,9 +255,11 @@ class LossConvergenceMonitor(DebugCallback, LossRecorder):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), **self._recorder_state(), "plateau_checks": self.plateau_checks}
+        state = {**super().state_dict(), **self._recorder_state(), "plateau_checks": self.plateau_checks}
+        return {**state, "logged_step": self.logged_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._load_recorder_state(state_dict)
         self.plateau_checks = int(state_dict.get("plateau_checks", 0))
+        self.logged_step = int(state_dict.get("logged_step", -1))
