@@ -228,8 +228,8 @@ class LossConvergenceMonitor(DebugCallback, LossRecorder):
                 message = words.verdict_message(code, v, floor, start, span, self.batches)
                 evidence = words.verdict_evidence(v, floor, start, span, self.batches, lr, self.peak_lr, self.rules)
                 self._emit_loss(trainer, f"loss.{rules.VERDICTS[code]}", message, floor, evidence, final=final)
-        step = trainer.global_step
-        if final or self.logged_step < 0 or step - self.logged_step >= trainer.log_every_n_steps:
+        step, every = trainer.global_step, getattr(trainer, "log_every_n_steps", 0)  # set by Lightning at init
+        if final or self.logged_step < 0 or step - self.logged_step >= every:
             self.logged_step = step  # no denser than the trainer logs training metrics: each W&B row costs ~1 ms
             Sink(trainer).log_scalars({k: val for k, val in metrics.items() if math.isfinite(val)})
 
