@@ -50,31 +50,28 @@ def trend(
     """Robust trend of ``y`` against ``x`` (default: 0..n-1). Needs at least 3 finite points."""
     x_arr, y_arr = _finite(y, x)
     slopes, _ = _pairwise_slopes(x_arr, y_arr)
-    var_s = _kendall_variance(len(y_arr), _tie_counts(x_arr), _tie_counts(y_arr))
+    slope, intercept = _sen_line(x_arr, y_arr, slopes)
+    low, high = _sen_interval(slopes, _kendall_variance(len(y_arr), _tie_counts(x_arr), _tie_counts(y_arr)), confidence)
     if np.ptp(y_arr) == 0:
         tau, p = 0.0, 1.0
     else:  # scipy's p-value: its exact null distribution up to 33 points without ties
         kt = _kendalltau(x_arr, y_arr)
         tau, p = float(kt.statistic), float(kt.pvalue)
-    return _sen_fit(x_arr, y_arr, slopes, var_s, confidence, tau, p)
-
-
-def _sen_fit(
-    x: np.ndarray, y: np.ndarray, slopes: np.ndarray, var_s: float, confidence: float, tau: float, p: float
-) -> Trend:
-    """The Theil-Sen line through finite points from their sorted pairwise ``slopes``, Sen's interval for the
-    variance ``var_s`` of Kendall's S, and the trend test's ``tau`` and ``p`` (0 and 1 where undefined)."""
-    slope = _sorted_median(slopes)
-    low, high = _sen_interval(slopes, var_s, confidence)
     return Trend(
         slope=slope,
         low=low,
         high=high,
-        intercept=float(_sorted_median(np.sort(y)) - slope * _sorted_median(np.sort(x))),
+        intercept=intercept,
         tau=tau if math.isfinite(tau) else 0.0,
         p_value=p if math.isfinite(p) else 1.0,
-        n=len(y),
+        n=len(y_arr),
     )
+
+
+def _sen_line(x: np.ndarray, y: np.ndarray, slopes: np.ndarray) -> tuple[float, float]:
+    """The Theil-Sen line (slope, intercept) through finite points, from their sorted pairwise ``slopes``."""
+    slope = _sorted_median(slopes)
+    return slope, float(_sorted_median(np.sort(y)) - slope * _sorted_median(np.sort(x)))
 
 
 def theil_sen_slope(y: Sequence[float] | np.ndarray) -> float:
@@ -200,28 +197,27 @@ def trend_autocorrelated(
     """
     x_arr, y_arr = _finite(y, x)
     slopes, s = _pairwise_slopes(x_arr, y_arr)
+    slope, intercept = _sen_line(x_arr, y_arr, slopes)
     x_ties, y_ties = _tie_counts(x_arr), _tie_counts(y_arr)
-    var_plain = _kendall_variance(len(y_arr), x_ties, y_ties)
-    tau = _tau_b(s, x_ties, y_ties, len(y_arr))
-    base = _sen_fit(x_arr, y_arr, slopes, var_plain, confidence, tau, 1.0)  # its p-value is replaced below
-    n = base.n
-    resid = y_arr - (base.intercept + base.slope * x_arr)
+    n = len(y_arr)
+    resid = y_arr - (intercept + slope * x_arr)
     resid = resid - resid.mean()
     denom = float(np.dot(resid, resid))
     rho = float(np.dot(resid[:-1], resid[1:]) / denom) if denom > 0 else 0.0
     rho = min(max(rho, 0.0), 0.95)
     k = np.arange(1, n)
     inflation = 1.0 + 2.0 * float(np.sum((1 - k / n) * rho**k))
-    var_s = var_plain * inflation
+    var_s = _kendall_variance(n, x_ties, y_ties) * inflation
     low, high = _sen_interval(slopes, var_s, confidence)
     sigma = math.sqrt(max(var_s, 0.0))
     z_s = (s - math.copysign(1.0, s)) / sigma if s != 0 and sigma > 0 else 0.0
+    tau = _tau_b(s, x_ties, y_ties, n)
     return Trend(
-        slope=base.slope,
+        slope=slope,
         low=low,
         high=high,
-        intercept=base.intercept,
-        tau=base.tau,
+        intercept=intercept,
+        tau=tau if math.isfinite(tau) else 0.0,
         p_value=float(2 * ndtr(-abs(z_s))),
         n=n,
     )
