@@ -42,10 +42,11 @@ def per_prediction(
     finite = torch.isfinite(x) if binary else torch.isfinite(x).all(-1)
     kept = finite if ignore_index is None else finite & (t != ignore_index)
     n_classes = 2 if binary else x.shape[-1]
-    in_range = (t >= 0) & (t < n_classes)
+    clamped = t.clamp(0, n_classes - 1)  # any class will do for a row left out: its weight is 0
+    in_range = clamped == t
     valid = kept & in_range
-    t = torch.where(valid, t, torch.zeros_like(t))
-    x = torch.where(finite.unsqueeze(-1) if not binary else finite, x, torch.zeros_like(x))
+    t = clamped
+    x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)  # a row left out must not turn the sums NaN
     if binary:
         p1 = torch.sigmoid(x) if input_format == "logits" else x.clamp(0, 1)
         conf = torch.maximum(p1, 1 - p1)
@@ -65,9 +66,10 @@ def per_prediction(
             logp = p.clamp_min(torch.finfo(p.dtype).tiny).log()
         conf, pred = p.max(dim=-1)
         correct = pred == t
-        p_true = p.gather(-1, t.unsqueeze(-1)).squeeze(-1)
-        nll = -logp.gather(-1, t.unsqueeze(-1)).squeeze(-1)
-        brier = (p * p).sum(-1) - 2 * p_true + 1
+        index = t.unsqueeze(-1)
+        p_true = p.gather(-1, index).squeeze(-1)
+        nll = logp.gather(-1, index).squeeze(-1).neg_()
+        brier = p.square().sum(-1).sub_(p_true, alpha=2).add_(1)  # (p * p).sum(-1) - 2 * p_true + 1
     nonfinite = ~finite
     if ignore_index is not None:
         nonfinite = nonfinite & (target.reshape(-1) != ignore_index)
@@ -114,20 +116,11 @@ class StreamingCalibration(Metric):
     is_differentiable = False
     higher_is_better = False
 
-    bin_count: Tensor
-    bin_conf: Tensor
-    bin_correct: Tensor
-    fine_count: Tensor
-    fine_conf: Tensor
-    fine_correct: Tensor
-    total: Tensor
-    correct: Tensor
-    conf_sum: Tensor
-    brier_sum: Tensor
-    nll_sum: Tensor
-    gap_sq_sum: Tensor
-    nonfinite: Tensor
-    out_of_range: Tensor
+    bins: Tensor  # (n_bins, 3): weight, confidence, correct per equal-width bin
+    fine: Tensor  # (fine_bins, 3): the same per fine bin (for the equal-mass bins)
+    sums: Tensor  # (8,): in the order of SUMS
+
+    SUMS = ("total", "conf_sum", "correct", "brier_sum", "nll_sum", "gap_sq_sum", "nonfinite", "out_of_range")
 
     def __init__(
         self,
@@ -152,70 +145,66 @@ class StreamingCalibration(Metric):
         self.fine_bins = fine_bins
         self.ignore_index = ignore_index
         self.input_format: InputFormat = input_format
-        for name, size in (("bin", n_bins), ("fine", fine_bins)):
-            for part in ("count", "conf", "correct"):
-                self.add_state(f"{name}_{part}", torch.zeros(size, dtype=_SUM), dist_reduce_fx="sum")
-        for name in ("total", "correct", "conf_sum", "brier_sum", "nll_sum", "gap_sq_sum", "nonfinite", "out_of_range"):
-            self.add_state(name, torch.zeros((), dtype=_SUM), dist_reduce_fx="sum")
+        # three states, not one per sum: a state is an op per update and an attribute per reset
+        self.add_state("bins", torch.zeros(n_bins, 3, dtype=_SUM), dist_reduce_fx="sum")
+        self.add_state("fine", torch.zeros(fine_bins, 3, dtype=_SUM), dist_reduce_fx="sum")
+        self.add_state("sums", torch.zeros(len(self.SUMS), dtype=_SUM), dist_reduce_fx="sum")
+        self._edges: Tensor | None = None
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         conf, correct, nll, brier, valid, nonfinite, out_of_range = per_prediction(
             preds, target, self.input_format, self.ignore_index
         )
-        w = valid.to(_SUM)
-        conf64 = conf.to(_SUM) * w
-        correct64 = correct.to(_SUM) * w
-        edges = torch.linspace(0, 1, self.n_bins + 1, dtype=conf.dtype, device=conf.device)
+        w = valid.to(_SUM).unsqueeze(-1)
+        weighted = torch.stack([conf, correct.to(conf.dtype), brier, nll], -1).to(_SUM).mul_(w)
+        gap_sq = (weighted[:, 0] - weighted[:, 1]).square_().unsqueeze(-1)
+        flags = torch.stack([nonfinite, out_of_range], -1).to(_SUM)
+        rows = torch.cat([w, weighted, gap_sq, flags], -1)  # per prediction, in the order of SUMS
+        edges = self._edges
+        if edges is None or edges.dtype != conf.dtype or edges.device != conf.device:
+            edges = self._edges = torch.linspace(0, 1, self.n_bins + 1, dtype=conf.dtype, device=conf.device)
         # torchmetrics' binning, with 1.0 clamped into the last bin instead of a phantom (n_bins+1)-th one
-        idx = (torch.bucketize(conf, edges, right=True) - 1).clamp(0, self.n_bins - 1)
-        fine = (conf * self.fine_bins).long().clamp(0, self.fine_bins - 1)
-        for name, index in (("bin", idx), ("fine", fine)):
-            getattr(self, f"{name}_count").index_add_(0, index, w)
-            getattr(self, f"{name}_conf").index_add_(0, index, conf64)
-            getattr(self, f"{name}_correct").index_add_(0, index, correct64)
-        self.total += w.sum()
-        self.correct += correct64.sum()
-        self.conf_sum += conf64.sum()
-        self.brier_sum += (brier.to(_SUM) * w).sum()
-        self.nll_sum += (nll.to(_SUM) * w).sum()
-        self.gap_sq_sum += ((conf64 - correct64) ** 2).sum()
-        self.nonfinite += nonfinite.to(_SUM).sum()
-        self.out_of_range += out_of_range.to(_SUM).sum()
+        idx = torch.bucketize(conf, edges, right=True).sub_(1).clamp_(0, self.n_bins - 1)
+        fine = (conf * self.fine_bins).long().clamp_(0, self.fine_bins - 1)
+        self.bins.index_add_(0, idx, rows[:, :3])
+        self.fine.index_add_(0, fine, rows[:, :3])
+        self.sums += rows.sum(0)
 
     def compute(self) -> dict[str, Tensor]:
-        total = self.total
-        count = self.bin_count
-        acc_b = torch.nan_to_num(self.bin_correct / count)
-        conf_b = torch.nan_to_num(self.bin_conf / count)
+        total, conf_sum, correct_sum, brier_sum, nll_sum, gap_sq_sum, nonfinite, out_of_range = self.sums
+        count, bin_conf, bin_correct = self.bins.unbind(-1)
+        fine_count, fine_conf, fine_correct = self.fine.unbind(-1)
+        acc_b = torch.nan_to_num(bin_correct / count)
+        conf_b = torch.nan_to_num(bin_conf / count)
         prop = count / total
         diff = acc_b - conf_b
         # equal-mass bins: each fine bin joins the adaptive bin its mid-point mass falls in
-        mid = torch.cumsum(self.fine_count, 0) - self.fine_count / 2
+        mid = torch.cumsum(fine_count, 0) - fine_count / 2
         group = (mid / total * self.adaptive_bins).floor().long().clamp(0, self.adaptive_bins - 1)
         zeros = torch.zeros(self.adaptive_bins, dtype=_SUM, device=total.device)
-        g_conf = zeros.index_add(0, group, self.fine_conf)
-        g_correct = zeros.index_add(0, group, self.fine_correct)
-        accuracy = self.correct / total
-        confidence = self.conf_sum / total
+        g_conf = zeros.index_add(0, group, fine_conf)
+        g_correct = zeros.index_add(0, group, fine_correct)
+        accuracy = correct_sum / total
+        confidence = conf_sum / total
         return {
             "ece": (diff.abs() * prop).sum(),
             "mce": diff.abs().max(),
             "rms_ce": ((diff**2) * prop).sum().sqrt(),
             "adaptive_ece": (g_correct - g_conf).abs().sum() / total,
-            "brier": self.brier_sum / total,
-            "nll": self.nll_sum / total,
+            "brier": brier_sum / total,
+            "nll": nll_sum / total,
             "accuracy": accuracy,
             "confidence": confidence,
             "gap": confidence - accuracy,
-            "gap_se": ((self.gap_sq_sum / total - (confidence - accuracy) ** 2).clamp_min(0) / total).sqrt(),
+            "gap_se": ((gap_sq_sum / total - (confidence - accuracy) ** 2).clamp_min(0) / total).sqrt(),
             "count": total,
-            "nonfinite": self.nonfinite,
-            "out_of_range": self.out_of_range,
+            "nonfinite": nonfinite,
+            "out_of_range": out_of_range,
             "bin_count": count,
             "bin_confidence": conf_b,
             "bin_accuracy": acc_b,
             "bin_edges": torch.linspace(0, 1, self.n_bins + 1, dtype=_SUM, device=total.device),
-            "fine_count": self.fine_count,
+            "fine_count": fine_count,
         }
 
 
