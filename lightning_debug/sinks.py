@@ -11,6 +11,7 @@ Every method is rank-zero only and swallows logger failures: a dashboard problem
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("lightning_debug")
 _OUTPUT_DIR = "_lightning_debug_output_dir"  # kept on the trainer: one folder per run
 _PENDING = "_lightning_debug_pending_scalars"  # kept on the trainer: {step: scalars} not yet sent
+MAX_HOLD_STEPS = 200
 
 ALERT_WAIT = timedelta(minutes=5)
 ALERT_LIMIT = 10  # per run: an alert storm helps nobody
@@ -56,6 +58,16 @@ def output_dir(trainer: pl.Trainer) -> Path:
 def _next_version(root: Path) -> str:
     taken = [int(p.name[8:]) for p in root.glob("version_*") if p.name[8:].isdigit()]
     return f"version_{max(taken, default=-1) + 1}"
+
+
+def hold_steps(trainer: pl.Trainer) -> int:
+    """How long a step's scalars wait for more points of that step: the trainer's logging interval, or its
+    validation interval if longer (a sample taken mid-interval is logged at the validation), at most
+    ``MAX_HOLD_STEPS`` (the debug series of a run with long epochs must not lag by an epoch)."""
+    every = getattr(trainer, "log_every_n_steps", 0) or 0  # set by Lightning at init
+    val = getattr(trainer, "val_check_batch", None)
+    interval = val if isinstance(val, (int, float)) and math.isfinite(val) else 0
+    return int(min(MAX_HOLD_STEPS, max(every, interval, 1)))
 
 
 def _wandb_logger(trainer: pl.Trainer) -> Any | None:
@@ -105,31 +117,33 @@ class Sink:
     def log_scalars(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Plain floats only: callers pull tensors to the host once, before calling.
 
-        Scalars are held back by step and sent, one call per step and logger in step order, when a later step's
-        arrive or at :meth:`flush` (the debug callbacks' ``teardown`` / ``on_exception``): at the end of a
-        validation several callbacks log at the same step, a point of an earlier step (a sample taken mid-epoch,
-        logged at its end) joins them instead of splitting them, and each W&B ``log`` call costs ~1 ms and
-        writes a history row of its own, a few percent of a small model's epoch."""
+        Scalars are held back by step and sent, one call per step and logger in step order, once a step
+        :func:`hold_steps` later arrives, or at :meth:`flush` (the debug callbacks' ``teardown`` /
+        ``on_exception``). So the points several callbacks log at one step (the end of a validation, a loss and
+        a health check on the same step) and a late point of that step (a weight norm sampled mid-epoch, logged
+        at the validation) share one call: each W&B ``log`` call costs ~1 ms and writes a history row of its
+        own, a few percent of a small model's epoch."""
         step = self.trainer.global_step if step is None else step
         pending: dict[int, dict[str, float]] | None = getattr(self.trainer, _PENDING, None)
-        if pending and step > max(pending):
-            self.flush()
-            pending = None
         if pending is None:
             pending = {}
             setattr(self.trainer, _PENDING, pending)
         pending.setdefault(step, {}).update(metrics)
+        hold = hold_steps(self.trainer)
+        self._send(pending, [s for s in pending if s + hold <= step])
 
     @_safe
     def flush(self) -> None:
         """Send the scalars :meth:`log_scalars` holds back."""
         pending = getattr(self.trainer, _PENDING, None)
-        if not pending:
-            return
-        setattr(self.trainer, _PENDING, None)
-        for step in sorted(pending):
+        if pending:
+            self._send(pending, list(pending))
+
+    def _send(self, pending: dict[int, dict[str, float]], steps: list[int]) -> None:
+        for step in sorted(steps):
+            metrics = pending.pop(step)
             for lg in self.trainer.loggers:
-                lg.log_metrics(pending[step], step=step)
+                lg.log_metrics(metrics, step=step)
 
     @_safe
     def define_metric(self, key: str, *, summary: str | None = None, step_metric: str | None = None) -> None:

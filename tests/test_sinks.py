@@ -7,10 +7,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from lightning.pytorch import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from lightning_debug import DebugCallback, DebugReport, LossConvergenceMonitor
-from lightning_debug.sinks import Sink
+from lightning_debug.sinks import MAX_HOLD_STEPS, Sink, hold_steps
 
 from models import DigitsMLP, loaders, make_trainer
 from wandb_reader import read_offline_run
@@ -124,8 +125,43 @@ def debug_calls(tmp_path, callback, epochs, **trainer_kwargs):
 def test_scalars_of_one_step_reach_each_logger_in_one_call_and_the_last_at_teardown(tmp_path):
     ours = debug_calls(tmp_path, SameStep(), epochs=3)
     steps = [step for step, _ in ours]
-    assert len(ours) == 3 and len(set(steps)) == 3, ours  # the third epoch's only at teardown
+    assert len(ours) == 3 and len(set(steps)) == 3, ours  # held for log_every_n_steps (10): all at teardown
     assert all(m == {"debug/a": 1.0, "debug/b": 2.0} for _, m in ours), ours
+
+
+class Sent(Callback):
+    """After the debug callbacks' validation end: how many debug calls the logger has received by then."""
+
+    def __init__(self, logger):
+        self.logger, self.sent = logger, []
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            debug = [m for _, m in self.logger.calls if any(k.startswith("debug/") for k in m)]
+            self.sent.append((trainer.global_step, len(debug)))
+
+
+def test_a_step_is_held_until_one_hold_steps_later_arrives(tmp_path):
+    """4 steps per epoch, log_every_n_steps=4 and validation every epoch: hold_steps is 4, so the scalars of
+    step 4 are sent when step 8's arrive, and so on; the last at teardown."""
+    train, val = loaders(n_train=128)
+    logger = Recording(str(tmp_path))
+    sent = Sent(logger)
+    trainer = make_trainer(tmp_path, [SameStep(), sent], logger=logger, max_epochs=4, log_every_n_steps=4)
+    assert hold_steps(trainer) == 4
+    trainer.fit(DigitsMLP(), train, val)
+    assert sent.sent == [(4, 0), (8, 1), (12, 2), (16, 3)], sent.sent
+    assert [step for step, m in logger.calls if "debug/a" in m] == [4, 8, 12, 16], logger.calls
+
+
+def test_hold_steps_follows_the_logging_and_validation_intervals_within_its_cap(tmp_path):
+    train, val = loaders(n_train=128)
+    assert hold_steps(make_trainer(tmp_path, [], max_epochs=1, log_every_n_steps=20)) == 20  # no interval yet
+    trainer = make_trainer(tmp_path, [], max_epochs=1, log_every_n_steps=2, val_check_interval=3)
+    trainer.fit(DigitsMLP(), train, val)
+    assert hold_steps(trainer) == 3
+    trainer = make_trainer(tmp_path, [], max_steps=2, log_every_n_steps=10**4)
+    assert hold_steps(trainer) == MAX_HOLD_STEPS
 
 
 class LateSample(DebugCallback):

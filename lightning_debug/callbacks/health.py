@@ -194,7 +194,8 @@ class ModelHealthCheck(DebugCallback):
             steps = self.history["step"][self.checked : end]
             w = columns(np.asarray(self.history["row"][self.checked : end]), len(self.layers))
             w["lr"] = np.asarray(self.history["lr"][self.checked : end])
-            self._log(trainer, trainer.global_step if final else steps[-1], w)
+            # a window's point at its end (the step after its last sample's): loss checks and samples land there
+            self._log(trainer, trainer.global_step if final else steps[-1] + self.sample_every_n_steps, w)
             assert self.sampler is not None
             run = {k: np.asarray(self.history[k]) for k in ("total", "loss")}
             clip = trainer.gradient_clip_val
