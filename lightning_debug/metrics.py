@@ -11,6 +11,7 @@ torchmetrics does (``bucketize(right=True)`` on ``linspace(0, 1, n_bins + 1)``),
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -206,6 +207,49 @@ class StreamingCalibration(Metric):
             "bin_edges": torch.linspace(0, 1, self.n_bins + 1, dtype=_SUM, device=total.device),
             "fine_count": fine_count,
         }
+
+
+class HeldPredictions:
+    """Validation predictions held on their device as rows and passed to ``consume(scores, target, fmt)``
+    together: when ``max_elements`` scores are held, when the format or the row width changes, and at
+    :meth:`flush` (the end of the evaluation). :class:`StreamingCalibration`'s update is ~50 small ops whatever
+    the batch: on a small model two batches' worth took 1.3 ms of a 75 ms epoch. Rows keep their order, so
+    :class:`LogitSample` still keeps the evaluation's first rows. Scores whose shape does not match the target's
+    are passed on at once (``update`` says what is wrong)."""
+
+    def __init__(self, consume: Callable[[Tensor, Tensor, InputFormat], None], max_elements: int = 1 << 22) -> None:
+        self.consume = consume
+        self.max_elements = max_elements
+        self.parts: list[tuple[Tensor, Tensor]] = []
+        self.held = 0
+        self._kind: tuple[Any, ...] | None = None  # (format, row width, dtype, device) of the held rows
+
+    def add(self, scores: Tensor, target: Tensor, fmt: InputFormat) -> None:
+        binary = scores.shape == target.shape or (scores.shape[-1:] == (1,) and scores.shape[:-1] == target.shape)
+        if not binary and scores.shape[:-1] != target.shape:
+            self.flush()
+            self.consume(scores, target, fmt)
+            return
+        rows = scores.reshape(-1) if binary else scores.reshape(-1, scores.shape[-1])
+        kind = (fmt, rows.shape[1:], rows.dtype, rows.device, target.dtype)
+        if self._kind != kind:
+            self.flush()
+            self._kind = kind
+        self.parts.append((rows, target.reshape(-1)))
+        self.held += rows.numel()
+        if self.held >= self.max_elements:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.parts:
+            return
+        parts, self.parts, self.held = self.parts, [], 0
+        assert self._kind is not None
+        if len(parts) == 1:
+            scores, target = parts[0]
+        else:
+            scores, target = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        self.consume(scores, target, self._kind[0])
 
 
 def fit_temperature(logits: Tensor, target: Tensor, weight: Tensor | None = None) -> float:

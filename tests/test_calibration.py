@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassCalibrationError
 from torchmetrics.functional.classification import binary_calibration_error
 
 from lightning_debug.callbacks.calibration import CalibrationMonitor
-from lightning_debug.metrics import StreamingCalibration, fit_temperature
+from lightning_debug.metrics import HeldPredictions, StreamingCalibration, fit_temperature
 from lightning_debug.signals import find_predictions
 
 from models import DigitsMLP, SmoothedDigitsMLP, loaders, make_trainer
@@ -39,6 +39,36 @@ def test_matches_torchmetrics_multiclass_streamed_in_chunks(norm, key):
     got, want = float(ours.compute()[key]), float(reference.compute())
     # torchmetrics averages each bin in float32; ours sums in float64. 1e-6 absolute plus 1e-6 relative.
     assert math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-6), f"{key}: ours {got!r} vs torchmetrics {want!r}"
+
+
+def test_held_predictions_give_the_per_batch_updates_numbers():
+    """Batches of an LM-shaped (N, T, C), a binary and a multiclass task, a format change, a flush at
+    ``max_elements`` and a shape mismatch passed on at once: the consumer sees the same rows, in order, as it
+    would batch by batch (float64 sums: the statistics agree to 1e-12)."""
+    seen = []
+    held = HeldPredictions(lambda scores, target, fmt: seen.append((scores, target, fmt)), max_elements=5000)
+    direct = {f: StreamingCalibration(input_format=f) for f in ("logits", "probs")}
+    together = {f: StreamingCalibration(input_format=f) for f in ("logits", "probs")}
+    batches = []
+    for i in range(6):
+        x, y = _logits(64 * 3, seed=10 + i)
+        batches.append((x.reshape(64, 3, 10), y.reshape(64, 3), "logits"))
+    x, y = _logits(100, seed=20)
+    batches.append((x.softmax(-1), y, "probs"))
+    batches.append((torch.randn(50), torch.randint(0, 2, (50,)), "logits"))
+    for scores, target, fmt in batches:
+        direct[fmt].update(scores, target)
+        held.add(scores, target, fmt)
+    held.add(torch.randn(4, 10), torch.randint(0, 10, (4, 2)), "logits")  # mismatch: passed on as it is
+    assert seen[-1][0].shape == (4, 10) and held.parts == []
+    held.flush()
+    assert len(seen) == 5, [s[0].shape for s in seen]  # 5000 scores, then the format, the width, the mismatch
+    for scores, target, fmt in seen[:-1]:
+        together[fmt].update(scores, target)
+    for fmt in direct:
+        a, b = direct[fmt].compute(), together[fmt].compute()
+        for key in ("ece", "adaptive_ece", "nll", "brier", "gap_se", "count"):
+            assert math.isclose(float(a[key]), float(b[key]), rel_tol=1e-12, abs_tol=1e-15), (fmt, key, a[key], b[key])
 
 
 def test_ignore_index_matches_torchmetrics_on_the_kept_rows():

@@ -20,7 +20,13 @@ from torch import Tensor
 from lightning_debug.base import DebugCallback
 from lightning_debug.calibration_epoch import add_temperature, epoch_scalars, log_reliability
 from lightning_debug.integrations.hf import is_causal_lm
-from lightning_debug.metrics import InputFormat, LogitSample, StreamingCalibration, looks_like_probabilities
+from lightning_debug.metrics import (
+    HeldPredictions,
+    InputFormat,
+    LogitSample,
+    StreamingCalibration,
+    looks_like_probabilities,
+)
 from lightning_debug.rules.calibration import (
     assess_calibration,
     chart_affordable,
@@ -138,6 +144,7 @@ class CalibrationMonitor(DebugCallback):
         self._over = 0  # consecutive overconfident evaluations
         self._under = 0
         self.sample = LogitSample(temperature_samples, ignore_index)
+        self._held = HeldPredictions(self._consume)
         self._missing: str | None = None
         self._shift = False
         self._cap: float | None = None  # the confidence the module's label smoothing trains to, if it declares one
@@ -161,6 +168,7 @@ class CalibrationMonitor(DebugCallback):
             if metric.update_count:
                 metric.reset()
         self.sample.reset()
+        self._held = HeldPredictions(self._consume)
         self._missing = None
 
     def on_validation_batch_end(
@@ -181,6 +189,9 @@ class CalibrationMonitor(DebugCallback):
         scores, target, fmt = found
         if fmt == "logits":  # found under logits_key: probabilities may hide there (a module returning softmax)
             fmt = self._format or self._detect_format(trainer, scores, target)
+        self._held.add(scores, target, fmt)
+
+    def _consume(self, scores: Tensor, target: Tensor, fmt: InputFormat) -> None:
         self.metrics[fmt].update(scores, target)
         self.sample.add(scores if fmt == "logits" else scores.clamp_min(1e-12).log(), target)
 
@@ -195,6 +206,7 @@ class CalibrationMonitor(DebugCallback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
+        self._held.flush()
         used = [m for m in self.metrics.values() if m.update_count > 0]
         if not used:
             why = self._missing or "no validation batches"
