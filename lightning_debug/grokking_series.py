@@ -7,6 +7,7 @@ in :mod:`lightning_debug.rules.grokking`.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,9 +18,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lightning_debug import media
-from lightning_debug.metrics import prediction_sums
+from lightning_debug.metrics import HeldPredictions, prediction_sums
 from lightning_debug.rules.grokking import StallVerdict, log10_step, sum_values
-from lightning_debug.signals import first_dataloader, predictions, weight_norm
+from lightning_debug.signals import InputFormat, first_dataloader, predictions, weight_norm
 from lightning_debug.sinks import Sink
 
 if TYPE_CHECKING:
@@ -53,27 +54,53 @@ def planned_steps(trainer: pl.Trainer) -> int:
 
 @dataclass
 class StageSums:
-    """Per stage (``train`` / ``val``), the prediction sums of the step outputs, kept on the device until read."""
+    """Per stage (``train`` / ``val``), the prediction sums of the step outputs, kept on the device until read.
+    Predictions with one target per example are held and summed a group of batches at a time
+    (:class:`~lightning_debug.metrics.HeldPredictions`: the sums are ~30 small ops whatever the batch);
+    sequences (a target per position) are summed per batch, as a sequence's accuracy needs its row."""
 
     ignore_index: int | None
     shift: bool = False  # a causal LM: predictions are shifted against the targets
     sums: dict[str, Tensor | None] = field(default_factory=lambda: {"train": None, "val": None})
+    held: dict[str, HeldPredictions] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.held = {stage: self._holder(stage) for stage in self.sums}
+
+    def _holder(self, stage: str) -> HeldPredictions:
+        return HeldPredictions(functools.partial(self._add_sums, stage))  # picklable, unlike a lambda
 
     def add(self, stage: str, outputs: Any, batch: Any) -> None:
         found = predictions(outputs, batch, shift=self.shift)
         if isinstance(found, str):
             return
         scores, target, fmt = found
+        if target.dim() == 1:
+            self.held[stage].add(scores, target, fmt)
+        else:
+            self._add_sums(stage, scores, target, fmt)
+
+    def _add_sums(self, stage: str, scores: Tensor, target: Tensor, fmt: InputFormat) -> None:
         sums = prediction_sums(scores, target, fmt, self.ignore_index)
         prev = self.sums[stage]
         self.sums[stage] = sums if prev is None else prev + sums
+
+    def set_aside(self, stage: str) -> Tensor | None:
+        """The stage's sums so far (held predictions included), leaving it empty; :meth:`restore` puts them back."""
+        self.held[stage].flush()
+        sums, self.sums[stage] = self.sums[stage], None
+        return sums
+
+    def restore(self, stage: str, sums: Tensor | None) -> None:
+        self.held[stage] = self._holder(stage)
+        self.sums[stage] = sums
 
     def take(
         self, stage: str, logged: Mapping[str, Any] | None = None, keys: Mapping[str, str] | None = None
     ) -> dict[str, float]:
         """The stage's values, then reset: what the sums give (one host transfer), overridden by what is
         ``logged`` under ``keys`` (series name -> logged key: ``train_acc``, ``val_loss``, ...)."""
-        sums, self.sums[stage] = self.sums[stage], None
+        sums = self.set_aside(stage)
         out = sum_values(stage, *sums.tolist()) if sums is not None else {}
         for name in ("acc", "loss"):
             value = logged.get(keys[f"{stage}_{name}"]) if logged and keys else None
@@ -96,14 +123,14 @@ def probe_values(
             continue
         # a sequential loader over the same data: the training loader's shuffling RNG is not touched
         plain = DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
-        saved, sums.sums[stage] = sums.sums[stage], None
+        saved = sums.set_aside(stage)
         for i, batch in enumerate(plain):
             if i >= eval_batches:
                 break
             batch = trainer.strategy.batch_to_device(batch)
             sums.add(stage, pl_module.validation_step(batch, i), batch)
         values.update(sums.take(stage))  # computed only: logged values are stale here
-        sums.sums[stage] = saved
+        sums.restore(stage, saved)
     return values
 
 

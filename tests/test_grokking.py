@@ -104,6 +104,31 @@ def test_sequences_give_token_and_exact_match_accuracy():
     assert (seq_correct, seqs) == (1, 3), "only the first sequence is an exact match"
 
 
+def test_stage_sums_are_the_per_batch_sums_whether_held_or_set_aside():
+    """Per-example targets are held and summed together, sequences per batch; a probe's set-aside sums come
+    back as they were. Counts agree exactly, the NLL sum to 1e-12."""
+    from lightning_debug.grokking_series import StageSums
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(32, 10, generator=g), torch.randint(0, 10, (32,), generator=g)) for _ in range(5)]
+    batches.insert(2, (torch.randn(4, 6, 10, generator=g), torch.randint(0, 10, (4, 6), generator=g)))  # sequences
+    sums = StageSums(ignore_index=-100)
+    expected = sum(prediction_sums(x, y, "logits", -100) for x, y in batches)
+    for x, y in batches[:4]:
+        sums.add("val", {"logits": x}, (None, y))
+    saved = sums.set_aside("val")  # a probe: evaluates with empty sums, then puts them back
+    sums.add("val", {"logits": batches[0][0]}, (None, batches[0][1]))
+    assert sums.take("val")["val_acc"] == float(prediction_sums(*batches[0], "logits", -100)[0] / 32)
+    sums.restore("val", saved)
+    for x, y in batches[4:]:
+        sums.add("val", {"logits": x}, (None, y))
+    assert sums.held["val"].parts, "per-example predictions are held until read"
+    got = sums.set_aside("val")
+    assert got is not None and sums.held["val"].parts == []
+    assert torch.equal(got[[0, 1, 3, 4]], expected[[0, 1, 3, 4]]), (got, expected)
+    assert math.isclose(float(got[2]), float(expected[2]), rel_tol=1e-12), (got, expected)
+
+
 def test_arguments_are_validated():
     for kwargs in ({"threshold": 0.0}, {"norm_every_n_steps": 0}, {"stall_factor": 1.0}, {"stall_window": 2}):
         with pytest.raises(ValueError, match=next(iter(kwargs))):

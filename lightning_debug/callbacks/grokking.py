@@ -167,7 +167,7 @@ class GrokkingMonitor(DebugCallback):
     # -- recording ------------------------------------------------------------------------------------------
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
-            self._sums.sums["val"] = None
+            self._sums.restore("val", None)
             return
         self._stash = self._sums.take("val", trainer.callback_metrics, self.keys)
         if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:  # mid-epoch validation: record now
