@@ -186,14 +186,15 @@ def step_values(
     """This step's values (the loss, then the logged keys) as one device tensor, without reading them
     (:class:`Unreadable` if they are not there). The returned loss is scaled back up where Lightning divided
     it for accumulation."""
-    parts: list[Any] = []
-    if key is None:
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+    if key is None:  # cheap tests first: this runs on every training step
+        loss = outputs.get("loss") if type(outputs) is dict or isinstance(outputs, Mapping) else outputs
         if not isinstance(loss, torch.Tensor):
             raise Unreadable("loss", "training_step returned no loss tensor; pass `key=` naming a logged loss")
-        if pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
+        if trainer.accumulate_grad_batches > 1 and pl_module.automatic_optimization:
             loss = loss * trainer.accumulate_grad_batches
-        parts.append(loss)
+        if not logged_keys:
+            return _scalar(loss)
+    parts: list[Any] = [] if key is not None else [loss]
     if logged_keys:
         metrics = trainer.callback_metrics
         missing = [k for k in logged_keys if not isinstance(metrics.get(k), torch.Tensor)]
@@ -201,9 +202,13 @@ def step_values(
             raise Unreadable("keys", f"logged metric(s) {missing} not found in trainer.callback_metrics")
         parts.extend(metrics[k] for k in logged_keys)
     if len(parts) == 1:
-        value = parts[0].detach() if parts[0].requires_grad else parts[0]  # Lightning's is already detached
-        return value if value.dim() == 0 else value.float().mean()
+        return _scalar(parts[0])
     return torch.stack([p.detach().float().mean() for p in parts])
+
+
+def _scalar(value: torch.Tensor) -> torch.Tensor:
+    value = value.detach() if value.requires_grad else value  # Lightning's is already detached
+    return value if value.dim() == 0 else value.float().mean()
 
 
 def host_rows(pending: list[torch.Tensor]) -> list[list[float]]:
