@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from lightning_debug.rules import health as rules
+from lightning_debug.stats import median
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ def gradients(v: rules.GradientVerdict, steps: Sequence[int], total: np.ndarray,
     out = _vanishing(v.vanishing, steps, span) + _exploding(v.exploding, v.largest, steps)
     out += _update_ratio(v.update_ratio, span)
     if v.clipping is not None and v.clipping.fires:
-        out += _clipping(v.clipping, clip_val, float(np.median(total)), span)
+        out += _clipping(v.clipping, clip_val, median(total), span)
     return out
 
 

@@ -91,6 +91,13 @@ def _tau_b(s: float, x_ties: np.ndarray, y_ties: np.ndarray, n: int) -> float:
     return float(np.minimum(1.0, max(-1.0, s / np.sqrt(total - x_pairs) / np.sqrt(total - y_pairs))))
 
 
+def median(a: Sequence[float] | np.ndarray) -> float:
+    """``np.median`` of a 1-D array (the same number: NaN if any value is, NaN when empty) without its ~9 us of
+    generality, for the few-value windows a check judges."""
+    s = np.sort(np.asarray(a, dtype=float))
+    return math.nan if len(s) == 0 or np.isnan(s[-1]) else _sorted_median(s)  # np.sort puts NaN last
+
+
 def _sorted_median(a: np.ndarray) -> float:
     """``np.median`` of an already sorted, finite 1-D array (the same number), without its ~9 us of generality."""
     m = len(a) // 2

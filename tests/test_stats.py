@@ -3,6 +3,7 @@
 Floats are drawn without subnormals: the test session flushes denormals (torch.set_flush_denormal).
 """
 
+import math
 import warnings
 
 import numpy as np
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from lightning_debug.stats import (
     MIN_TREND_POINTS,
     finite_median,
+    median,
     robust_scale,
     theil_sen_slope,
     trend,
@@ -114,6 +116,24 @@ def test_the_cheap_paths_give_the_full_trends_numbers_bitwise():
         expected_tau = sp.kendalltau(np.arange(len(finite)), finite).statistic if np.ptp(finite) > 0 else 0.0
         assert trend_autocorrelated(y).tau == expected_tau, trial
         assert theil_sen_slope(y) == trend(y).slope, trial
+
+
+def test_median_gives_np_medians_numbers_bitwise():
+    """The checks' 1-D medians: np.median's exact numbers, odd and even lengths, ties, infinities, a NaN
+    anywhere (NaN), and the empty window (NaN)."""
+    rng = np.random.default_rng(1)
+    for _ in range(2000):
+        a = rng.standard_normal(int(rng.integers(1, 30))) * 10 ** rng.uniform(-8, 8)
+        if rng.random() < 0.3:
+            a = np.round(a, 1)  # ties
+        for mark, share in ((np.inf, 0.1), (-np.inf, 0.1), (np.nan, 0.05)):
+            a[rng.random(len(a)) < share] = mark
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # inf - inf in the middle pair
+            expected = float(np.median(a))
+        got = median(a)
+        assert got == expected or (math.isnan(got) and math.isnan(expected)), (a, got, expected)
+    assert math.isnan(median(np.array([])))
 
 
 def test_finite_median_gives_nanmedians_numbers_bitwise():

@@ -29,6 +29,7 @@ from lightning_debug.rules import health as rules
 from lightning_debug.rules.loss import declared_label_smoothing, label_smoothing_floor
 from lightning_debug.signals import global_step_reader
 from lightning_debug.sinks import Sink
+from lightning_debug.stats import median
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -217,7 +218,7 @@ class ModelHealthCheck(DebugCallback):
         norm, ratio = rules.column_medians(w["norm"]), rules.column_medians(w["ratio"])
         metrics = {f"{PREFIX}{layer}/norm": norm[j] for j, layer in enumerate(self.layers)}
         metrics.update({f"{PREFIX}{layer}/update_ratio": ratio[j] for j, layer in enumerate(self.layers)})
-        metrics[PREFIX + "global_norm"] = np.median(w["total"])
+        metrics[PREFIX + "global_norm"] = median(w["total"])
         if trainer.gradient_clip_val:
             metrics[PREFIX + "clip_active"] = np.mean(w["clip"])
         Sink(trainer).log_scalars({k: float(v) for k, v in metrics.items() if math.isfinite(v)}, step=step)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lightning_debug.stats import finite_median
+from lightning_debug.stats import finite_median, median
 
 # init.loss_off_chance: healthy default inits sit within 0.25 nats of ln C (measured max 0.11 on the healthy set)
 LOSS_GAP_NATS = 1.0
@@ -203,9 +203,9 @@ def vanishing(
     lo, hi = idx[0], idx[-1]
     ratio = np.log10(np.maximum(rms[:, lo], 1e-30) / np.maximum(rms[:, hi], 1e-30))
     half = len(ratio) // 2
-    falling = bool(np.median(ratio[half:]) <= np.median(ratio[:half]) + RECOVERY_LOG10)
-    level = float(np.median(ratio))
-    now = float(np.median(losses)) if losses is not None and len(losses) else math.nan
+    falling = bool(median(ratio[half:]) <= median(ratio[:half]) + RECOVERY_LOG10)
+    level = median(ratio)
+    now = median(losses) if losses is not None and len(losses) else math.nan
     learned = bool(start_loss > floor and now - floor <= LEARNED_SHARE * (start_loss - floor))
     fires = bool(level < threshold and falling and not learned)
     return Vanishing(fires, layers[lo], layers[hi], level, falling, learned)
@@ -269,7 +269,7 @@ def update_ratio(
     top = np.nanmax(finite[:, seen], axis=0)
     names = [layer for i, layer in enumerate(layers) if seen[i]]
     per_layer = {layer: float(m) for layer, m in zip(names, med, strict=True)}
-    overall = float(np.median(med))
+    overall = median(med)
     high_layers = tuple(
         sorted(((k, float(v)) for k, v in zip(names, top, strict=True) if v > high), key=lambda kv: -kv[1])
     )
@@ -330,7 +330,7 @@ def judge_gradients(
             layers,
             sparse=sparse,
             losses=window["loss"],
-            start_loss=float(np.median(run["loss"][:3])) if len(run["loss"]) else math.nan,
+            start_loss=median(run["loss"][:3]) if len(run["loss"]) else math.nan,
             floor=floor,
         ),
         exploding=exploding(run["total"], run["loss"]),
