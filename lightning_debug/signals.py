@@ -20,6 +20,7 @@ Nothing here emits, logs or keeps a trainer: these are the inputs of the rules i
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Mapping
@@ -238,8 +239,8 @@ def weight_norm(module: torch.nn.Module) -> Tensor:
 
     Per-parameter norms in float32, then their norm: no host transfer, so it can run on the training path.
     """
-    norms = [p.detach().float().norm() for p in module.parameters()]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.full((), float("nan"))
+    params = [p.detach().float() for p in module.parameters()]
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(params))) if params else torch.full((), math.nan)
 
 
 def first_dataloader(loaders: Any) -> DataLoader | None:

@@ -53,6 +53,10 @@ def test_weight_norm_is_the_global_l2_norm_on_the_device():
     expected = torch.cat([p.detach().flatten() for p in layer.parameters()]).norm()
     assert torch.isclose(weight_norm(layer), expected)
     assert math.isnan(float(weight_norm(torch.nn.ReLU())))
+    # one norm per parameter, then their norm: the numbers per-parameter `.norm()` calls give, bitwise
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)).to(torch.bfloat16)
+    norms = torch.stack([p.detach().float().norm() for p in mlp.parameters()])
+    assert torch.equal(weight_norm(mlp), torch.linalg.vector_norm(norms)), weight_norm(mlp)
 
 
 def test_first_dataloader_in_any_collection():
