@@ -71,7 +71,7 @@ def trend(
 def _sen_line(x: np.ndarray, y: np.ndarray, slopes: np.ndarray) -> tuple[float, float]:
     """The Theil-Sen line (slope, intercept) through finite points, from their sorted pairwise ``slopes``."""
     slope = _sorted_median(slopes)
-    return slope, float(_sorted_median(np.sort(y)) - slope * _sorted_median(np.sort(x)))
+    return slope, float(median(y) - slope * median(x))
 
 
 def theil_sen_slope(y: Sequence[float] | np.ndarray) -> float:
@@ -187,8 +187,7 @@ def robust_scale(y: Sequence[float] | np.ndarray) -> float:
     d = d[np.isfinite(d)]
     if len(d) == 0:
         return 0.0
-    d = np.sort(d)
-    return _sorted_median(np.sort(np.abs(d - _sorted_median(d)))) / _NORMAL_MAD / math.sqrt(2)
+    return median(np.abs(d - median(d))) / _NORMAL_MAD / math.sqrt(2)
 
 
 def trend_autocorrelated(

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_debug.stats import theil_sen_slope
+from lightning_debug.stats import median, theil_sen_slope
 
 SMOOTHING = (None, "median", "ema")
 
@@ -162,7 +162,7 @@ def relative_slope(series: list[float]) -> float | None:
     finite = [v for v in series if math.isfinite(v)]
     if len(finite) < 3:
         return None
-    level = abs(float(np.median(finite)))
+    level = abs(median(finite))
     return theil_sen_slope(finite) / level if level > 0 else 0.0
 
 
