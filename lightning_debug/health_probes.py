@@ -1,8 +1,8 @@
 """What ``ModelHealthCheck`` measures, on the device: the one-batch startup probe and the periodic gradient sampler.
 
-Startup: one ``training_step`` and one ``torch.autograd.grad`` on one batch, under
-:func:`~lightning_debug.isolation.isolated` (buffers such as BatchNorm statistics put back, no ``.grad`` left),
-with every ReLU/tanh/sigmoid call seen through a ``TorchFunctionMode`` (:class:`ActivationProbe`).
+Startup (:class:`FirstStep`): the run's own first training step, watched while it runs: every ReLU/tanh/sigmoid
+call seen through a ``TorchFunctionMode`` (:class:`ActivationProbe`) during its forward, its loss, and which
+parameters its backward gave a gradient. No extra forward or backward, so nothing to isolate.
 
 Periodic (:class:`GradientSampler`): on a sampled step, per-layer gradient and weight norms, the global norm and
 whether clipping is active, before the optimizer step; one parameter snapshot, turned into per-layer update norms
@@ -11,21 +11,17 @@ after the step. Each sample is one device row; rows are pulled to the host in on
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils.data import IterableDataset
 
 from lightning_debug.batching import tensors_of
-from lightning_debug.isolation import isolated
 from lightning_debug.rules import health as rules
-from lightning_debug.signals import first_dataloader
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -34,10 +30,6 @@ SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrateg
 _KINDS = {"relu": "relu", "relu_": "relu", "relu6": "relu", "tanh": "tanh", "tanh_": "tanh"}
 _KINDS.update(sigmoid="sigmoid", sigmoid_="sigmoid")
 _ACTIVATION_MODULES = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.Tanh, torch.nn.Sigmoid)
-
-
-class CannotProbe(Exception):
-    """The startup probe cannot run on this module or loader; the message says why (a ``check.skipped``)."""
 
 
 def sharded(trainer: pl.Trainer) -> str | None:
@@ -101,31 +93,6 @@ class ActivationProbe(TorchFunctionMode):
         return [rules.UnitStats(n, k, units, int(f), float(v)) for n, (k, f, v, units) in self.sites.items()]
 
 
-@contextlib.contextmanager
-def kept_buffers(module: torch.nn.Module) -> Iterator[None]:
-    """BatchNorm running statistics and other buffers a train-mode forward updates are put back."""
-    saved = [(b, b.detach().clone()) for b in module.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, copy in saved:
-                b.copy_(copy)
-
-
-def one_batch(trainer: pl.Trainer) -> Any | None:
-    """The first ``batch_size`` examples of the first train loader, collated (no sampler, no RNG drawn); ``None``
-    for a stream (``IterableDataset``), which a check never iterates: it gets the first real batch instead."""
-    loader = first_dataloader(trainer.train_dataloader)
-    if loader is None:
-        raise CannotProbe("no train DataLoader to take a batch from")
-    size = loader.batch_size
-    if isinstance(loader.dataset, IterableDataset) or size is None or not hasattr(loader.dataset, "__len__"):
-        return None
-    n = min(size, len(loader.dataset))
-    return loader.collate_fn([loader.dataset[i] for i in range(n)])
-
-
 def classifier(out: list[Any], batch: Any, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(logits (N, C), labels (N,)) when the step's loss is the cross-entropy of an output and an integer label
     of the batch (plain, or shifted by one position as causal LMs score), else ``None``."""
@@ -147,6 +114,19 @@ def classifier(out: list[Any], batch: Any, loss: torch.Tensor) -> tuple[torch.Te
     return None
 
 
+def unscaled_loss(trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> Any:
+    """The loss ``on_before_backward`` receives, as ``training_step`` computed it: a precision plugin's loss scale
+    (16-bit mixed precision) divided out, Lightning's division by ``accumulate_grad_batches`` undone."""
+    if not isinstance(loss, torch.Tensor):
+        return loss
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is not None and scaler.is_enabled():
+        loss = loss / scaler.get_scale()
+    if pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
+        loss = loss * trainer.accumulate_grad_batches
+    return loss
+
+
 def optimized(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, int]:
     """{name: numel} of the trainable tensors in any param group; a tensor that is no parameter of the module
     (captured before a layer was replaced) gets a name of its own."""
@@ -162,7 +142,7 @@ def optimized(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, i
 
 @dataclass(frozen=True)
 class StartupEvidence:
-    """What one forward and backward on one batch showed."""
+    """What the first training step showed."""
 
     with_grad: dict[str, int]  # {name: numel} of the trainable parameters that received a gradient
     units: list[rules.UnitStats]
@@ -171,31 +151,58 @@ class StartupEvidence:
     class_counts: np.ndarray | None  # (C,) label counts of those examples
 
 
-def probe_startup(
-    pl_module: pl.LightningModule, params: list[tuple[str, torch.nn.Parameter]], batch: Any
-) -> StartupEvidence:
-    """One ``training_step`` and one ``torch.autograd.grad`` on ``batch``, leaving no trace on the module."""
-    if not pl_module.automatic_optimization:
-        raise CannotProbe("manual optimization: `training_step` steps the optimizer itself, so it cannot be replayed")
-    with isolated(pl_module), kept_buffers(pl_module), torch.enable_grad():
-        pl_module.train()
-        probe = ActivationProbe(pl_module)
-        try:
-            with probe:
-                out = pl_module.training_step(batch, 0)
-        finally:
-            units = probe.close()
-        loss = out.get("loss") if isinstance(out, Mapping) else out
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
-            raise CannotProbe(f"`training_step` returned {type(out).__name__}, not a scalar loss with a graph")
-        grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
-        found = classifier(probe.outputs, batch, loss)
-    with_grad = {n: p.numel() for (n, p), g in zip(params, grads, strict=True) if g is not None}
-    logits = counts = None
-    if found is not None:
-        logits = found[0].cpu().numpy()
-        counts = torch.bincount(found[1], minlength=logits.shape[1]).cpu().numpy()
-    return StartupEvidence(with_grad, units, float(loss.detach()), logits, counts)
+class FirstStep:
+    """The evidence of the run's first training step, taken while the step runs: no extra forward or backward,
+    so nothing to isolate and no cost but the probe's (a ``TorchFunctionMode`` and module hooks during one
+    forward). :meth:`forward_done` (``on_before_backward``) closes the probe and keeps the loss and the logits it
+    explains; :meth:`backward_done` (``on_after_backward``, every backward of the step under manual
+    optimization) adds the parameters that now hold a gradient. :meth:`close` is safe to call at any point."""
+
+    def __init__(self, pl_module: pl.LightningModule, params: list[tuple[str, torch.nn.Parameter]], batch: Any):
+        self.params = params
+        self.batch = batch
+        self.had_grad = {i for i, (_, p) in enumerate(params) if p.grad is not None}  # not evidence of use
+        self.received: set[int] = set()
+        self.backwards = 0
+        self.units: list[rules.UnitStats] | None = None
+        self.loss = math.nan
+        self.found: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._outputs: list[Any] = []
+        self.probe: ActivationProbe | None = ActivationProbe(pl_module)
+        self.probe.__enter__()
+
+    def close(self) -> list[rules.UnitStats]:
+        """Leave the mode and remove the hooks (once); the activation sites seen so far."""
+        if self.probe is not None:
+            probe, self.probe = self.probe, None
+            probe.__exit__(None, None, None)
+            self.units = probe.close()
+            self._outputs = probe.outputs
+        return self.units or []
+
+    def forward_done(self, loss: torch.Tensor) -> None:
+        """The step's loss (unscaled, per batch) reached its backward: the forward is over."""
+        if self.probe is None:
+            return
+        self.close()
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            self.loss = float(loss.detach())
+            self.found = classifier(self._outputs, self.batch, loss)
+        self._outputs = []
+
+    def backward_done(self) -> None:
+        self.backwards += 1
+        self.received |= {i for i, (_, p) in enumerate(self.params) if p.grad is not None and i not in self.had_grad}
+
+    def evidence(self) -> StartupEvidence:
+        """Parameters that held a gradient before the step count as receiving one (nothing tells otherwise)."""
+        got = self.received | self.had_grad
+        with_grad = {n: p.numel() for i, (n, p) in enumerate(self.params) if i in got}
+        logits = counts = None
+        if self.found is not None:
+            logits = self.found[0].cpu().numpy()
+            counts = torch.bincount(self.found[1], minlength=logits.shape[1]).cpu().numpy()
+        return StartupEvidence(with_grad, self.close(), self.loss, logits, counts)
 
 
 @dataclass
@@ -209,10 +216,19 @@ class _Sample:
     loss: torch.Tensor | None = None
 
 
+# A dense tensor larger than this has its update norm estimated from UPDATE_SAMPLE of its entries (a fixed random
+# choice): the copy and difference of a 512x512 layer on every sampled step cost more than the rest of the check
+# (memory-bound), while the estimate of a norm from 4096 entries is within a few percent (``update_scale``), and the
+# rules compare update ratios in orders of magnitude. Embedding tables, updated a few rows at a time, stay exact.
+SAMPLED_ABOVE = 65536
+UPDATE_SAMPLE = 4096
+
+
 class GradientSampler:
     """Device-side samples of gradient norms and update/weight ratios. A sampled step costs two ops before
-    the optimizer step (one ``_foreach_norm`` over gradients and weights) and a copy of the parameters, and two
-    after it (an in-place difference, its norms). On a training step's cold caches a small
+    the optimizer step (one ``_foreach_norm`` over gradients and weights) and a copy of the parameters (of a fixed
+    random ``UPDATE_SAMPLE`` of the entries of a dense tensor above ``SAMPLED_ABOVE``), and two after it (an
+    in-place difference, its norms). On a training step's cold caches a small
     device op costs 10-30 us, so everything else (sums into layers, square roots, ratios, the clipping test) is
     done once for all samples when they are pulled, as rows
     ``[grad norm per layer, global norm, clipping active, update ratio per layer, loss]``."""
@@ -232,6 +248,18 @@ class GradientSampler:
         self.member = torch.zeros(count, len(self.layers), device=device)  # parameter x layer: 1 for its layer
         self.member[range(count), layer_ids] = 1.0
         self._parameters = [p for _, p in self.params]
+        self.entries = [  # which entries of each tensor the update is measured on (None: all)
+            None if p.numel() <= SAMPLED_ABOVE or self.sparse[layer_ids[i]] else _fixed_entries(p.numel(), i, device)
+            for i, (_, p) in enumerate(self.params)
+        ]
+        self.update_scale = torch.tensor(  # a sampled tensor's norm: its sampled entries' times this
+            [
+                1.0 if e is None else math.sqrt(p.numel() / len(e))
+                for e, (_, p) in zip(self.entries, self.params, strict=True)
+            ],
+            device=device,
+        )
+        self._sampled = any(e is not None for e in self.entries)
         self._zero = torch.zeros((), device=device)  # the gradient norm of a parameter without one
         self._on_cpu = device.type == "cpu"  # a loop of clones beats the CPU's foreach copy (~1.5 vs 3 us a tensor)
         self.pending: list[_Sample] = []  # not yet pulled
@@ -245,9 +273,15 @@ class GradientSampler:
         if not live:
             return False
         full = live if len(live) == len(grads) else [self._zero if g is None else g for g in grads]
-        norms = torch._foreach_norm(full + self.tensors)  # stacked at the pull: one op for all samples
+        snapshot: list[torch.Tensor] | tuple[torch.Tensor, ...]
+        if self._sampled:  # a sampled tensor's weight norm too comes from its sampled entries (the copy)
+            snapshot = [t.clone() if e is None else t.take(e) for t, e in zip(self.tensors, self.entries, strict=True)]
+            weights = [t if e is None else c for t, e, c in zip(self.tensors, self.entries, snapshot, strict=True)]
+        else:
+            snapshot = [t.clone() for t in self.tensors] if self._on_cpu else torch._foreach_mul(self.tensors, 1.0)
+            weights = self.tensors
+        norms = torch._foreach_norm(full + weights)  # stacked at the pull: one op for all samples
         peak = torch.stack(torch._foreach_norm(live, math.inf)).max() if self.clip_by_value else None
-        snapshot = [t.clone() for t in self.tensors] if self._on_cpu else torch._foreach_mul(self.tensors, 1.0)
         self.waiting = _Sample(step, lr, norms, peak, snapshot)
         return True
 
@@ -255,7 +289,12 @@ class GradientSampler:
         """The norm of each parameter's update, from the snapshot (whose memory is reused, then dropped)."""
         sample, self.waiting = self.waiting, None
         assert sample is not None
-        torch._foreach_sub_(sample.snapshot, self.tensors)  # -dW
+        now = (
+            [t if e is None else t.take(e) for t, e in zip(self.tensors, self.entries, strict=True)]
+            if self._sampled
+            else None
+        )
+        torch._foreach_sub_(sample.snapshot, now or self.tensors)  # -dW
         sample.update = torch._foreach_norm(sample.snapshot)
         sample.snapshot = None
         sample.loss = loss.detach() if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
@@ -268,9 +307,12 @@ class GradientSampler:
             return [], [], np.zeros((0, 2 * n + 3))
         samples, self.pending = self.pending, []
         squares = torch.stack([x for s in samples for x in s.norms]).float().reshape(len(samples), -1).square()
-        grad, weight = (squares[:, :count] @ self.member).sqrt(), (squares[:, count:] @ self.member).sqrt()
+        weights = squares[:, count:] * self.update_scale.square() if self._sampled else squares[:, count:]
+        grad, weight = (squares[:, :count] @ self.member).sqrt(), (weights @ self.member).sqrt()
         total = squares[:, :count].sum(1).sqrt()
         updates = torch.stack([x for s in samples for x in s.update]).float().reshape(len(samples), count)
+        if self._sampled:  # sampled entries' norms scaled to estimate the whole tensor's
+            updates = updates * self.update_scale
         update = (updates.square() @ self.member).sqrt()
         losses = [s.loss for s in samples]
         if all(x is not None and x.device == total.device for x in losses):
@@ -286,6 +328,12 @@ class GradientSampler:
         ratio = torch.where(weight > 0, update / weight, torch.full_like(weight, math.nan))
         rows = torch.cat([grad, total[:, None], active[:, None], ratio, loss[:, None]], 1)
         return [s.step for s in samples], [s.lr for s in samples], rows.cpu().numpy()
+
+
+def _fixed_entries(numel: int, seed: int, device: torch.device) -> torch.Tensor:
+    """``UPDATE_SAMPLE`` flat indices drawn once from a private generator (the run's RNG is not touched)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(numel, (UPDATE_SAMPLE,), generator=generator).to(device)
 
 
 def columns(rows: np.ndarray, n: int) -> dict[str, np.ndarray]:

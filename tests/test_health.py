@@ -228,3 +228,104 @@ def test_heatmap_pixels_colour_each_panel_without_matplotlib():
     assert pixels.dtype == np.uint8 and pixels.shape == (2 * 2 * 4 + 4, 30, 3), pixels.shape
     assert (pixels[0, 20] == 128).all(), "NaN is grey"
     assert tuple(pixels[4, 0]) == (253, 231, 37) and tuple(pixels[0, 0]) == (68, 1, 84), "each panel spans viridis"
+
+
+class _ManualTwoLosses(DigitsMLP):
+    """Manual optimization with two backward passes per step (as a GAN's): the head trains on the first loss, a
+    second head (`aux`) only on the second; optionally an `unused` layer the forward never calls."""
+
+    def __init__(self, unused: bool = False) -> None:
+        super().__init__(hidden=(32,))
+        self.automatic_optimization = False
+        self.aux = torch.nn.Linear(64, 10)
+        self.unused = torch.nn.Linear(4, 4) if unused else None
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt_main, opt_aux = self.optimizers()
+        for opt, head in ((opt_main, self), (opt_aux, self.aux)):
+            opt.zero_grad()
+            self.manual_backward(torch.nn.functional.cross_entropy(head(x), y))
+            opt.step()
+            opt.zero_grad()  # gradients gone by the step's end: the evidence is taken at each backward
+
+    def configure_optimizers(self):
+        aux = list(self.aux.parameters())
+        main = [p for n, p in self.named_parameters() if not n.startswith("aux.")]
+        return torch.optim.Adam(main, lr=1e-3), torch.optim.Adam(aux, lr=1e-3)
+
+
+@pytest.mark.parametrize("unused", [False, True])
+def test_manual_optimization_is_checked_over_every_backward_of_the_first_step(tmp_path, unused):
+    cb, _ = _fit(tmp_path, _ManualTwoLosses(unused=unused), loaders(batch_size=32)[0], max_steps=4)
+    found = _warnings(cb)
+    assert not any(f.check == "check.skipped" for f in cb.findings), [f.message for f in cb.findings]
+    if unused:
+        assert found["setup.optimizer_params_unused"].data["modules"] == ["unused"], found
+    else:
+        assert not found, [f.message for f in found.values()]
+
+
+def test_an_accumulated_first_step_is_judged_on_the_loss_training_step_computed(tmp_path):
+    """Lightning divides the loss by ``accumulate_grad_batches`` before the backward; the init check must not see
+    ln(10)/4 as a loss far below chance."""
+    cb, _ = _fit(tmp_path, DigitsMLP(), loaders(batch_size=32)[0], max_steps=2, accumulate_grad_batches=4)
+    assert not _warnings(cb), [f.message for f in cb.findings]
+    assert abs(cb.evidence["init_gap"]) < 0.25, cb.evidence
+
+
+def test_the_first_step_is_watched_without_an_extra_forward_and_leaves_no_mode_behind(tmp_path):
+    class Counting(DigitsMLP):
+        calls = 0
+
+        def training_step(self, batch, batch_idx):
+            Counting.calls += 1
+            return super().training_step(batch, batch_idx)
+
+    cb, _ = _fit(tmp_path, Counting(), loaders(batch_size=32)[0], max_steps=3)
+    assert Counting.calls == 3, "the startup evidence comes from the run's own steps"
+    assert cb.startup_done and "units" in cb.evidence and cb.startup_seconds < 1
+    assert torch._C._len_torch_function_stack() == 0
+
+    class Failing(DigitsMLP):
+        def training_step(self, batch, batch_idx):
+            self(batch[0])  # the forward runs under the probe, then the step fails
+            raise RuntimeError("the user's bug")
+
+    with pytest.raises(RuntimeError, match="the user's bug"):
+        _fit(tmp_path / "failing", Failing(), loaders(batch_size=32)[0], max_steps=3)
+    assert torch._C._len_torch_function_stack() == 0, "a failed first step must not leave the probe's mode active"
+
+
+@pytest.mark.parametrize("update", ["adam_like", "sgd_like"])
+def test_a_large_layers_update_ratio_is_estimated_within_a_few_percent(update):
+    """Above ``SAMPLED_ABOVE`` entries the update norm comes from a fixed random ``UPDATE_SAMPLE`` of them; the
+    ratio must stay within 5% of the exact one (the rules compare orders of magnitude), with the run's RNG
+    untouched and smaller tensors exact."""
+    from lightning_debug.health_probes import SAMPLED_ABOVE, GradientSampler
+
+    torch.manual_seed(0)
+    module = pl.LightningModule()
+    module.big = torch.nn.Linear(512, 512)
+    module.small = torch.nn.Linear(512, 10)
+    assert module.big.weight.numel() > SAMPLED_ABOVE >= module.small.weight.numel()
+    for p in module.parameters():
+        p.grad = torch.randn_like(p) * (torch.rand_like(p) < 0.3)  # sparse, heavy-tailed: ReLU inputs
+    rng = torch.get_rng_state()
+    sampler = GradientSampler(module)
+    assert torch.equal(torch.get_rng_state(), rng), "the sampler drew from the run's RNG"
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    assert sampler.before_step(0, 0.1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p -= 1e-3 * (p.grad.sign() if update == "adam_like" else p.grad)
+    sampler.after_step(torch.tensor(1.0))
+    _, _, rows = sampler.pull()
+    ratio = dict(zip(sampler.layers, rows[0, len(sampler.layers) + 2 : 2 * len(sampler.layers) + 2], strict=True))
+    for layer in ("big", "small"):
+        names = [n for n in before if n.startswith(layer + ".")]
+        delta = torch.cat([(dict(module.named_parameters())[n].detach() - before[n]).flatten() for n in names])
+        weight = torch.cat([before[n].flatten() for n in names])
+        exact = float(delta.norm() / weight.norm())
+        tolerance = 0.05 if layer == "big" else 1e-5
+        assert abs(ratio[layer] / exact - 1) < tolerance, f"{layer}: estimate {ratio[layer]:.4g}, exact {exact:.4g}"

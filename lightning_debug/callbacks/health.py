@@ -1,6 +1,7 @@
 """``ModelHealthCheck``: name the cause when the loss does not move (parameters, gradients, initialisation).
 
-At the start of fit, one forward and backward on one batch, leaving no trace (``health_probes.probe_startup``):
+From the run's own first training step, watched while it runs (``health_probes.FirstStep``: no extra forward or
+backward):
 ``setup.params_not_in_optimizer`` / ``setup.optimizer_params_unused`` (gradient receivers vs param groups),
 ``init.loss_off_chance`` (a C-class cross-entropy at init vs ``ln C``), ``init.dead_units`` /
 ``init.saturated_units`` (ReLU/tanh/sigmoid outputs per layer). During training, every ``sample_every_n_steps``
@@ -22,8 +23,7 @@ import torch
 
 from lightning_debug import health_words as words
 from lightning_debug.base import DebugCallback
-from lightning_debug.batching import batch_mover
-from lightning_debug.health_probes import CannotProbe, GradientSampler, columns, one_batch, optimized, probe_startup
+from lightning_debug.health_probes import FirstStep, GradientSampler, StartupEvidence, columns, optimized, unscaled_loss
 from lightning_debug.health_probes import sharded as sharding_strategy
 from lightning_debug.rules import health as rules
 from lightning_debug.rules.loss import declared_label_smoothing, label_smoothing_floor
@@ -79,6 +79,7 @@ class ModelHealthCheck(DebugCallback):
         self.peak_lr = 0.0
         self._global_step: Callable[[], int] | None = None  # reads trainer.global_step, once training started
         self._floor = 0.0  # the loss's lowest reachable value: a declared label smoothing's, else 0
+        self._first: FirstStep | None = None  # the first step, while it is watched
 
     @property
     def layers(self) -> list[str]:
@@ -89,7 +90,7 @@ class ModelHealthCheck(DebugCallback):
         for w in found:
             self.emit(trainer, w.check, w.message, data=w.data, key=w.key)
 
-    # ------------------------------------------------------------------ startup
+    # ------------------------------------------------------------------ startup: the first step, watched
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         strategy = sharding_strategy(trainer)
         if strategy is not None:
@@ -101,33 +102,59 @@ class ModelHealthCheck(DebugCallback):
         self._floor = label_smoothing_floor(*smoothing) if smoothing else 0.0
         self._global_step = global_step_reader(trainer)
         if self.startup and not self.startup_done and trainer.global_rank == 0:
-            self.startup_done = True
-            try:
-                batch = one_batch(trainer)
-            except CannotProbe as why:
-                self.emit(trainer, "check.skipped", f"ModelHealthCheck startup: {why}", data={"reason": str(why)})
-                return
-            if batch is None:  # a stream: its first real batch, through a hook dispatched for that batch only
-                self.on_train_batch_start = self.on_first_train_batch  # type: ignore[method-assign,assignment]
-                return
-            self._timed_startup(trainer, pl_module, batch_mover(trainer, pl_module)(batch))
+            self.startup_seconds = 0.0
+            # hooks dispatched for the first step only (instance attributes over the class's ``None``)
+            self.on_train_batch_start = self.on_first_batch_start  # type: ignore[method-assign,assignment]
 
-    def on_first_train_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
-        """The first real batch of an ``IterableDataset``, already moved, before its step."""
-        del self.on_train_batch_start  # back to the class's: no per-step dispatch
-        self._timed_startup(trainer, pl_module, batch)
-
-    def _timed_startup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+    def on_first_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
+        """Watch this step: activations during its forward, its loss, its gradients."""
         began = time.perf_counter()
-        try:
-            self._startup(trainer, pl_module, batch)
-        except CannotProbe as why:
-            self.emit(trainer, "check.skipped", f"ModelHealthCheck startup: {why}", data={"reason": str(why)})
-        self.startup_seconds = time.perf_counter() - began
-
-    def _startup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        del self.on_train_batch_start
         assert self.sampler is not None
-        seen = probe_startup(pl_module, self.sampler.params, batch)
+        self._first = FirstStep(pl_module, self.sampler.params, batch)
+        self.on_before_backward = self.on_first_before_backward  # type: ignore[method-assign]
+        self.on_after_backward = self.on_first_after_backward  # type: ignore[method-assign]
+        self.startup_seconds += time.perf_counter() - began
+
+    def on_first_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
+        began = time.perf_counter()
+        del self.on_before_backward
+        if self._first is not None:
+            self._first.forward_done(unscaled_loss(trainer, pl_module, loss))
+        self.startup_seconds += time.perf_counter() - began
+
+    def on_first_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Automatic optimization: judged now (step 0). Manual: every backward of the step counts, judged at
+        its end (a GAN's second loss gives other parameters their gradients)."""
+        began = time.perf_counter()
+        if self._first is not None:
+            self._first.backward_done()
+            if pl_module.automatic_optimization:
+                self._end_startup(trainer)
+        self.startup_seconds += time.perf_counter() - began
+
+    def _stop_watching(self) -> FirstStep | None:
+        """The first step's evidence, its probe closed and its hooks gone (``None`` if none is watched)."""
+        first, self._first = self._first, None
+        for hook in ("on_train_batch_start", "on_before_backward", "on_after_backward"):
+            self.__dict__.pop(hook, None)
+        if first is not None:
+            first.close()
+        return first
+
+    def _end_startup(self, trainer: pl.Trainer) -> None:
+        """Judge the first step's evidence (or say why there is none) and stop watching."""
+        first = self._stop_watching()
+        if first is None:
+            return
+        self.startup_done = True
+        if not first.backwards:
+            why = "the first training step ran no backward through Lightning (`manual_backward`), so it shows nothing"
+            self.emit(trainer, "check.skipped", f"ModelHealthCheck startup: {why}.", data={"reason": why})
+            return
+        self._startup(trainer, trainer.lightning_module, first.evidence())
+
+    def _startup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, seen: StartupEvidence) -> None:
         self._say(trainer, words.coverage(rules.optimizer_coverage(seen.with_grad, optimized(trainer, pl_module))))
         self.evidence["units"] = {u.layer: u.share for u in seen.units}
         if seen.logits is not None and seen.class_counts is not None:
@@ -158,14 +185,19 @@ class ModelHealthCheck(DebugCallback):
 
     @property
     def on_train_batch_end(self) -> Callable[..., None] | None:  # type: ignore[override]
-        """Lightning's hook, there only while a sampled step waits for its update: ``None`` (not dispatched) on
-        the other steps, whose dispatch alone would cost ~2.5 us each."""
+        """Lightning's hook, there only while a sampled step waits for its update or the first step is watched:
+        ``None`` (not dispatched) on the other steps, whose dispatch alone would cost ~2.5 us each."""
         sampler = self.sampler
-        return self.on_train_batch_end_due if sampler is not None and sampler.waiting is not None else None
+        due = sampler is not None and sampler.waiting is not None
+        return self.on_train_batch_end_due if due or self._first is not None else None
 
     def on_train_batch_end_due(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._first is not None:
+            began = time.perf_counter()
+            self._end_startup(trainer)
+            self.startup_seconds += time.perf_counter() - began
         sampler = self.sampler
         if sampler is None or sampler.waiting is None or trainer.global_step == sampler.waiting.step:
             return  # the sampled step's optimizer step has not run yet (gradient accumulation)
@@ -244,6 +276,14 @@ class ModelHealthCheck(DebugCallback):
         with np.errstate(divide="ignore", invalid="ignore"):
             panels = {"log10 gradient norm": np.log10(c["norm"].T), "log10 update / weight": np.log10(c["ratio"].T)}
         sink.log_heatmap(PREFIX + "heatmap", panels, self.layers, steps)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._stop_watching()  # a step that raised inside its forward leaves no mode or hook behind
+        super().on_exception(trainer, pl_module, exception)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stop_watching()
+        super().teardown(trainer, pl_module, stage)
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
