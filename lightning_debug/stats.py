@@ -167,15 +167,31 @@ def finite_median(a: np.ndarray, axis: int = -1) -> np.ndarray:
     infinities left out, without its masked arrays, which made it ~50x slower on the few-row arrays a check
     judges (a loss check spent most of its 1.3 ms there)."""
     a = np.moveaxis(np.asarray(a, dtype=float), axis, -1)
-    if a.shape[-1] == 0:
+    n = a.shape[-1]
+    if n == 0:
         return np.full(a.shape[:-1], np.nan)
     finite = np.isfinite(a)
+    if finite.all():  # the common case: the middle positions are fixed (the same sort and sum as below)
+        s = np.sort(a, axis=-1)
+        return np.asarray((s[..., (n - 1) // 2] + s[..., n // 2]) / 2)
     k = finite.sum(axis=-1)
     s = np.sort(np.where(finite, a, np.nan), axis=-1)  # NaNs last
     lo = np.take_along_axis(s, np.maximum((k - 1) // 2, 0)[..., None], axis=-1)[..., 0]
     hi = np.take_along_axis(s, np.minimum(k // 2, a.shape[-1] - 1)[..., None], axis=-1)[..., 0]
     with np.errstate(invalid="ignore"):
         return np.where(k > 0, (lo + hi) / 2, np.nan)
+
+
+def row_medians(a: np.ndarray) -> np.ndarray:
+    """``np.median(a, axis=-1)``'s numbers (NaN for a row with a NaN) for many short rows, without its partition and
+    mean machinery (~45 us on the (n, 3) levels of a gradient check)."""
+    a = np.asarray(a, dtype=float)
+    n = a.shape[-1]
+    if n == 0:
+        return np.full(a.shape[:-1], np.nan)
+    s = np.sort(a, axis=-1)  # NaNs last
+    middle = s[..., n // 2] if n % 2 else (s[..., n // 2 - 1] + s[..., n // 2]) / 2.0
+    return np.where(np.isnan(s[..., -1]), np.nan, middle)
 
 
 def robust_scale(y: Sequence[float] | np.ndarray) -> float:

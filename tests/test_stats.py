@@ -16,6 +16,7 @@ from lightning_debug.stats import (
     finite_median,
     median,
     robust_scale,
+    row_medians,
     theil_sen_slope,
     trend,
     trend_autocorrelated,
@@ -142,8 +143,10 @@ def test_finite_median_gives_nanmedians_numbers_bitwise():
     rng = np.random.default_rng(0)
     for _ in range(1000):
         shape = tuple(int(n) for n in rng.integers(1, 7, size=rng.integers(1, 4)))
-        a = rng.standard_normal(shape)
-        a[rng.random(shape) < 0.2] = np.nan
+        a = rng.standard_normal(shape) * 10 ** rng.uniform(-8, 8)
+        if rng.random() < 0.3:
+            a = np.round(a, 1)  # ties
+        a[rng.random(shape) < rng.choice([0.0, 0.2])] = np.nan  # no gap at all: the fast path
         axis = int(rng.integers(-len(shape), len(shape)))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # numpy warns on an all-NaN slice
@@ -151,4 +154,23 @@ def test_finite_median_gives_nanmedians_numbers_bitwise():
         got = finite_median(a, axis=axis)
         assert np.array_equal(got, expected, equal_nan=True), (a, axis, got, expected)
     assert finite_median(np.array([1.0, np.inf, 3.0, -np.inf])) == 2.0
+    assert np.isinf(finite_median(np.array([1e308, 1.5e308]))) == np.isinf(np.nanmedian(np.array([1e308, 1.5e308])))
     assert finite_median(np.zeros((3, 0))).shape == (3,)
+
+
+def test_row_medians_give_np_medians_numbers_bitwise():
+    """The gradient check's levels: np.median(axis=-1)'s exact numbers for rows of odd and even length, ties,
+    infinities (inf - inf in an even middle pair: NaN), and a NaN anywhere in a row (NaN)."""
+    rng = np.random.default_rng(2)
+    for _ in range(2000):
+        shape = (int(rng.integers(1, 12)), int(rng.integers(1, 6)))
+        a = rng.standard_normal(shape) * 10 ** rng.uniform(-8, 8)
+        if rng.random() < 0.3:
+            a = np.round(a, 1)
+        for mark, share in ((np.inf, 0.1), (-np.inf, 0.1), (np.nan, 0.05)):
+            a[rng.random(shape) < share] = mark
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            expected = np.median(a, axis=-1)
+            got = row_medians(a)
+        assert np.array_equal(got, expected, equal_nan=True), (a, got, expected)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lightning_debug.stats import finite_median, median
+from lightning_debug.stats import finite_median, median, row_medians
 
 # init.loss_off_chance: healthy default inits sit within 0.25 nats of ln C (measured max 0.11 on the healthy set)
 LOSS_GAP_NATS = 1.0
@@ -228,8 +228,8 @@ def exploding(norms: np.ndarray, losses: np.ndarray, factor: float = EXPLODING_F
     n = len(norms) // group * group
     if n < 2 * group:
         return Exploding(False, math.nan, False, math.nan, math.nan)
-    levels = np.median(norms[-n:].reshape(-1, group), axis=1)
-    loss_levels = np.median(losses[-n:].reshape(-1, group), axis=1)
+    levels = row_medians(norms[-n:].reshape(-1, group))
+    loss_levels = row_medians(losses[-n:].reshape(-1, group))
     low = int(np.argmin(levels[:-1]))
     growth = float(levels[-1] / max(levels[low], 1e-30))
     before, now = float(loss_levels[low]), float(loss_levels[-1])
