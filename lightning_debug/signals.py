@@ -129,23 +129,29 @@ def close_names(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
 @dataclass(frozen=True)
 class MetricLookup:
     """Where ``name`` is in the logged metrics: ``key`` (``None`` if absent), whether it is the first
-    validation loader's copy (``name/dataloader_idx_0``), and the logged names closest to it."""
+    validation loader's copy (``name/dataloader_idx_0``), and (absent) the logged names."""
 
     name: str
     key: str | None
     first_loader: bool
-    close: list[str]
+    logged: tuple[str, ...] = ()
+
+    @property
+    def close(self) -> list[str]:
+        """The logged names closest to an absent ``name``; computed when a message needs them (difflib costs
+        ~100 us, and a run without validation looks its metric up after every epoch)."""
+        return close_names(self.name, self.logged) if self.key is None else []
 
 
 def lookup_metric(metrics: Mapping[str, Any], name: str) -> MetricLookup:
     """``name`` in ``trainer.callback_metrics``; with several validation loaders Lightning logs
     ``<name>/dataloader_idx_<i>`` instead, and the first loader's is used."""
     if name in metrics:
-        return MetricLookup(name, name, False, [])
+        return MetricLookup(name, name, False)
     first = f"{name}/dataloader_idx_0"
     if first in metrics:
-        return MetricLookup(name, first, True, [])
-    return MetricLookup(name, None, False, close_names(name, metrics))
+        return MetricLookup(name, first, True)
+    return MetricLookup(name, None, False, tuple(metrics))
 
 
 class ChanceLevel:

@@ -295,9 +295,10 @@ def first_loader_message(monitor: str, key: str) -> tuple[str, dict[str, Any]]:
 
 def missing_monitor_message(monitor: str, found: MetricLookup, logs: Any) -> tuple[str, dict[str, Any]]:
     """The ``check.metric_missing`` message (with the close names) and data."""
-    close = f"; did you mean {' or '.join(repr(c) for c in found.close)}?" if found.close else ""
+    names = found.close
+    close = f"; did you mean {' or '.join(repr(c) for c in names)}?" if names else ""
     message = f"MetricEarlyStopping: `{monitor}` is not logged, so early stopping is off{close} Logged: {sorted(logs)}."
-    return message, {"metric": monitor, "close": found.close, "logged": sorted(logs)}
+    return message, {"metric": monitor, "close": names, "logged": sorted(logs)}
 
 
 def stopped_finding(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -234,8 +234,8 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
         code, reason, should_stop = None, None, False
         if self._pending is not None:
             should_stop, (code, reason) = True, self._take_pending()
-        elif (current := self._current(trainer)) is not None:
-            should_stop, reason = self._evaluate(trainer, current)
+        elif (current := self._current(trainer, logs := trainer.callback_metrics)) is not None:
+            should_stop, reason = self._evaluate(trainer, current, logs)
             code = self._verdict.action if self._verdict is not None else ("stop" if should_stop else None)
         # stop every DDP process if any process decides to stop
         should_stop = trainer.strategy.reduce_boolean_decision(should_stop, all=False)
@@ -250,9 +250,10 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
         found, self._pending = self._pending, None
         return f"finding:{found}", f"{found} reported by another debug callback"
 
-    def _current(self, trainer: pl.Trainer) -> Tensor | None:
-        """The monitored value, under Lightning's naming; a missing one raises (``strict``) or is a warning."""
-        logs = trainer.callback_metrics
+    def _current(self, trainer: pl.Trainer, logs: Mapping[str, Any]) -> Tensor | None:
+        """The monitored value in ``logs`` (the check's one read of ``trainer.callback_metrics``, which Lightning
+        recomputes on every read: ~50 us after a training epoch), under Lightning's naming; a missing one raises
+        (``strict``) or is a warning."""
         found = lookup_metric(logs, self.monitor)
         if found.key is not None:
             if found.first_loader:
@@ -267,11 +268,11 @@ class MetricEarlyStopping(EarlyStopping, DebugCallback):
             self.emit(trainer, "check.metric_missing", message, data=data, key=self.monitor)
         return None
 
-    def _evaluate(self, trainer: pl.Trainer, current: Tensor) -> tuple[bool, str | None]:
+    def _evaluate(self, trainer: pl.Trainer, current: Tensor, logs: Mapping[str, Any]) -> tuple[bool, str | None]:
         """Record what the guard needs, decide (through the overridable Lightning hook) and act on the verdict."""
         pl_module = trainer.lightning_module
         self.judged += 1
-        self.guard.record(trainer.callback_metrics, pl_module)
+        self.guard.record(logs, pl_module)
         self._warming = stopping.warming(
             trainer, judged=self.judged, warmup=self.warmup, unit=self.unit, respect_min_epochs=self.respect_min_epochs
         )
