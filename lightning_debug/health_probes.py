@@ -21,6 +21,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from lightning_debug.batching import tensors_of
+from lightning_debug.isolation import isolating
 from lightning_debug.rules import health as rules
 
 if TYPE_CHECKING:
@@ -40,9 +41,11 @@ def sharded(trainer: pl.Trainer) -> str | None:
 
 class ActivationProbe(TorchFunctionMode):
     """Sees every ReLU/tanh/sigmoid call inside the module (module or functional) and counts, per call site,
-    units that are flat for the whole batch. Names: the activation module's own name, else the calling
-    module's name + the function (+ ``#k`` for its k-th call). Parameter-free leaf modules (GELU/SiLU
-    wrappers that use tanh/sigmoid inside) are not activation sites of these kinds and are skipped."""
+    units that are flat for the whole batch (not in another check's isolated run of user code, such as the
+    batch-consistency check's single-example passes on a stream's first batch). Names: the activation
+    module's own name, else the calling module's name + the function (+ ``#k`` for its k-th call).
+    Parameter-free leaf modules (GELU/SiLU wrappers that use tanh/sigmoid inside) are not activation sites of
+    these kinds and are skipped."""
 
     def __init__(self, module: torch.nn.Module) -> None:
         super().__init__()
@@ -60,7 +63,7 @@ class ActivationProbe(TorchFunctionMode):
     def _leave(self, top: bool) -> Any:
         def hook(m: torch.nn.Module, args: Any, out: Any) -> None:
             self.stack.pop()
-            if top:
+            if top and not isolating():
                 self.outputs.append(out)
 
         return hook
@@ -68,7 +71,7 @@ class ActivationProbe(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         kind = _KINDS.get(getattr(func, "__name__", ""))
-        if kind is not None and self.stack and isinstance(out, torch.Tensor) and out.ndim >= 2:
+        if kind is not None and self.stack and isinstance(out, torch.Tensor) and out.ndim >= 2 and not isolating():
             name, m = self.stack[-1]
             if not isinstance(m, _ACTIVATION_MODULES):
                 if not any(True for _ in m.parameters()):

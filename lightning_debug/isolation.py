@@ -73,11 +73,25 @@ def preserved_parameters(module: torch.nn.Module) -> Iterator[None]:
             p.grad = grad
 
 
+_isolated_depth = 0  # isolated() blocks running now
+
+
+def isolating() -> bool:
+    """Whether a check's own run of user code is under way (inside :func:`isolated`): what watches the run's
+    own steps (``health_probes.FirstStep``) must not count it."""
+    return _isolated_depth > 0
+
+
 @contextlib.contextmanager
 def isolated(module: pl.LightningModule) -> Iterator[None]:
     """All of the above together: what every startup check wraps its work in."""
-    with preserved_rng(), silenced_logging(module), preserved_modes(module), preserved_parameters(module):
-        yield
+    global _isolated_depth
+    _isolated_depth += 1
+    try:
+        with preserved_rng(), silenced_logging(module), preserved_modes(module), preserved_parameters(module):
+            yield
+    finally:
+        _isolated_depth -= 1
 
 
 def batch_stat_modules(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:

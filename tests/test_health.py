@@ -329,3 +329,24 @@ def test_a_large_layers_update_ratio_is_estimated_within_a_few_percent(update):
         exact = float(delta.norm() / weight.norm())
         tolerance = 0.05 if layer == "big" else 1e-5
         assert abs(ratio[layer] / exact - 1) < tolerance, f"{layer}: estimate {ratio[layer]:.4g}, exact {exact:.4g}"
+
+
+def test_another_checks_isolated_passes_on_the_first_batch_are_not_counted(tmp_path):
+    """On a stream the batch-consistency check runs its own single-example passes in the first step's
+    ``on_train_batch_start``; with the health check first on the trainer its probe is already watching, and
+    must count the run's forward only (one site, not one per extra pass)."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from lightning_debug import BatchConsistencyCheck
+
+    train, _ = digits()
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(train)
+
+    batch_check = BatchConsistencyCheck(verbose=False)
+    cb, _ = _fit(tmp_path, DigitsMLP(), DataLoader(Stream(), batch_size=32), callbacks=[batch_check], max_steps=2)
+    assert any(f.check.startswith("batch.") for f in batch_check.findings), "the batch check ran on the first batch"
+    assert list(cb.evidence["units"]) == ["net.1"], cb.evidence
+    assert not _warnings(cb), [f.message for f in cb.findings]
