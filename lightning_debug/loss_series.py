@@ -213,11 +213,12 @@ def _scalar(value: torch.Tensor) -> torch.Tensor:
 
 def host_rows(pending: list[torch.Tensor]) -> list[list[float]]:
     """Device rows to host lists: the one transfer per check (one per row if the module changed devices)."""
-    rows = [v.reshape(-1) for v in pending]
-    try:
-        return torch.stack(rows).tolist() if rows else []
-    except RuntimeError:  # rows on several devices: not checked per step, where it costs more than it saves
-        return [row.tolist() for row in rows]
+    if not pending:
+        return []
+    try:  # one op for the rows of a check (they share a shape: the loss, or the loss and the logged keys)
+        return torch.stack(pending).reshape(len(pending), -1).tolist()
+    except RuntimeError:  # rows on several devices, or of several shapes: not checked per step (it would cost more)
+        return [v.reshape(-1).tolist() for v in pending]
 
 
 def planned_batches(trainer: pl.Trainer) -> float | None:

@@ -26,7 +26,7 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy.special import ndtr
 
-from lightning_debug.stats import finite_median, two_sided_z
+from lightning_debug.stats import finite_median, row_medians, two_sided_z
 
 MIN_VERDICT_BATCHES = 30  # a run at least this long ends with a training-loss verdict
 MAX_TREND_POINTS = 32  # the trend window is re-binned to at most this many points (Theil-Sen is O(n^2))
@@ -242,10 +242,14 @@ def bin_medians(values: np.ndarray, bin_steps: int) -> np.ndarray:
     blocks = [masked[:full].reshape(-1, bin_steps, *values.shape[1:])]
     out = []
     with np.errstate(all="ignore"):
-        median = np.median if np.isfinite(masked).all() else finite_median
-        out.append(median(blocks[0], axis=1))
-        if full < n:
-            out.append(median(masked[full:], axis=0)[None])
+        if np.isfinite(masked).all():  # np.median's numbers, without its partition-and-mean machinery
+            out.append(row_medians(np.moveaxis(blocks[0], 1, -1)))
+            if full < n:
+                out.append(row_medians(np.moveaxis(masked[full:], 0, -1))[None])
+        else:
+            out.append(finite_median(blocks[0], axis=1))
+            if full < n:
+                out.append(finite_median(masked[full:], axis=0)[None])
     return np.concatenate(out) if out else masked[:0]
 
 
@@ -256,7 +260,7 @@ def rebin(values: np.ndarray, xs: np.ndarray, max_points: int = MAX_TREND_POINTS
         return values, xs
     g = -(-n // max_points)
     keep = n // g * g
-    v = np.median(values[..., n - keep :].reshape(*values.shape[:-1], -1, g), axis=-1)
+    v = row_medians(values[..., n - keep :].reshape(*values.shape[:-1], -1, g))
     x = xs[..., n - keep :].reshape(*xs.shape[:-1], -1, g).mean(axis=-1)
     return v, x
 
@@ -296,8 +300,8 @@ def trend(y: np.ndarray, x: np.ndarray, confidence: float = 0.95) -> Trend:
     i, j = np.triu_indices(n, 1)
     dx, dy = x[..., j] - x[..., i], y[..., j] - y[..., i]
     slopes = dy / dx
-    slope = np.median(slopes, axis=-1)
-    intercept = np.median(y - slope[..., None] * x, axis=-1)
+    slope = row_medians(slopes)
+    intercept = row_medians(y - slope[..., None] * x)
     resid = y - intercept[..., None] - slope[..., None] * x
     resid = resid - resid.mean(axis=-1, keepdims=True)
     denom = (resid**2).sum(axis=-1)
@@ -439,7 +443,7 @@ def level_of(bins: np.ndarray) -> np.ndarray:
     """The current level: the median of the last tenth of the bins (2 to 8 of them), not the last bin."""
     m = bins.shape[-1]
     k = int(min(8, max(2, math.ceil(m / 10)))) if m >= 2 else 1
-    return np.median(bins[..., m - k :], axis=-1)
+    return row_medians(bins[..., m - k :])
 
 
 def assess_loss_batch(

@@ -75,6 +75,28 @@ def test_bins_are_medians_and_ignore_nan():
     assert R.level_of(np.array([5.0, 1.0, 1.2, 0.8, 1.0])) == pytest.approx(0.9)  # the last two bins, not one
 
 
+def test_bins_levels_and_trends_give_np_medians_numbers_bitwise():
+    """The loss rules' medians (bins of finite rows, the current level, Theil-Sen's slope and intercept) are
+    np.median's exact numbers: odd and even bins, a short last bin, several series, ties."""
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        rows, series, steps = int(rng.integers(1, 40)), int(rng.integers(1, 4)), int(rng.integers(1, 12))
+        values = np.round(rng.standard_normal((rows, series)) * 10 ** rng.uniform(-3, 3), int(rng.integers(1, 6)))
+        full = rows // steps * steps
+        expected = [np.median(values[:full].reshape(-1, steps, series), axis=1)]
+        if full < rows:
+            expected.append(np.median(values[full:], axis=0)[None])
+        assert np.array_equal(R.bin_medians(values, steps), np.concatenate(expected))
+        bins = values.T
+        k = int(min(8, max(2, math.ceil(rows / 10)))) if rows >= 2 else 1
+        assert np.array_equal(R.level_of(bins), np.median(bins[..., rows - k :], axis=-1))
+        if rows >= 3:
+            x = np.arange(rows, dtype=float)
+            i, j = np.triu_indices(rows, 1)
+            slope = np.median((bins[..., j] - bins[..., i]) / (x[j] - x[i]), axis=-1)
+            assert np.array_equal(R.trend(bins, x).slope, slope)
+
+
 def test_trend_matches_scipy_theil_sen_on_independent_noise():
     from scipy.stats import theilslopes
 
