@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lightning_debug.signals import mode_sign
-from lightning_debug.stats import MIN_TREND_POINTS, Trend, robust_scale, trend_autocorrelated
+from lightning_debug.stats import MIN_TREND_POINTS, Trend, median, robust_scale, trend_autocorrelated
 
 NOISE_MULTIPLE = 2.0  # the loss rise must also exceed this many step-to-step noise sigmas
 
@@ -68,7 +68,7 @@ def assess_divergence(
     metric_now = mt.intercept + mt.slope * (len(metric) - 1)
     gain = abs(metric_best - (chance if chance is not None else 0.0))
     given_back = sign * (metric_best - metric_now) / gain if gain > 0 else 0.0
-    above = chance is None or sign * (float(np.median(metric)) - chance) > 0
+    above = chance is None or sign * (median(metric) - chance) > 0
     noise = robust_scale(loss) / max(abs(loss_min), 1e-12)  # evaluation noise, relative to the best loss
     loss_up = lt.rising and rise > max(min_rise, NOISE_MULTIPLE * noise)
     return DivergenceVerdict(
