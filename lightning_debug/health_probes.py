@@ -1,4 +1,4 @@
-"""What ``ModelHealthCheck`` measures, on the device: the one-batch startup probe and the periodic gradient sampler.
+"""What ``ModelHealthCheck`` measures, on the device: the first training step, watched; the periodic gradient samples.
 
 Startup (:class:`FirstStep`): the run's own first training step, watched while it runs: every ReLU/tanh/sigmoid
 call seen through a ``TorchFunctionMode`` (:class:`ActivationProbe`) during its forward, its loss, and which
