@@ -23,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 from lightning_debug.batching import tensors_of
 from lightning_debug.isolation import isolating
 from lightning_debug.rules import health as rules
+from lightning_debug.signals import undo_accumulation
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -119,15 +120,13 @@ def classifier(out: list[Any], batch: Any, loss: torch.Tensor) -> tuple[torch.Te
 
 def unscaled_loss(trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> Any:
     """The loss ``on_before_backward`` receives, as ``training_step`` computed it: a precision plugin's loss scale
-    (16-bit mixed precision) divided out, Lightning's division by ``accumulate_grad_batches`` undone."""
+    (16-bit mixed precision) divided out, then :func:`~lightning_debug.signals.undo_accumulation`."""
     if not isinstance(loss, torch.Tensor):
         return loss
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     if scaler is not None and scaler.is_enabled():
         loss = loss / scaler.get_scale()
-    if pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
-        loss = loss * trainer.accumulate_grad_batches
-    return loss
+    return undo_accumulation(trainer, pl_module, loss)
 
 
 def optimized(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, int]:
@@ -195,7 +194,7 @@ class FirstStep:
 
     def backward_done(self) -> None:
         self.backwards += 1
-        self.received |= {i for i, (_, p) in enumerate(self.params) if p.grad is not None and i not in self.had_grad}
+        self.received |= {i for i, (_, p) in enumerate(self.params) if p.grad is not None}
 
     def evidence(self) -> StartupEvidence:
         """Parameters that held a gradient before the step count as receiving one (nothing tells otherwise)."""
@@ -292,12 +291,11 @@ class GradientSampler:
         """The norm of each parameter's update, from the snapshot (whose memory is reused, then dropped)."""
         sample, self.waiting = self.waiting, None
         assert sample is not None
-        now = (
-            [t if e is None else t.take(e) for t, e in zip(self.tensors, self.entries, strict=True)]
-            if self._sampled
-            else None
-        )
-        torch._foreach_sub_(sample.snapshot, now or self.tensors)  # -dW
+        if self._sampled:
+            current = [t if e is None else t.take(e) for t, e in zip(self.tensors, self.entries, strict=True)]
+        else:
+            current = self.tensors
+        torch._foreach_sub_(sample.snapshot, current)  # -dW
         sample.update = torch._foreach_norm(sample.snapshot)
         sample.snapshot = None
         sample.loss = loss.detach() if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from lightning_debug.rules.loss import Schedule, bin_medians, schedule_for
+from lightning_debug.signals import undo_accumulation
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -190,8 +191,7 @@ def step_values(
         loss = outputs.get("loss") if type(outputs) is dict or isinstance(outputs, Mapping) else outputs
         if not isinstance(loss, torch.Tensor):
             raise Unreadable("loss", "training_step returned no loss tensor; pass `key=` naming a logged loss")
-        if trainer.accumulate_grad_batches > 1 and pl_module.automatic_optimization:
-            loss = loss * trainer.accumulate_grad_batches
+        loss = undo_accumulation(trainer, pl_module, loss)
         if not logged_keys:
             return _scalar(loss)
     parts: list[Any] = [] if key is not None else [loss]

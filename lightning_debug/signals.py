@@ -8,6 +8,8 @@
 - :func:`lookup_metric`: a metric in ``trainer.callback_metrics`` under Lightning's naming (several validation
   loaders add ``/dataloader_idx_N``), with the close matches when it is missing; :func:`close_names` for errors;
 - :class:`ChanceLevel`: a classification metric's chance level (given, or inferred from the targets);
+- :func:`undo_accumulation`: a step's loss as ``training_step`` computed it (Lightning divides it when it
+  accumulates gradients);
 - :func:`weight_norm`: the global L2 norm of a module's parameters, on the device (no host sync);
 - :func:`first_dataloader`: the first ``DataLoader`` in whatever Lightning holds (one, a list, a dict, nested);
 - :func:`find_predictions` / :func:`predictions`: scores and targets from a step's outputs and batch, with the
@@ -238,6 +240,14 @@ def global_step_reader(trainer: pl.Trainer) -> Callable[[], int]:
     except AttributeError:  # another Lightning's internals
         pass
     return lambda: trainer.global_step
+
+
+def undo_accumulation(trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> Tensor:
+    """A step's loss as ``training_step`` computed it: under automatic optimization Lightning divides it by
+    ``accumulate_grad_batches`` before the backward and in the step's outputs."""
+    if trainer.accumulate_grad_batches > 1 and pl_module.automatic_optimization:
+        return loss * trainer.accumulate_grad_batches
+    return loss
 
 
 def weight_norm(module: torch.nn.Module) -> Tensor:

@@ -100,8 +100,13 @@ def median(a: Sequence[float] | np.ndarray) -> float:
 
 def _sorted_median(a: np.ndarray) -> float:
     """``np.median`` of an already sorted, finite 1-D array (the same number), without its ~9 us of generality."""
-    m = len(a) // 2
-    return float(a[m]) if len(a) % 2 else float((a[m - 1] + a[m]) / 2.0)
+    return float(_middle(a))
+
+
+def _middle(s: np.ndarray) -> np.ndarray:
+    """The middle of ``s``, sorted along its last axis, as ``np.median`` takes it (the mean of the two middles)."""
+    n = s.shape[-1]
+    return s[..., n // 2] if n % 2 else (s[..., n // 2 - 1] + s[..., n // 2]) / 2.0
 
 
 def _tie_counts(v: np.ndarray) -> np.ndarray:
@@ -190,8 +195,7 @@ def row_medians(a: np.ndarray) -> np.ndarray:
     if n == 0:
         return np.full(a.shape[:-1], np.nan)
     s = np.sort(a, axis=-1)  # NaNs last
-    middle = s[..., n // 2] if n % 2 else (s[..., n // 2 - 1] + s[..., n // 2]) / 2.0
-    return np.where(np.isnan(s[..., -1]), np.nan, middle)
+    return np.where(np.isnan(s[..., -1]), np.nan, _middle(s))
 
 
 def robust_scale(y: Sequence[float] | np.ndarray) -> float:
