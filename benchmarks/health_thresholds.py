@@ -175,6 +175,9 @@ def _d(make: Callable[[], pl.LightningModule], batch_size: int = 32) -> Builder:
     return lambda: (make(), loaders(batch_size=batch_size)[0])
 
 
+# a gradient fault's run lasts one check interval of the default check: its finding must come within it
+INTERVAL = ModelHealthCheck().check_every_n_steps
+
 SETUPS: dict[str, tuple[Builder, dict[str, Any], str | None]] = {
     "mlp_adam": (_d(lambda: DigitsMLP(hidden=(128,), lr=3e-3)), {"max_epochs": 4}, None),
     "mlp_adam_1e-2": (_d(lambda: DigitsMLP()), {"max_epochs": 4}, None),
@@ -207,18 +210,18 @@ SETUPS: dict[str, tuple[Builder, dict[str, Any], str | None]] = {
     "not_in_optimizer": (_d(_NotInOptimizer), {"max_steps": 20}, "setup.params_not_in_optimizer"),
     "unused_params": (_d(_Unused), {"max_steps": 20}, "setup.optimizer_params_unused"),
     "stale_optimizer": (_d(_Stale), {"max_steps": 20}, "setup.optimizer_params_unused"),
-    "lr_too_high_adam": (_d(lambda: DigitsMLP(lr=3.0)), {"max_steps": 100}, "grad.update_ratio"),
-    "lr_too_high_sgd": (_d(lambda: DigitsMLP(optimizer="sgd", lr=30.0)), {"max_steps": 100}, "grad.update_ratio"),
-    "lr_too_low": (_d(lambda: DigitsMLP(optimizer="sgd", lr=1e-7)), {"max_steps": 100}, "grad.update_ratio"),
-    "exploding_rnn": (_d(lambda: _Digits(_Rows("rnn"), 0.2, "sgd")), {"max_steps": 100}, "grad.exploding"),
+    "lr_too_high_adam": (_d(lambda: DigitsMLP(lr=3.0)), {"max_steps": INTERVAL}, "grad.update_ratio"),
+    "lr_too_high_sgd": (_d(lambda: DigitsMLP(optimizer="sgd", lr=30.0)), {"max_steps": INTERVAL}, "grad.update_ratio"),
+    "lr_too_low": (_d(lambda: DigitsMLP(optimizer="sgd", lr=1e-7)), {"max_steps": INTERVAL}, "grad.update_ratio"),
+    "exploding_rnn": (_d(lambda: _Digits(_Rows("rnn"), 0.2, "sgd")), {"max_steps": INTERVAL}, "grad.exploding"),
     "vanishing_sigmoid": (
         _d(lambda: _Digits(_mlp((32,) * 10, nn.Sigmoid), 0.1, "sgd")),
-        {"max_steps": 100},
+        {"max_steps": INTERVAL},
         "grad.vanishing",
     ),
     "clip_too_low": (
         _d(lambda: DigitsMLP(lr=3e-3)),
-        {"max_steps": 100, "gradient_clip_val": 1e-3},
+        {"max_steps": INTERVAL, "gradient_clip_val": 1e-3},
         "grad.clipping_always",
     ),
 }

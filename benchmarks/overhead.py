@@ -351,6 +351,9 @@ class CpuStepClock(StepClock):
 PERIODIC_HOOKS = ("on_before_optimizer_step_due", "on_train_batch_end_due")  # what Lightning calls on sampled steps
 
 
+HEALTH_INTERVALS = 4  # check intervals a periodic-cost run lasts, so its per-step average holds whole checks
+
+
 def _health_run(case: Case, root: str) -> tuple[Any, CpuStepClock, dict[str, float], dict[str, float]]:
     """One run with ``ModelHealthCheck`` alone: the check, its clock, wall and CPU time in its hooks."""
     from lightning_debug.callbacks.health import ModelHealthCheck
@@ -361,9 +364,9 @@ def _health_run(case: Case, root: str) -> tuple[Any, CpuStepClock, dict[str, flo
     wall = _time_hooks(check, (*PERIODIC_HOOKS, "on_train_end"))
     cpu = _time_hooks(check, PERIODIC_HOOKS, time.thread_time)
     clock = CpuStepClock()
-    trainer = pl.Trainer(
-        max_epochs=case.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    trainer = pl.Trainer(  # whole check intervals: the per-step average holds its share of the checks
+        max_steps=HEALTH_INTERVALS * check.check_every_n_steps, max_epochs=-1, accelerator="cpu", logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         default_root_dir=root, callbacks=[clock, check],
     )  # fmt: skip
     trainer.fit(module, train, val)
@@ -379,7 +382,8 @@ def health_cost(case: Case, reps: int, root: str) -> dict[str, Any]:
     (``startup_hook_seconds``, the check's ``startup_seconds``).
     The periodic part is the time inside its hooks (``on_before_optimizer_step`` and ``on_train_batch_end``,
     which Lightning finds only on sampled steps: sampling every 10th step, the pull, verdicts and logging every
-    100th) summed over the run, divided by the summed step times of the same run, in wall time (preemption on
+    200th) summed over a run of ``HEALTH_INTERVALS`` whole check intervals, divided by the summed step times of
+    the same run, in wall time (preemption on
     a shared machine inflates both, but a single one inside a hook weighs heavily) and in the thread's CPU
     time (blind to preemption); what Lightning pays to find them is added from ``--hook-dispatch-us``: two
     property reads every step (0.18 us in a warm loop, taken as 1 us between steps) and two hook calls every

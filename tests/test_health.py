@@ -92,7 +92,7 @@ def test_optimizer_coverage_evidence_the_loss_monitor_can_cite(tmp_path):
 def test_each_gradient_fault_is_found_within_one_interval(tmp_path, setup, check):
     build, trainer_kwargs, _ = bench.SETUPS[setup]
     module, train = build()
-    cb, _ = _fit(tmp_path, module, train, **trainer_kwargs)  # max_steps=100: one check interval
+    cb, _ = _fit(tmp_path, module, train, **trainer_kwargs)  # max_steps: one check interval
     found = _warnings(cb)
     assert check in found, f"{setup}: expected {check}, got {[f.message for f in cb.findings]}"
     assert found[check].step <= cb.check_every_n_steps
@@ -158,7 +158,7 @@ def test_sharded_strategy_gathers_nothing_and_says_why(tmp_path):
 def test_wandb_gets_per_layer_series_table_and_heatmap(tmp_path, wandb_logger):
     from wandb_reader import read_offline_run
 
-    cb = ModelHealthCheck(verbose=False)
+    cb = ModelHealthCheck(verbose=False, check_every_n_steps=100)  # checks at 100 and 200, the last at 300
     trainer = make_trainer(tmp_path, [cb], logger=wandb_logger, max_steps=300, max_epochs=10, limit_val_batches=0)
     trainer.fit(DigitsMLP(), loaders(batch_size=32)[0])
     import wandb

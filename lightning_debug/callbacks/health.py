@@ -52,7 +52,7 @@ class ModelHealthCheck(DebugCallback):
         self,
         *,
         sample_every_n_steps: int = 10,
-        check_every_n_steps: int = 100,
+        check_every_n_steps: int = 200,
         startup: bool = True,
         strict: bool = False,
         verbose: bool = True,
