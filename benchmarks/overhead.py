@@ -15,7 +15,7 @@ startup checks are excluded. Reported per case:
 - ``step_ratio``: median over repetitions of (median suite step time) / (median bare step time), both from
   one run in which the suite is on the trainer for a random half of the training steps (``Interleave``).
   Run-to-run speed on a shared 2-core machine drifts by 5-10%, three times the effect to measure; step-by-step
-  interleaving cancels the drift. The typical step: periodic work (a sampled step every 10th, a check every
+  interleaving cancels the drift. The typical step: periodic work (a sampled step every 10th-20th, a check every
   20th-200th) is not in a median;
 - ``step_mean_ratio``: the same with means: the typical step plus the periodic work spread over the steps.
   (Until 2026-12 the arms strictly alternated; a period of 10 or 100 then fell always in one arm, which put
@@ -37,7 +37,9 @@ startup checks are excluded. Reported per case:
   validation. ``--whole-seconds S`` scales the epochs so a bare run lasts about S seconds (default: the
   quickstart's 15 epochs, and as many 22-step epochs). Early stopping runs with an endless patience, so both
   runs train the same epochs (it only ever shortens a run). Also the suite's costliest hooks (Lightning's
-  ``SimpleProfiler`` on one extra, untimed suite run): what dominates.
+  ``SimpleProfiler`` on one extra, untimed suite run): what dominates. ``--phases EPOCHS`` instead splits
+  ``Trainer.fit`` of that many epochs at Lightning's hooks (``PhaseClock``: start, training steps, validation,
+  epoch end, end) and gives the suite's extra time per phase, per epoch or once.
 
 The cases are the runs of the examples that use ``debug_callbacks``: ``mlp`` is ``examples/quickstart.py``
 (digits, 38 steps per epoch), ``divergence`` is ``examples/loss_metric_divergence.py`` (a 512x512 MLP on 300
@@ -381,13 +383,13 @@ def health_cost(case: Case, reps: int, root: str) -> dict[str, Any]:
     ``TorchFunctionMode`` inside the forward is counted), and the time inside the check's first-step hooks
     (``startup_hook_seconds``, the check's ``startup_seconds``).
     The periodic part is the time inside its hooks (``on_before_optimizer_step`` and ``on_train_batch_end``,
-    which Lightning finds only on sampled steps: sampling every 10th step, the pull, verdicts and logging every
-    200th) summed over a run of ``HEALTH_INTERVALS`` whole check intervals, divided by the summed step times of
-    the same run, in wall time (preemption on
+    which Lightning finds only on sampled steps: sampling every 20th step (10th in the first 200), the pull,
+    verdicts and logging every 10 samples) summed over a run of ``HEALTH_INTERVALS`` whole check intervals,
+    divided by the summed step times of the same run, in wall time (preemption on
     a shared machine inflates both, but a single one inside a hook weighs heavily) and in the thread's CPU
     time (blind to preemption); what Lightning pays to find them is added from ``--hook-dispatch-us``: two
     property reads every step (0.18 us in a warm loop, taken as 1 us between steps) and two hook calls every
-    10th step (~2.5 us each, see ``LeanCallback``). ``end_seconds``: its end-of-fit work
+    20th step (~2.5 us each, see ``LeanCallback``), rounded up to 1.5 us a step. ``end_seconds``: its end-of-fit work
     (last check, the table and the heat-map PNG; no logger here, so the PNG is drawn). Medians over
     repetitions."""
     threads = torch.get_num_threads()
@@ -484,14 +486,17 @@ WHOLE_RUNS = {
 }
 
 
-def _fit_seconds(run: WholeRun, epochs: int, with_suite: bool, root: str, profiler: Any = None) -> tuple[float, float]:
+def _fit_seconds(
+    run: WholeRun, epochs: int, with_suite: bool, root: str, profiler: Any = None, clock: Callback | None = None
+) -> tuple[float, float]:
     """Wall and CPU seconds of ``Trainer.fit`` (CPU time of this process: on a shared machine the other
-    processes' load inflates wall time, not CPU time)."""
+    processes' load inflates wall time, not CPU time); ``clock`` goes first on the trainer."""
     pl.seed_everything(0, verbose=False)
     module, train, val = run.build()
     # early stopping's hooks all run, but its patience never ends the run: both runs train the same epochs
     options = {"report": {"print_table": False}, "early_stopping": {"patience": 10**9}}
-    callbacks = debug_callbacks(metric="val_acc", **options) if with_suite else []
+    callbacks = [clock] if clock is not None else []
+    callbacks += debug_callbacks(metric="val_acc", **options) if with_suite else []
     logger: Any = False
     if run.wandb:
         from lightning.pytorch.loggers import WandbLogger
@@ -515,7 +520,69 @@ def _fit_seconds(run: WholeRun, epochs: int, with_suite: bool, root: str, profil
         import wandb
 
         wandb.finish()  # the run's files are flushed inside the timed span, as the example does
+    if isinstance(clock, PhaseClock):
+        clock.switch("end")
     return time.perf_counter() - start, time.process_time() - cpu
+
+
+class PhaseClock(Callback):
+    """Wall time of ``Trainer.fit``'s phases, switched at Lightning's hooks (first on the trainer, so each phase
+    holds the other callbacks' hooks that follow its switch): ``start`` (to the first batch), ``steps`` (the
+    training batches and what runs between them), ``validation`` (its start to its end, sanity check excluded),
+    ``epoch end`` (from a validation's end to the next batch: the hooks after it, the epoch's end) and ``end``
+    (the end of training, of fit, and the logger's flush)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._phase, self._since = "start", time.perf_counter()
+
+    def switch(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[self._phase] = self.seconds.get(self._phase, 0.0) + now - self._since
+        self._phase, self._since = phase, now
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
+        if self._phase != "steps":
+            self.switch("steps")
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.switch("validation")
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.switch("epoch end")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.switch("epoch end")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.switch("end")
+
+
+def whole_run_phases(run: WholeRun, epochs: int, reps: int, root: str) -> dict[str, Any]:
+    """Where the suite's extra whole-run time goes: :class:`PhaseClock`'s phases, suite against bare in
+    alternating runs; medians over ``reps`` pairs, in ms per epoch (and ms once for ``start`` and ``end``)."""
+    torch.set_num_threads(1)
+    _fit_seconds(run, 1, False, root)  # warm-up
+    _fit_seconds(run, 1, True, root)
+    runs: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+    for _ in range(reps):
+        for with_suite in (False, True):
+            clock = PhaseClock()
+            _fit_seconds(run, epochs, with_suite, root, clock=clock)
+            runs[with_suite].append(clock.seconds)
+    phases = {}
+    for name in ("start", "steps", "validation", "epoch end", "end"):
+        per = 1 if name in ("start", "end") else epochs
+        bare, suite = (1e3 / per * statistics.median(r.get(name, 0.0) for r in runs[w]) for w in (False, True))
+        phases[name] = {
+            "bare_ms": bare,
+            "suite_ms": suite,
+            "extra_ms": suite - bare,
+            "per": "run" if per == 1 else "epoch",
+        }
+    return {"run": run.name, "epochs": epochs, "reps": reps, "phases": phases}
 
 
 def _costliest_hooks(run: WholeRun, epochs: int, root: str, top: int = 5) -> list[tuple[str, float]]:
@@ -667,6 +734,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     parser.add_argument("--examples", action="store_true", help="also time a one-epoch run of each example")
     parser.add_argument("--whole-run", choices=sorted(WHOLE_RUNS), action="append", help="whole-run cost only")
     parser.add_argument("--whole-seconds", type=float, help="scale the whole runs' epochs to about this long")
+    parser.add_argument("--phases", type=int, metavar="EPOCHS", help="with --whole-run: where the extra time goes")
     parser.add_argument("--health", action="store_true", help="only ModelHealthCheck's startup and periodic cost")
     parser.add_argument("--hook-dispatch-us", type=float, default=1.5, help="Lightning's dispatch per step")
     parser.add_argument("--errors", action="store_true", help="only ErrorAnalysis' share of validation time")
@@ -728,18 +796,30 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
 
 
 def _print_whole_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
-    results = [whole_run(WHOLE_RUNS[name], args.reps, args.root, args.whole_seconds) for name in args.whole_run]
-    for r in results:
-        hooks = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in r["costliest_hooks"])
-        print(
-            f"{r['run']}: whole run {r['ratio']:.3f}x wall ({', '.join(f'{x:.3f}' for x in r['ratios'])}), "
-            f"{r['cpu_ratio']:.3f}x CPU ({', '.join(f'{x:.3f}' for x in r['cpu_ratios'])}); bare "
-            f"{r['bare_seconds']:.1f} s, suite {r['suite_seconds']:.1f} s, {r['epochs']} epochs"
-            f"{'' if r['validation'] else ', no validation'}; costliest suite hooks: {hooks}"
-        )
+    if args.phases:
+        key = "phases"
+        results = [whole_run_phases(WHOLE_RUNS[name], args.phases, args.reps, args.root) for name in args.whole_run]
+        for r in results:
+            print(f"{r['run']}: {r['epochs']} epochs, medians of {r['reps']} pairs (suite - bare)")
+            for name, p in r["phases"].items():
+                print(
+                    f"  {name:>10}: bare {p['bare_ms']:7.2f} ms, suite {p['suite_ms']:7.2f} ms, "
+                    f"extra {p['extra_ms']:+6.2f} ms per {p['per']}"
+                )
+    else:
+        key = "whole_runs"
+        results = [whole_run(WHOLE_RUNS[name], args.reps, args.root, args.whole_seconds) for name in args.whole_run]
+        for r in results:
+            hooks = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in r["costliest_hooks"])
+            print(
+                f"{r['run']}: whole run {r['ratio']:.3f}x wall ({', '.join(f'{x:.3f}' for x in r['ratios'])}), "
+                f"{r['cpu_ratio']:.3f}x CPU ({', '.join(f'{x:.3f}' for x in r['cpu_ratios'])}); bare "
+                f"{r['bare_seconds']:.1f} s, suite {r['suite_seconds']:.1f} s, {r['epochs']} epochs"
+                f"{'' if r['validation'] else ', no validation'}; costliest suite hooks: {hooks}"
+            )
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"whole_runs": results}, fh, indent=2)
+            json.dump({key: results}, fh, indent=2)
     return results
 
 

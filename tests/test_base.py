@@ -153,7 +153,8 @@ def test_lightning_dispatches_only_the_hooks_a_callback_defines(tmp_path):
 
 
 def test_hooks_with_work_only_on_some_steps_are_dispatched_on_those_steps(tmp_path):
-    """The health check's hooks are there only around a sampled step (every 5th of 23 here), the
+    """The health check's hooks are there only around a sampled step (every 2nd of the first 25 here, the first
+    check interval sampled twice as often, then every 5th), the
     grokking monitor's on its weight-norm steps when training outputs carry no predictions, early stopping's only
     for checks counted in steps or a stop to act on; the work is done all the same."""
 
@@ -172,9 +173,10 @@ def test_hooks_with_work_only_on_some_steps_are_dispatched_on_those_steps(tmp_pa
 
     health = CountedHealth()
     assert health.on_train_batch_end is None
-    make_trainer(tmp_path, [health], max_steps=23).fit(DigitsMLP(), loaders()[0])
-    assert health.sampled_starts == health.sampled_ends == 5, health.sampled_ends  # steps 0, 5, 10, 15, 20
-    assert len(health.history["step"]) == 5, health.history["step"]
+    make_trainer(tmp_path, [health], max_steps=40).fit(DigitsMLP(), loaders()[0])
+    expected = [*range(0, 25, 2), 25, 30, 35]
+    assert health.sampled_starts == health.sampled_ends == len(expected), health.sampled_ends
+    assert health.history["step"] == expected, health.history["step"]
 
     class CountedGrokking(GrokkingMonitor):
         def __init__(self) -> None:

@@ -158,7 +158,8 @@ def test_sharded_strategy_gathers_nothing_and_says_why(tmp_path):
 def test_wandb_gets_per_layer_series_table_and_heatmap(tmp_path, wandb_logger):
     from wandb_reader import read_offline_run
 
-    cb = ModelHealthCheck(verbose=False, check_every_n_steps=100)  # checks at 100 and 200, the last at 300
+    # a check every 100 steps: windows end at 50 and 100 (the first interval is sampled twice as often), 200, 300
+    cb = ModelHealthCheck(verbose=False, check_every_n_steps=100)
     trainer = make_trainer(tmp_path, [cb], logger=wandb_logger, max_steps=300, max_epochs=10, limit_val_batches=0)
     trainer.fit(DigitsMLP(), loaders(batch_size=32)[0])
     import wandb
@@ -168,7 +169,7 @@ def test_wandb_gets_per_layer_series_table_and_heatmap(tmp_path, wandb_logger):
     keys = set(run.keys())
     for key in ("net.0/norm", "net.2/norm", "net.0/update_ratio", "global_norm"):
         assert PREFIX + key in keys, sorted(k for k in keys if k.startswith(PREFIX))
-    assert len([v for v in run.series(PREFIX + "net.0/norm") if v is not None]) == 3, "one point per check"
+    assert len([v for v in run.series(PREFIX + "net.0/norm") if v is not None]) == 4, "one point per check"
     assert PREFIX + "table" in keys and PREFIX + "heatmap" in keys
 
 

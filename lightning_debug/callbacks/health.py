@@ -8,7 +8,8 @@ backward):
 optimizer steps, gradient norms before clipping and one-step updates go to device tensors
 (``health_probes.GradientSampler``); every ``check_every_n_steps`` steps they are pulled in one transfer, logged
 under ``debug/grad/<layer>/`` and judged (``grad.vanishing``, ``grad.exploding``, ``grad.update_ratio``,
-``grad.clipping_always``). Under sharded parameters (FSDP, DeepSpeed) nothing is gathered: ``check.skipped``.
+``grad.clipping_always``); both twice as often during the first ``check_every_n_steps``. Under sharded
+parameters (FSDP, DeepSpeed) nothing is gathered: ``check.skipped``.
 """
 
 from __future__ import annotations
@@ -42,16 +43,18 @@ class ModelHealthCheck(DebugCallback):
     """Parameters, gradients and initialisation: the causes behind a loss that does not move.
 
     Args:
-        sample_every_n_steps: optimizer steps between gradient / update samples (the only steps that do work).
+        sample_every_n_steps: optimizer steps between gradient / update samples (the only steps that do work);
+            half that during the first ``check_every_n_steps`` steps, when most faults show.
         check_every_n_steps: optimizer steps between pulls of the samples to the host (one transfer) and
-            verdicts; a multiple of ``sample_every_n_steps``.
+            verdicts (half that at first: a check comes every ``check_every_n_steps / sample_every_n_steps``
+            samples); at least ``MIN_SAMPLES`` times ``sample_every_n_steps``.
         startup: run the one-batch startup checks at the start of fit.
     """
 
     def __init__(
         self,
         *,
-        sample_every_n_steps: int = 10,
+        sample_every_n_steps: int = 20,
         check_every_n_steps: int = 200,
         startup: bool = True,
         strict: bool = False,
@@ -171,12 +174,22 @@ class ModelHealthCheck(DebugCallback):
         if self.sampler is None or self.sampler.waiting is not None:
             return None
         read = self._global_step
-        return self.on_before_optimizer_step_due if read is None or read() % self.sample_every_n_steps == 0 else None
+        return self.on_before_optimizer_step_due if read is None or self._sampled(read()) else None
+
+    def _interval(self, step: int) -> int:
+        """Steps between samples at ``step``: half ``sample_every_n_steps`` during the first check interval (a
+        young run, where NaNs and explosions come, sampled as densely as before stop 25; a run stopped after 50
+        steps still has the samples a verdict needs), ``sample_every_n_steps`` after it."""
+        every = self.sample_every_n_steps
+        return max(1, every // 2) if step < self.check_every_n_steps else every
+
+    def _sampled(self, step: int) -> bool:
+        return step % self._interval(step) == 0
 
     def on_before_optimizer_step_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         """Samples this optimizer step: norms and a snapshot before it, the update after it."""
         step = trainer.global_step
-        if self.sampler is None or step % self.sample_every_n_steps:
+        if self.sampler is None or not self._sampled(step):
             return
         lr = optimizer.param_groups[0]["lr"]
         lr = float(lr) if not isinstance(lr, torch.Tensor) else math.nan
@@ -228,7 +241,7 @@ class ModelHealthCheck(DebugCallback):
             w = columns(np.asarray(self.history["row"][self.checked : end]), len(self.layers))
             w["lr"] = np.asarray(self.history["lr"][self.checked : end])
             # a window's point at its end (the step after its last sample's): loss checks and samples land there
-            self._log(trainer, trainer.global_step if final else steps[-1] + self.sample_every_n_steps, w)
+            self._log(trainer, trainer.global_step if final else steps[-1] + self._interval(steps[-1]), w)
             assert self.sampler is not None
             run = {k: np.asarray(self.history[k]) for k in ("total", "loss")}
             clip = trainer.gradient_clip_val
