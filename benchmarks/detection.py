@@ -442,6 +442,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--log", help="append each finished scenario's result to this JSON-lines file")
     parser.add_argument("--resume", action="store_true", help="skip the scenarios already in the --log file")
     parser.add_argument("--rescore", help="score the results in a --log file (e.g. of a cut run) and exit")
+    parser.add_argument(
+        "--findings", nargs="*", help="with --rescore: count only finding ids with these prefixes (one component's)"
+    )
     parser.add_argument("--json")
     parser.add_argument("--markdown", help="write the score tables (as in docs/detection.md) to this file")
     args = parser.parse_args(argv)
@@ -451,6 +454,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return smoke.main(args.only, args.json)
     if args.rescore:
         results = [json.loads(line) for line in Path(args.rescore).read_text().splitlines() if line.strip()]
+        if args.findings:  # e.g. grad init setup: ModelHealthCheck's own recall and false alarms
+            kept = tuple(args.findings)
+            results = [
+                {**r, "findings": [f for f in r.get("findings", []) if f["id"].startswith(kept)]} for r in results
+            ]
         if args.write_truth:
             TRUTH_FILE.write_text(
                 json.dumps({**load_truth(), **{r["id"]: r["truth"] for r in results}}, indent=1, sort_keys=True) + "\n"
