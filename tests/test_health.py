@@ -155,6 +155,16 @@ def test_sharded_strategy_gathers_nothing_and_says_why(tmp_path):
     assert not cb.history["step"]
 
 
+def test_a_run_of_60_steps_still_gets_a_gradient_verdict(tmp_path):
+    """The first check interval is sampled every 10 steps, not every 20: a run that ends (or is stopped) at step
+    60 has the 5 samples a verdict needs (6 here; at every 20 it would have 3 and no verdict)."""
+    build, _, _ = bench.SETUPS["lr_too_high_sgd"]
+    module, train = build()
+    cb, _ = _fit(tmp_path, module, train, max_steps=60)
+    assert cb.history["step"] == [0, 10, 20, 30, 40, 50], cb.history["step"]
+    assert "grad.update_ratio" in _warnings(cb), [f.message for f in cb.findings]
+
+
 def test_wandb_gets_per_layer_series_table_and_heatmap(tmp_path, wandb_logger):
     from wandb_reader import read_offline_run
 
