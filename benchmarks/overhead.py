@@ -487,7 +487,7 @@ WHOLE_RUNS = {
 
 
 def _fit_seconds(
-    run: WholeRun, epochs: int, with_suite: bool, root: str, profiler: Any = None, clock: Callback | None = None
+    run: WholeRun, epochs: int, with_suite: bool, root: str, profiler: Any = None, clock: PhaseClock | None = None
 ) -> tuple[float, float]:
     """Wall and CPU seconds of ``Trainer.fit`` (CPU time of this process: on a shared machine the other
     processes' load inflates wall time, not CPU time); ``clock`` goes first on the trainer."""
@@ -520,7 +520,7 @@ def _fit_seconds(
         import wandb
 
         wandb.finish()  # the run's files are flushed inside the timed span, as the example does
-    if isinstance(clock, PhaseClock):
+    if clock is not None:
         clock.switch("end")
     return time.perf_counter() - start, time.process_time() - cpu
 
@@ -574,13 +574,14 @@ def whole_run_phases(run: WholeRun, epochs: int, reps: int, root: str) -> dict[s
             runs[with_suite].append(clock.seconds)
     phases = {}
     for name in ("start", "steps", "validation", "epoch end", "end"):
-        per = 1 if name in ("start", "end") else epochs
+        once = name in ("start", "end")
+        per = 1 if once else epochs
         bare, suite = (1e3 / per * statistics.median(r.get(name, 0.0) for r in runs[w]) for w in (False, True))
         phases[name] = {
             "bare_ms": bare,
             "suite_ms": suite,
             "extra_ms": suite - bare,
-            "per": "run" if per == 1 else "epoch",
+            "per": "run" if once else "epoch",
         }
     return {"run": run.name, "epochs": epochs, "reps": reps, "phases": phases}
 

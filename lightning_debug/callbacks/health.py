@@ -174,7 +174,10 @@ class ModelHealthCheck(DebugCallback):
         if self.sampler is None or self.sampler.waiting is not None:
             return None
         read = self._global_step
-        return self.on_before_optimizer_step_due if read is None or self._sampled(read()) else None
+        if read is None:
+            return self.on_before_optimizer_step_due
+        step = read()
+        return self.on_before_optimizer_step_due if step % self._interval(step) == 0 else None
 
     def _interval(self, step: int) -> int:
         """Steps between samples at ``step``: half ``sample_every_n_steps`` during the first check interval (a
@@ -183,13 +186,10 @@ class ModelHealthCheck(DebugCallback):
         every = self.sample_every_n_steps
         return max(1, every // 2) if step < self.check_every_n_steps else every
 
-    def _sampled(self, step: int) -> bool:
-        return step % self._interval(step) == 0
-
     def on_before_optimizer_step_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         """Samples this optimizer step: norms and a snapshot before it, the update after it."""
         step = trainer.global_step
-        if self.sampler is None or not self._sampled(step):
+        if self.sampler is None or step % self._interval(step):
             return
         lr = optimizer.param_groups[0]["lr"]
         lr = float(lr) if not isinstance(lr, torch.Tensor) else math.nan
