@@ -129,6 +129,50 @@ def test_stage_sums_are_the_per_batch_sums_whether_held_or_set_aside():
     assert math.isclose(float(got[2]), float(expected[2]), rel_tol=1e-12), (got, expected)
 
 
+def test_a_stage_whose_logged_metrics_give_its_values_is_no_longer_summed():
+    """Once an evaluation's logged accuracy and loss give everything the sums give, the stage is covered and
+    not summed (the logged values win anyway); sequences (token and exact-match accuracy) or a missing logged
+    value keep it summed."""
+    from lightning_debug.grokking_series import StageSums
+
+    keys = {"val_acc": "val_acc", "val_loss": "val_loss"}
+    x, y = torch.randn(8, 5), torch.randint(0, 5, (8,))
+    logged = {"val_acc": torch.tensor(0.5), "val_loss": torch.tensor(1.0)}
+    sums = StageSums(ignore_index=-100)
+    sums.add("val", {"logits": x}, (None, y))
+    assert sums.take("val", logged, keys) == {"val_acc": 0.5, "val_loss": 1.0} and sums.covered["val"]
+    sums.add("val", {"logits": x.unsqueeze(0)}, (None, y.unsqueeze(0)))  # sequences: seq accuracy is not logged
+    assert "val_seq_acc" in sums.take("val", logged, keys) and not sums.covered["val"]
+    sums.add("val", {"logits": x}, (None, y))
+    assert "val_acc" in sums.take("val", {"val_loss": torch.tensor(1.0)}, keys) and not sums.covered["val"]
+
+
+def test_a_module_that_logs_accuracy_and_loss_is_summed_only_until_the_first_validation(tmp_path, monkeypatch):
+    """On the digits MLP (logs train/val accuracy and loss): the monitor sums the validation predictions of
+    the first validation only, and every record carries the logged values of its epoch."""
+    from lightning_debug import grokking_series
+    from lightning_debug.demos.digits import DigitsMLP, loaders
+
+    summed = []
+    add_sums = grokking_series.StageSums._add_sums
+
+    def counted(self, stage, *args):
+        summed.append(stage)
+        return add_sums(self, stage, *args)
+
+    monkeypatch.setattr(grokking_series.StageSums, "_add_sums", counted)
+    train, val = loaders(batch_size=64, n_train=256)
+    monitor, logged = GrokkingMonitor(), []
+
+    class Logged(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            logged.append(float(trainer.callback_metrics["val_acc"]))
+
+    make_trainer(tmp_path, [Logged(), monitor], max_epochs=3).fit(DigitsMLP(hidden=(32,)), train, val)
+    assert summed == ["val"], f"only the first validation is summed, got {summed}"
+    assert [r["val_acc"] for r in monitor.records] == pytest.approx(logged, abs=0), (monitor.records, logged)
+
+
 def test_arguments_are_validated():
     for kwargs in ({"threshold": 0.0}, {"norm_every_n_steps": 0}, {"stall_factor": 1.0}, {"stall_window": 2}):
         with pytest.raises(ValueError, match=next(iter(kwargs))):

@@ -126,9 +126,9 @@ class GrokkingMonitor(DebugCallback):
     @property
     def on_train_batch_end(self) -> Callable[..., None] | None:  # type: ignore[override]
         """Lightning's hook, there only for the batches with work: while the training outputs carry predictions
-        (looked at again on every weight-norm step), at a weight-norm step and at a probe step. The other steps
-        pay no dispatch (~2.5 us each)."""
-        if self._global_step is None or self._train_predictions:
+        the logged metrics do not already give (looked at again on every weight-norm step), at a weight-norm step
+        and at a probe step. The other steps pay no dispatch (~2.5 us each)."""
+        if self._global_step is None or (self._train_predictions and not self._sums.covered["train"]):
             return self.on_train_batch_end_due
         step = self._global_step()
         return self.on_train_batch_end_due if step % self.norm_every_n_steps == 0 or step in self._probe_steps else None
@@ -137,7 +137,7 @@ class GrokkingMonitor(DebugCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._train_predictions = isinstance(outputs, Mapping) and ("logits" in outputs or "probs" in outputs)
-        if self._train_predictions:  # not a bare {"loss": ..}
+        if self._train_predictions and not self._sums.covered["train"]:  # not a bare {"loss": ..}, not logged
             self._sums.add("train", outputs, batch)
         step = trainer.global_step
         if step % self.norm_every_n_steps == 0:
@@ -161,7 +161,7 @@ class GrokkingMonitor(DebugCallback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if not trainer.sanity_checking and dataloader_idx == 0:
+        if not trainer.sanity_checking and dataloader_idx == 0 and not self._sums.covered["val"]:
             self._sums.add("val", outputs, batch)
 
     # -- recording ------------------------------------------------------------------------------------------
