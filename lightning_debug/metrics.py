@@ -294,7 +294,7 @@ class LogitSample:
         self.rows = rows
         self.ignore_index = ignore_index
         self.max_elements = max_elements
-        self.parts: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.parts: list[tuple[Tensor, Tensor]] = []  # (rows of scores, targets) as added
         self.kept = 0
 
     def reset(self) -> None:
@@ -303,35 +303,41 @@ class LogitSample:
     def _budget(self, width: int) -> int:
         return min(self.rows, self.max_elements // width)
 
-    def add(self, logits: Tensor, target: Tensor) -> None:
-        """Keep rows of ``logits`` (``target``-shaped or ``(..., 1)`` for binary, else ``(..., C)``)."""
+    def add(self, logits: Tensor, target: Tensor, *, probs: bool = False) -> None:
+        """Keep rows of ``logits`` (``target``-shaped or ``(..., 1)`` for binary, else ``(..., C)``), as copies
+        (two ops: which rows count is decided only when a temperature is fitted, which most epochs do not do).
+        ``probs``: the scores are probabilities; their log is kept (a logit up to a per-row constant)."""
         binary = logits.shape == target.shape or (logits.shape[-1] == 1 and logits.shape[:-1] == target.shape)
         width = 1 if binary else logits.shape[-1]
         budget = self._budget(width) - self.kept
         if budget <= 0:
             return
-        x = logits.reshape(-1) if binary else logits.reshape(-1, width)
-        t = target.reshape(-1)[:budget]
-        x = x[:budget].float()
-        finite = torch.isfinite(x) if binary else torch.isfinite(x).all(-1)
-        valid = finite & (t >= 0) & (t < max(width, 2))
-        if self.ignore_index is not None:
-            valid &= t != self.ignore_index
-        zero = torch.zeros((), dtype=x.dtype, device=x.device)
-        x = torch.where(finite if binary else finite.unsqueeze(-1), x, zero)
-        self.parts.append((x, torch.where(valid, t, torch.zeros_like(t)), valid.float()))
-        self.kept += len(t)
+        x = (logits.reshape(-1) if binary else logits.reshape(-1, width))[:budget].to(torch.float32, copy=True)
+        self.parts.append((x.clamp_min_(1e-12).log_() if probs else x, target.reshape(-1)[:budget].clone()))
+        self.kept += len(x)
 
     def temperature(self, all_gather: Any = None) -> float:
         """:func:`fit_temperature` on the sample (NaN when empty). ``all_gather`` (the strategy's, under DDP)
         pools every rank's sample first, so all ranks fit the same temperature on the whole validation set."""
         if not self.parts:
             return float("nan")
-        x, t, w = (torch.cat(parts) for parts in zip(*self.parts, strict=True))
+        x, t, w = self._weighted(*(torch.cat(parts) for parts in zip(*self.parts, strict=True)))
         if all_gather is not None:
             budget = self._budget(1 if x.dim() == 1 else x.shape[-1])
             x, t, w = (self._gather(all_gather, r, budget) for r in (x, t, w))
         return fit_temperature(x, t, w)
+
+    def _weighted(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The kept rows with weight 0 (and harmless values) where the scores are not finite or the target is
+        not a class or is ``ignore_index``."""
+        binary = x.dim() == 1
+        finite = torch.isfinite(x) if binary else torch.isfinite(x).all(-1)
+        valid = finite & (t >= 0) & (t < max(1 if binary else x.shape[-1], 2))
+        if self.ignore_index is not None:
+            valid &= t != self.ignore_index
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        x = torch.where(finite if binary else finite.unsqueeze(-1), x, zero)
+        return x, torch.where(valid, t, torch.zeros_like(t)), valid.float()
 
     @staticmethod
     def _gather(all_gather: Any, rows: Tensor, budget: int) -> Tensor:

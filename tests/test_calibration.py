@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassCalibrationError
 from torchmetrics.functional.classification import binary_calibration_error
 
 from lightning_debug.callbacks.calibration import CalibrationMonitor
-from lightning_debug.metrics import HeldPredictions, StreamingCalibration, fit_temperature
+from lightning_debug.metrics import HeldPredictions, LogitSample, StreamingCalibration, fit_temperature
 from lightning_debug.signals import find_predictions
 
 from models import DigitsMLP, SmoothedDigitsMLP, loaders, make_trainer
@@ -149,6 +149,24 @@ def test_state_after_a_million_predictions_is_the_size_of_the_state_after_a_thou
     assert large.compute()["count"] == 1_000_000
     assert state_bytes(large) == state_bytes(small), f"state grew: {state_bytes(small)} -> {state_bytes(large)}"
     assert state_bytes(large) < 30_000, "O(bins) state: 3 x (15 + 1000) float64 + scalars"
+
+
+def test_the_temperature_sample_keeps_copies_and_weighs_its_rows_only_when_fitted():
+    """Rows are kept as added (two copies) and weighed at the fit: NaN scores, targets outside the classes and
+    ``ignore_index`` get weight 0; probabilities are kept as their log; later edits of the caller's tensor do not
+    reach the sample. The fitted temperature is the one fitted on the valid rows alone (to the fit's 1e-3 on log T)."""
+    x, y = _logits(600, scale=4.0, seed=5)
+    y[:10], y[10:15], x[15:20, 2] = -100, 10, float("nan")
+    sample = LogitSample(rows=500, ignore_index=-100)
+    scores = x.clone()
+    sample.add(scores[:300], y[:300])
+    sample.add(scores[300:], y[300:])
+    scores.zero_()  # the caller's tensor changes after the evaluation
+    want = fit_temperature(x[20:500], y[20:500])
+    assert math.isclose(sample.temperature(), want, rel_tol=2e-3), (sample.temperature(), want)
+    probs = LogitSample(rows=500, ignore_index=-100)
+    probs.add(x.softmax(-1), y, probs=True)
+    assert math.isclose(probs.temperature(), want, rel_tol=1e-3), "log-probabilities are logits up to a row constant"
 
 
 def test_nonfinite_scores_are_counted_and_left_out():

@@ -193,7 +193,7 @@ class CalibrationMonitor(DebugCallback):
 
     def _consume(self, scores: Tensor, target: Tensor, fmt: InputFormat) -> None:
         self.metrics[fmt].update(scores, target)
-        self.sample.add(scores if fmt == "logits" else scores.clamp_min(1e-12).log(), target)
+        self.sample.add(scores, target, probs=fmt == "probs")
 
     def _detect_format(self, trainer: pl.Trainer, scores: Tensor, target: Tensor) -> InputFormat:
         self._format = "probs" if looks_like_probabilities(scores, target) else "logits"
