@@ -152,9 +152,13 @@ class Curves:
     norms: list[tuple[int, float]] = field(default_factory=list)  # (step, weight norm)
     pending: list[tuple[int, Tensor]] = field(default_factory=list)  # sampled, not yet on the host
 
-    def sample_norm(self, step: int, module: torch.nn.Module) -> None:
-        """The weight norm at ``step``, on the device (once a step: batches share one under accumulation)."""
-        if not self.pending or self.pending[-1][0] != step:
+    def sample_norm(self, step: int, module: torch.nn.Module, every: int) -> None:
+        """The weight norm at ``step``, on the device, unless a point (sampled, or an evaluation's) lies less than
+        ``every`` steps before it (so once a step under accumulation): where evaluations come at least that
+        often, their records carry the norm, and a point of its own would only add a logged row (~0.3 ms on
+        W&B, two in three of the suite's rows on the quickstart)."""
+        last = max(s[-1][0] if s else -math.inf for s in (self.pending, self.norms))
+        if step - last >= every:
             self.pending.append((step, weight_norm(module)))
 
     def record(self, sink: Sink, step: int, norm: Tensor, values: dict[str, float]) -> dict[str, float]:

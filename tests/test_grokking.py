@@ -173,6 +173,29 @@ def test_a_module_that_logs_accuracy_and_loss_is_summed_only_until_the_first_val
     assert [r["val_acc"] for r in monitor.records] == pytest.approx(logged, abs=0), (monitor.records, logged)
 
 
+def test_the_weight_norm_gets_a_point_of_its_own_only_where_no_evaluation_came_in_the_last_period():
+    """Every 50 steps a norm, unless an evaluation (whose record carries one) came in the last 50: evaluations
+    every 38 steps leave no point of its own (no extra logged row); evaluations every 200 leave three per gap."""
+    from lightning_debug.grokking_series import Curves
+
+    class Logged:
+        def __init__(self):
+            self.steps = []
+
+        def log_scalars(self, metrics, step=None):
+            self.steps.append(step)
+
+    module = torch.nn.Linear(3, 2)
+    for every_eval, want in ((38, [0, 38, 76, 114, 152, 190]), (200, [0, 50, 100, 150, 200])):
+        curves, sink = Curves(), Logged()
+        for step in range(0, 201):
+            if step % 50 == 0:
+                curves.sample_norm(step, module, 50)
+            if step and step % every_eval == 0:
+                curves.record(sink, step, torch.tensor(1.0), {})
+        assert [s for s, _ in curves.norms] == want, (every_eval, curves.norms)
+
+
 def test_arguments_are_validated():
     for kwargs in ({"threshold": 0.0}, {"norm_every_n_steps": 0}, {"stall_factor": 1.0}, {"stall_window": 2}):
         with pytest.raises(ValueError, match=next(iter(kwargs))):

@@ -42,7 +42,8 @@ class GrokkingMonitor(DebugCallback):
         threshold: the training metric at which the training set counts as memorised (0.99).
         val_threshold: the dev metric at which the model counts as generalised (default: ``threshold``).
         min_gap: "dev far below": at memorisation the dev metric must be at least this much lower (0.2).
-        norm_every_n_steps: compute the global L2 weight norm (on the device) every N training steps.
+        norm_every_n_steps: compute the global L2 weight norm (on the device) every N training steps, where
+            no evaluation (whose record carries the norm) came in the last N.
         evals_per_decade: if > 0, also evaluate train and dev metric at this many log-spaced steps per
             factor of ten (1, 2, 3, 5, 10, 20, ...), so the log-x curve has points before the first
             validation. Uses ``validation_step`` on the first ``eval_batches`` batches of each loader.
@@ -141,7 +142,7 @@ class GrokkingMonitor(DebugCallback):
             self._sums.add("train", outputs, batch)
         step = trainer.global_step
         if step % self.norm_every_n_steps == 0:
-            self.curves.sample_norm(step, pl_module)
+            self.curves.sample_norm(step, pl_module, self.norm_every_n_steps)
         if step in self._probe_steps:
             self._probe_steps.discard(step)
             values = self._probe(trainer, pl_module)
