@@ -306,14 +306,17 @@ class LogitSample:
     def add(self, logits: Tensor, target: Tensor, *, probs: bool = False) -> None:
         """Keep rows of ``logits`` (``target``-shaped or ``(..., 1)`` for binary, else ``(..., C)``), as copies
         (two ops: which rows count is decided only when a temperature is fitted, which most epochs do not do).
-        ``probs``: the scores are probabilities; their log is kept (a logit up to a per-row constant)."""
+        ``probs``: the scores are probabilities, kept as logits: ``log(p / (1 - p))`` of a binary task's class-1
+        probability, ``log p`` of C classes' (their logits up to a per-row constant, which a softmax ignores)."""
         binary = logits.shape == target.shape or (logits.shape[-1] == 1 and logits.shape[:-1] == target.shape)
         width = 1 if binary else logits.shape[-1]
         budget = self._budget(width) - self.kept
         if budget <= 0:
             return
         x = (logits.reshape(-1) if binary else logits.reshape(-1, width))[:budget].to(torch.float32, copy=True)
-        self.parts.append((x.clamp_min_(1e-12).log_() if probs else x, target.reshape(-1)[:budget].clone()))
+        if probs:
+            x = torch.logit(x, eps=1e-7) if binary else x.clamp_min_(1e-12).log_()
+        self.parts.append((x, target.reshape(-1)[:budget].clone()))
         self.kept += len(x)
 
     def temperature(self, all_gather: Any = None) -> float:

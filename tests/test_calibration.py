@@ -153,8 +153,9 @@ def test_state_after_a_million_predictions_is_the_size_of_the_state_after_a_thou
 
 def test_the_temperature_sample_keeps_copies_and_weighs_its_rows_only_when_fitted():
     """Rows are kept as added (two copies) and weighed at the fit: NaN scores, targets outside the classes and
-    ``ignore_index`` get weight 0; probabilities are kept as their log; later edits of the caller's tensor do not
-    reach the sample. The fitted temperature is the one fitted on the valid rows alone (to the fit's 1e-3 on log T)."""
+    ``ignore_index`` get weight 0; probabilities are kept as logits (binary: log(p/(1-p))); later edits of the
+    caller's tensor do not reach the sample. The fitted temperature is the one fitted on the valid rows alone
+    (to the fit's 1e-3 on log T)."""
     x, y = _logits(600, scale=4.0, seed=5)
     y[:10], y[10:15], x[15:20, 2] = -100, 10, float("nan")
     sample = LogitSample(rows=500, ignore_index=-100)
@@ -166,7 +167,14 @@ def test_the_temperature_sample_keeps_copies_and_weighs_its_rows_only_when_fitte
     assert math.isclose(sample.temperature(), want, rel_tol=2e-3), (sample.temperature(), want)
     probs = LogitSample(rows=500, ignore_index=-100)
     probs.add(x.softmax(-1), y, probs=True)
-    assert math.isclose(probs.temperature(), want, rel_tol=1e-3), "log-probabilities are logits up to a row constant"
+    assert math.isclose(probs.temperature(), want, rel_tol=2e-3), "log-probabilities are logits up to a row constant"
+    g = torch.Generator().manual_seed(6)
+    z = torch.randn(600, generator=g) * 3  # binary: class-1 logits twice too sharp, and their probabilities
+    label = (torch.rand(600, generator=g) < torch.sigmoid(z / 2)).long()
+    binary_logits, binary_probs = LogitSample(rows=600, ignore_index=None), LogitSample(rows=600, ignore_index=None)
+    binary_logits.add(z, label)
+    binary_probs.add(torch.sigmoid(z), label, probs=True)
+    assert math.isclose(binary_probs.temperature(), binary_logits.temperature(), rel_tol=2e-3), "p -> log(p/(1-p))"
 
 
 def test_nonfinite_scores_are_counted_and_left_out():
