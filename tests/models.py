@@ -55,7 +55,10 @@ def run_two_rank_script(
 
     The script takes ``out`` as its argument and writes ``out/rank<k>.json``; returns the process and both.
     """
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+    # Not the W&B service of this process (WANDB_SERVICE, set by an earlier test's run): the script's runs would
+    # go through it and its run file got no exit record within 60 s when the ddp tests ran after W&B tests.
+    parent = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env = {**parent, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
         [sys.executable, str(script), str(out)], env=env, capture_output=True, text=True, timeout=timeout
     )
