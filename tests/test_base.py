@@ -154,9 +154,9 @@ def test_lightning_dispatches_only_the_hooks_a_callback_defines(tmp_path):
 
 def test_hooks_with_work_only_on_some_steps_are_dispatched_on_those_steps(tmp_path):
     """The health check's hooks are there only around a sampled step (every 2nd of the first 25 here, the first
-    check interval sampled twice as often, then every 5th), the
-    grokking monitor's on its weight-norm steps when training outputs carry no predictions, early stopping's only
-    for checks counted in steps or a stop to act on; the work is done all the same."""
+    check interval sampled twice as often, then every 5th), the grokking monitor's on its weight-norm steps when
+    training outputs carry no predictions, early stopping's only for checks counted in steps or a stop to act on;
+    the work is done all the same."""
 
     class CountedHealth(ModelHealthCheck):
         def __init__(self) -> None:

@@ -181,8 +181,8 @@ class ModelHealthCheck(DebugCallback):
 
     def _interval(self, step: int) -> int:
         """Steps between samples at ``step``: half ``sample_every_n_steps`` during the first check interval (a
-        young run, where NaNs and explosions come, sampled as densely as before stop 25; a run stopped after 50
-        steps still has the samples a verdict needs), ``sample_every_n_steps`` after it."""
+        young run is where NaNs and explosions come, and a run stopped after 50 steps still has the samples a
+        verdict needs), ``sample_every_n_steps`` after it."""
         every = self.sample_every_n_steps
         return max(1, every // 2) if step < self.check_every_n_steps else every
 
