@@ -39,7 +39,10 @@ startup checks are excluded. Reported per case:
   runs train the same epochs (it only ever shortens a run). Also the suite's costliest hooks (Lightning's
   ``SimpleProfiler`` on one extra, untimed suite run): what dominates. ``--phases EPOCHS`` instead splits
   ``Trainer.fit`` of that many epochs at Lightning's hooks (``PhaseClock``: start, training steps, validation,
-  epoch end, end) and gives the suite's extra time per phase, per epoch or once.
+  epoch end, end) and gives the suite's extra time per phase, per epoch or once;
+- with ``--without NAME`` (repeatable; per-step and whole-run modes): the same with that suite component left
+  out (``debug_callbacks(..., NAME=False)``): what a component costs, or what a cost line would be without it.
+  With every component left out the "suite" is empty and the ratio is the measurement's own noise (a null run).
 
 The cases are the runs of the examples that use ``debug_callbacks``: ``mlp`` is ``examples/quickstart.py``
 (digits, 38 steps per epoch), ``divergence`` is ``examples/loss_metric_divergence.py`` (a 512x512 MLP on 300
@@ -60,7 +63,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +73,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_debug import debug_callbacks
 from lightning_debug.base import debug_callbacks_of
+from lightning_debug.suite import SUITE_COMPONENTS
 
 STARTUP_CHECKS = ("OverfitBatchCheck", "BatchConsistencyCheck", "DecodingConsistencyCheck")
 
@@ -471,6 +475,7 @@ class WholeRun:
     epochs: int
     validation: bool
     wandb: bool = False  # a WandbLogger (offline), as the example runs it
+    without: tuple[str, ...] = ()  # suite components left out (``--without``)
 
 
 def _mlp_22_steps() -> tuple[pl.LightningModule, Any, Any]:
@@ -494,7 +499,8 @@ def _fit_seconds(
     pl.seed_everything(0, verbose=False)
     module, train, val = run.build()
     # early stopping's hooks all run, but its patience never ends the run: both runs train the same epochs
-    options = {"report": {"print_table": False}, "early_stopping": {"patience": 10**9}}
+    options: dict[str, Any] = {"report": {"print_table": False}, "early_stopping": {"patience": 10**9}}
+    options.update(dict.fromkeys(run.without, False))
     callbacks = [clock] if clock is not None else []
     callbacks += debug_callbacks(metric="val_acc", **options) if with_suite else []
     logger: Any = False
@@ -560,6 +566,14 @@ class PhaseClock(Callback):
         self.switch("end")
 
 
+def _arms(reps: int) -> list[bool]:
+    """The order of ``reps`` bare (False) / suite (True) pairs of whole runs: bare first, then suite first, and so
+    on, so that what a run leaves to the next (its garbage, the logger's files) falls on both arms alike. With
+    bare always first the null run (every component left out) measured 0.976x (0.965-0.994, 3 pairs);
+    alternating, 0.998x (0.982-1.019, 4 pairs)."""
+    return [arm for i in range(reps) for arm in ((False, True) if i % 2 == 0 else (True, False))]
+
+
 def whole_run_phases(run: WholeRun, epochs: int, reps: int, root: str) -> dict[str, Any]:
     """Where the suite's extra whole-run time goes: :class:`PhaseClock`'s phases, suite against bare in
     alternating runs; medians over ``reps`` pairs, in ms per epoch (and ms once for ``start`` and ``end``)."""
@@ -567,11 +581,10 @@ def whole_run_phases(run: WholeRun, epochs: int, reps: int, root: str) -> dict[s
     _fit_seconds(run, 1, False, root)  # warm-up
     _fit_seconds(run, 1, True, root)
     runs: dict[bool, list[dict[str, float]]] = {False: [], True: []}
-    for _ in range(reps):
-        for with_suite in (False, True):
-            clock = PhaseClock()
-            _fit_seconds(run, epochs, with_suite, root, clock=clock)
-            runs[with_suite].append(clock.seconds)
+    for with_suite in _arms(reps):
+        clock = PhaseClock()
+        _fit_seconds(run, epochs, with_suite, root, clock=clock)
+        runs[with_suite].append(clock.seconds)
     phases = {}
     for name in ("start", "steps", "validation", "epoch end", "end"):
         once = name in ("start", "end")
@@ -608,14 +621,15 @@ def whole_run(run: WholeRun, reps: int, root: str, seconds: float | None = None)
     epochs = run.epochs
     if seconds is not None:
         epochs = max(1, round(seconds / _fit_seconds(run, 1, False, root)[0]))
-    bare, suite = [], []
-    for _ in range(reps):
-        bare.append(_fit_seconds(run, epochs, False, root))
-        suite.append(_fit_seconds(run, epochs, True, root))
+    timed: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+    for with_suite in _arms(reps):
+        timed[with_suite].append(_fit_seconds(run, epochs, with_suite, root))
+    bare, suite = timed[False], timed[True]
     wall = {"bare": [b[0] for b in bare], "suite": [s[0] for s in suite]}
     cpu = {"bare": [b[1] for b in bare], "suite": [s[1] for s in suite]}
     return {
         "run": run.name,
+        "without": list(run.without),
         "epochs": epochs,
         "validation": run.validation,
         "bare_seconds": statistics.median(wall["bare"]),
@@ -739,12 +753,24 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     parser.add_argument("--health", action="store_true", help="only ModelHealthCheck's startup and periodic cost")
     parser.add_argument("--hook-dispatch-us", type=float, default=1.5, help="Lightning's dispatch per step")
     parser.add_argument("--errors", action="store_true", help="only ErrorAnalysis' share of validation time")
+    parser.add_argument(
+        "--without",
+        choices=SUITE_COMPONENTS,
+        action="append",
+        default=[],
+        help="leave this suite component out (per-step and whole-run modes; every one of them: the null ratio)",
+    )
     args = parser.parse_args(argv)
     torch.set_flush_denormal(True)
+    left_out = dict.fromkeys(args.without, False)
+    if args.without:
+        print(f"the suite without {', '.join(args.without)}")
+    cases = {name: replace(case, suite_options={**case.suite_options, **left_out}) for name, case in CASES.items()}
     if args.whole_run:
-        return {"whole_runs": _print_whole_runs(args)}
+        whole_runs = [replace(WHOLE_RUNS[name], without=tuple(args.without)) for name in args.whole_run]
+        return {"whole_runs": _print_whole_runs(args, whole_runs)}
     if args.health:
-        health = [health_cost(CASES[name], args.reps, args.root) for name in args.case or sorted(CASES)]
+        health = [health_cost(cases[name], args.reps, args.root) for name in args.case or sorted(cases)]
         for h in health:
             dispatch = args.hook_dispatch_us * 1e-3 / h["bare_ms_per_step"]
             print(
@@ -766,7 +792,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
         return {"health": health}
     if args.errors:
         return {"errors": errors_report(args.root, args.reps, args.json)}
-    results = [measure(CASES[name], args.reps, args.root) for name in args.case or sorted(CASES)]
+    results = [measure(cases[name], args.reps, args.root) for name in args.case or sorted(cases)]
     for r in results:
         print(
             f"{r['case']:>6}: step ratio {r['step_ratio']:.3f} ({', '.join(f'{x:.3f}' for x in r['step_ratios'])}), "
@@ -796,10 +822,10 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def _print_whole_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
+def _print_whole_runs(args: argparse.Namespace, runs: list[WholeRun]) -> list[dict[str, Any]]:
     if args.phases:
         key = "phases"
-        results = [whole_run_phases(WHOLE_RUNS[name], args.phases, args.reps, args.root) for name in args.whole_run]
+        results = [whole_run_phases(run, args.phases, args.reps, args.root) for run in runs]
         for r in results:
             print(f"{r['run']}: {r['epochs']} epochs, medians of {r['reps']} pairs (suite - bare)")
             for name, p in r["phases"].items():
@@ -809,7 +835,7 @@ def _print_whole_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
                 )
     else:
         key = "whole_runs"
-        results = [whole_run(WHOLE_RUNS[name], args.reps, args.root, args.whole_seconds) for name in args.whole_run]
+        results = [whole_run(run, args.reps, args.root, args.whole_seconds) for run in runs]
         for r in results:
             hooks = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in r["costliest_hooks"])
             print(

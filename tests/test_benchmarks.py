@@ -143,3 +143,32 @@ def test_ground_truth_probes_leave_the_global_generator_as_they_found_it(arch):
     before = torch.random.get_rng_state()
     run_probes(module, val, None)
     assert torch.equal(torch.random.get_rng_state(), before)
+
+
+def test_overhead_without_leaves_the_components_out(tmp_path):
+    """``overhead.py --without NAME``: the suite of both modes is built without NAME; with every component left
+    out no suite hook runs at all (the null run: the ratio is the measurement's own noise)."""
+    overhead = _load("overhead")
+    suite = overhead.SUITE_COMPONENTS
+    every = [arg for name in suite for arg in ("--without", name)]
+    out = overhead.main(
+        ["--whole-run", "no_val_22", "--whole-seconds", "0.1", "--reps", "1", "--root", str(tmp_path), *every]
+    )
+    (null,) = out["whole_runs"]
+    assert null["without"] == list(suite) and null["costliest_hooks"] == [], null
+    out = overhead.main(
+        [
+            "--whole-run",
+            "no_val_22",
+            "--whole-seconds",
+            "0.1",
+            "--reps",
+            "1",
+            "--root",
+            str(tmp_path),
+            "--without",
+            "loss",
+        ]
+    )
+    names = {name.split("{")[0].split(".")[0] for name, _ in out["whole_runs"][0]["costliest_hooks"]}
+    assert names and "LossConvergenceMonitor" not in names, names
