@@ -501,7 +501,7 @@ def _fit_seconds(
     # early stopping's hooks all run, but its patience never ends the run: both runs train the same epochs
     options: dict[str, Any] = {"report": {"print_table": False}, "early_stopping": {"patience": 10**9}}
     options.update(dict.fromkeys(run.without, False))
-    callbacks = [clock] if clock is not None else []
+    callbacks: list[Callback] = [clock] if clock is not None else []
     callbacks += debug_callbacks(metric="val_acc", **options) if with_suite else []
     logger: Any = False
     if run.wandb:
@@ -740,7 +740,7 @@ def errors_share(name: str, root: str, reps: int, **options: Any) -> dict[str, A
     }
 
 
-def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", choices=sorted(CASES), action="append")
     parser.add_argument("--reps", type=int, default=5)
@@ -815,7 +815,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
             f"{name} {c['seconds']:.3f} s = {100 * c['run_ratio']:.1f}%" for name, c in e["checks"].items()
         )
         print(f"{e['example']}: one-epoch run {e['run_seconds']:.1f} s; {shares}")
-    out = {"cases": results, "examples": examples}
+    out = {"cases": results, "examples": examples, "without": args.without}
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=2)
