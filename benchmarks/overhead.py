@@ -475,7 +475,7 @@ class WholeRun:
     epochs: int
     validation: bool
     wandb: bool = False  # a WandbLogger (offline), as the example runs it
-    without: tuple[str, ...] = ()  # suite components left out (``--without``)
+    suite_options: dict[str, Any] = field(default_factory=dict)  # e.g. the components ``--without`` leaves out
 
 
 def _mlp_22_steps() -> tuple[pl.LightningModule, Any, Any]:
@@ -499,8 +499,7 @@ def _fit_seconds(
     pl.seed_everything(0, verbose=False)
     module, train, val = run.build()
     # early stopping's hooks all run, but its patience never ends the run: both runs train the same epochs
-    options: dict[str, Any] = {"report": {"print_table": False}, "early_stopping": {"patience": 10**9}}
-    options.update(dict.fromkeys(run.without, False))
+    options = {"report": {"print_table": False}, "early_stopping": {"patience": 10**9}, **run.suite_options}
     callbacks: list[Callback] = [clock] if clock is not None else []
     callbacks += debug_callbacks(metric="val_acc", **options) if with_suite else []
     logger: Any = False
@@ -629,7 +628,7 @@ def whole_run(run: WholeRun, reps: int, root: str, seconds: float | None = None)
     cpu = {"bare": [b[1] for b in bare], "suite": [s[1] for s in suite]}
     return {
         "run": run.name,
-        "without": list(run.without),
+        "without": [name for name, option in run.suite_options.items() if option is False],
         "epochs": epochs,
         "validation": run.validation,
         "bare_seconds": statistics.median(wall["bare"]),
@@ -765,10 +764,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     left_out = dict.fromkeys(args.without, False)
     if args.without:
         print(f"the suite without {', '.join(args.without)}")
-    cases = {name: replace(case, suite_options={**case.suite_options, **left_out}) for name, case in CASES.items()}
     if args.whole_run:
-        whole_runs = [replace(WHOLE_RUNS[name], without=tuple(args.without)) for name in args.whole_run]
+        whole_runs = [replace(WHOLE_RUNS[name], suite_options=left_out) for name in args.whole_run]
         return {"whole_runs": _print_whole_runs(args, whole_runs)}
+    cases = {name: replace(case, suite_options={**case.suite_options, **left_out}) for name, case in CASES.items()}
     if args.health:
         health = [health_cost(cases[name], args.reps, args.root) for name in args.case or sorted(cases)]
         for h in health:
