@@ -7,7 +7,7 @@ host, and what it reads of the run (its planned length, its learning rate). Plum
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -76,13 +76,14 @@ class LossRecorder:
     def _init_recorder(self, names: list[str], check_every: int | None, warmup: int | None) -> None:
         self.series = [LossSeries(name) for name in names]
         self._step = 0  # the global step the next batch's training_step sees
-        self._global_step: Callable[[], int] | None = None  # reads trainer.global_step, once training started
+        self._step_counter: Any = None  # its `completed` is trainer.global_step, once training started
         self.schedule = schedule_for(None, check_every=check_every, warmup=warmup)
         self.batches = 0  # training batches recorded
         self._tail: list[tuple[int, list[float]]] = []  # (global step, values) pulled but not yet binned
         self._pending: list[torch.Tensor] = []  # this step's values per batch, on the loss's device (no sync)
         self._steps: list[int] = []  # global step of each pending row (host ints)
         self._finite_upto = 0  # batches whose values were already tested for NaN/Inf (each is reported once)
+        self._lr_group: dict[str, Any] | None = None  # where the hook reads the rate (found again at each check)
         self.peak_lr = 0.0  # largest learning rate seen (a host float: reading it never syncs)
         self.check_lr = 0.0  # the learning rate at the previous check or the first batch (rising: warming up)
         self.val_level = math.nan  # the last validation loss (read once per validation run)
@@ -97,18 +98,21 @@ class LossRecorder:
         if isinstance(value, torch.Tensor) and not trainer.sanity_checking:
             self.val_level = float(value)
 
-    def _record(self, values: torch.Tensor, step: int, lr: float | None) -> None:
-        """One batch's values (a device tensor, not read) at global ``step``, and the learning rate it used."""
+    def _record(self, values: torch.Tensor, step: int, lr: Any) -> None:
+        """One batch's values (a device tensor, not read) at global ``step``, and the learning rate it used (as
+        the optimizer holds it: a tensor learning rate is not read, as :func:`current_lr`)."""
         self._pending.append(values)
         self._steps.append(step)
-        if lr is not None and lr > self.peak_lr:
-            self.peak_lr = lr  # the peak must be seen before a schedule decays it
-        if lr is not None and self.batches == 0:
-            self.check_lr = lr  # the reference for "still warming up" at the first check
+        if isinstance(lr, (int, float)):
+            if lr > self.peak_lr:
+                self.peak_lr = float(lr)  # the peak must be seen before a schedule decays it
+            if self.batches == 0:
+                self.check_lr = float(lr)  # the reference for "still warming up" at the first check
         self.batches += 1
 
     def _lr_at_check(self, trainer: pl.Trainer) -> tuple[float | None, float]:
         """The learning rate now, and at the previous check (which it becomes)."""
+        self._lr_group = first_param_group(trainer)  # an optimizer replaced since: the next steps read its own
         lr, before = current_lr(trainer), self.check_lr
         self.check_lr = lr if lr is not None else before
         return lr, before
@@ -230,8 +234,14 @@ def planned_batches(trainer: pl.Trainer) -> float | None:
     return steps * trainer.accumulate_grad_batches if math.isfinite(steps) else None
 
 
+def first_param_group(trainer: pl.Trainer) -> dict[str, Any] | None:
+    """The first optimizer's first parameter group (schedulers change its ``lr`` in place), if any."""
+    optimizers = trainer.optimizers
+    return optimizers[0].param_groups[0] if optimizers and optimizers[0].param_groups else None
+
+
 def current_lr(trainer: pl.Trainer) -> float | None:
     """The first parameter group's learning rate, if it is a plain number (reading it never syncs a device)."""
-    optimizers = trainer.optimizers
-    lr = optimizers[0].param_groups[0].get("lr") if optimizers and optimizers[0].param_groups else None
+    group = first_param_group(trainer)
+    lr = group.get("lr") if group is not None else None
     return float(lr) if isinstance(lr, (int, float)) else None

@@ -528,3 +528,41 @@ def test_a_floor_of_irreducible_entropy_is_not_a_plateau(tmp_path):
     converged = [f for f in monitor.findings if f.check == "loss.converged"]
     assert converged and "validation" in converged[-1].data["floor_source"], describe(monitor)
     assert 1.0 < converged[-1].data["floor"] < 1.5, converged[-1].data  # the entropy, plus what the MLP misses
+
+
+@pytest.mark.parametrize("accumulate, scheduled", [(1, True), (2, False)])
+def test_every_step_is_recorded_as_the_general_reader_reads_it(tmp_path, monkeypatch, accumulate, scheduled):
+    """The per-step hook reads the common case (a dict with a 0-d loss) inline and the learning rate from the
+    cached parameter group: every batch's recorded value, step and learning rate must equal what
+    ``step_values``, ``trainer.global_step`` and ``current_lr`` give at that batch (exactly, no tolerance)."""
+
+    class Scheduled(DigitsMLP):
+        def configure_optimizers(self):
+            optimizer = torch.optim.SGD(self.parameters(), lr=0.05)
+            return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)]
+
+    recorded, expected = [], []
+    record = LossConvergenceMonitor._record
+
+    def spy(self, values, step, lr):
+        recorded.append((values.item(), step, float(lr) if isinstance(lr, (int, float)) else None))
+        record(self, values, step, lr)
+
+    class Reference(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.step = trainer.global_step  # the step the batch's training_step sees
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            values = loss_series.step_values(trainer, pl_module, outputs, None, [])
+            expected.append((values.item(), self.step, loss_series.current_lr(trainer)))
+
+    monkeypatch.setattr(LossConvergenceMonitor, "_record", spy)
+    train, _ = loaders(batch_size=64)
+    module = Scheduled() if scheduled else DigitsMLP()
+    trainer = make_trainer(tmp_path, [LossConvergenceMonitor(), Reference()], max_epochs=3)
+    trainer.accumulate_grad_batches = accumulate
+    trainer.fit(module, train)
+    assert len(recorded) == len(expected) == 3 * len(train), (len(recorded), len(expected))
+    mismatches = [(i, r, e) for i, (r, e) in enumerate(zip(recorded, expected, strict=True)) if r != e]
+    assert not mismatches, f"{len(mismatches)} of {len(recorded)} batches differ, first: {mismatches[:3]}"
+    assert not scheduled or len({lr for _, _, lr in recorded}) >= 3, "the rate changes every epoch"

@@ -12,7 +12,7 @@ from lightning_debug.signals import (
     ChanceLevel,
     check_mode,
     first_dataloader,
-    global_step_reader,
+    global_step_counter,
     metric_value,
     mode_sign,
     predictions,
@@ -99,7 +99,7 @@ def test_float64_on_cpu_leaves_the_module_untouched():
 
 
 @pytest.mark.parametrize("manual, accumulate", [(False, 1), (False, 3), (True, 1)])
-def test_the_global_step_reader_reads_what_the_trainer_says_at_every_batch(tmp_path, manual, accumulate):
+def test_the_global_step_counter_reads_what_the_trainer_says_at_every_batch(tmp_path, manual, accumulate):
     """The per-step hooks' shortcut to ``trainer.global_step``: the same number at every batch end, under
     gradient accumulation and manual optimisation."""
     from lightning.pytorch.callbacks import Callback
@@ -124,12 +124,22 @@ def test_the_global_step_reader_reads_what_the_trainer_says_at_every_batch(tmp_p
             self.pairs: list[tuple[int, int]] = []
 
         def on_train_start(self, trainer, pl_module) -> None:
-            self.read = global_step_reader(trainer)
+            self.counter = global_step_counter(trainer)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            self.pairs.append((self.read(), trainer.global_step))
+            self.pairs.append((self.counter.completed, trainer.global_step))
 
     compare = Compare()
     trainer = make_trainer(tmp_path, [compare], max_steps=7, accumulate_grad_batches=accumulate)
     trainer.fit(Manual() if manual else DigitsMLP(), loaders()[0])
     assert len(compare.pairs) == 7 * accumulate and all(a == b for a, b in compare.pairs), compare.pairs
+
+
+def test_the_global_step_counter_falls_back_to_the_trainers_property():
+    """Where Lightning keeps no counter the hooks recognise, ``completed`` is ``trainer.global_step`` itself."""
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=object()), lightning_module=None, global_step=3)
+    counter = global_step_counter(trainer)
+    trainer.global_step = 7
+    assert counter.completed == 7

@@ -22,7 +22,7 @@ from lightning_debug.integrations.hf import is_causal_lm
 from lightning_debug.isolation import isolated
 from lightning_debug.metrics import prediction_sums
 from lightning_debug.rules.grokking import assess_stall, is_generalized, is_memorized, log10_step, log_spaced_steps
-from lightning_debug.signals import global_step_reader, weight_norm
+from lightning_debug.signals import global_step_counter, weight_norm
 from lightning_debug.sinks import Sink
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ class GrokkingMonitor(DebugCallback):
         self._stash: dict[str, float] | None = None  # a validation's values, recorded once the train epoch ends
         self._probe_steps: set[int] = set()
         self._probe_train: dict[str, float] = {}
-        self._global_step: Callable[[], int] | None = None  # reads trainer.global_step, once training started
+        self._step_counter: Any = None  # its `completed` is trainer.global_step, once training started
         self._train_predictions = True  # the last training outputs seen carried predictions (or none seen yet)
 
     records = property(lambda self: self.curves.records)  # one per evaluation, plain floats
@@ -120,7 +120,7 @@ class GrokkingMonitor(DebugCallback):
         series.define_series(Sink(trainer))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._global_step = global_step_reader(trainer)
+        self._step_counter = global_step_counter(trainer)
         if self.evals_per_decade:  # here the number of training batches is known
             self._probe_steps = log_spaced_steps(self.evals_per_decade, series.planned_steps(trainer))
 
@@ -129,9 +129,10 @@ class GrokkingMonitor(DebugCallback):
         """Lightning's hook, there only for the batches with work: while the training outputs carry predictions
         the logged metrics do not already give (looked at again on every weight-norm step), at a weight-norm step
         and at a probe step. The other steps pay no dispatch (~2.5 us each)."""
-        if self._global_step is None or (self._train_predictions and not self._sums.covered["train"]):
+        counter = self._step_counter
+        if counter is None or (self._train_predictions and not self._sums.covered["train"]):
             return self.on_train_batch_end_due
-        step = self._global_step()
+        step = counter.completed
         return self.on_train_batch_end_due if step % self.norm_every_n_steps == 0 or step in self._probe_steps else None
 
     def on_train_batch_end_due(

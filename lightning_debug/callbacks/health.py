@@ -28,7 +28,7 @@ from lightning_debug.health_probes import FirstStep, GradientSampler, StartupEvi
 from lightning_debug.health_probes import sharded as sharding_strategy
 from lightning_debug.rules import health as rules
 from lightning_debug.rules.loss import declared_label_smoothing, label_smoothing_floor
-from lightning_debug.signals import global_step_reader
+from lightning_debug.signals import global_step_counter
 from lightning_debug.sinks import Sink
 from lightning_debug.stats import median
 
@@ -80,7 +80,7 @@ class ModelHealthCheck(DebugCallback):
         self.history: dict[str, list[Any]] = {k: [] for k in ("step", "lr", "row", "total", "loss")}  # pulled samples
         self.checked = 0  # history entries already judged
         self.peak_lr = 0.0
-        self._global_step: Callable[[], int] | None = None  # reads trainer.global_step, once training started
+        self._step_counter: Any = None  # its `completed` is trainer.global_step, once training started
         self._floor = 0.0  # the loss's lowest reachable value: a declared label smoothing's, else 0
         self._first: FirstStep | None = None  # the first step, while it is watched
 
@@ -103,7 +103,7 @@ class ModelHealthCheck(DebugCallback):
         self.sampler = GradientSampler(pl_module, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
         smoothing = declared_label_smoothing(pl_module)
         self._floor = label_smoothing_floor(*smoothing) if smoothing else 0.0
-        self._global_step = global_step_reader(trainer)
+        self._step_counter = global_step_counter(trainer)
         if self.startup and not self.startup_done and trainer.global_rank == 0:
             self.startup_seconds = 0.0
             # hooks dispatched for the first step only (instance attributes over the class's ``None``)
@@ -171,13 +171,14 @@ class ModelHealthCheck(DebugCallback):
     def on_before_optimizer_step(self) -> Callable[..., None] | None:  # type: ignore[override]
         """Lightning's hook, there only on the sampled steps (every ``sample_every_n_steps``-th optimizer step,
         while no sample waits for its update): ``None`` (not dispatched) on the others."""
-        if self.sampler is None or self.sampler.waiting is not None:
+        sampler, counter = self.sampler, self._step_counter
+        if sampler is None or sampler.waiting is not None:
             return None
-        read = self._global_step
-        if read is None:
+        if counter is None:
             return self.on_before_optimizer_step_due
-        step = read()
-        return self.on_before_optimizer_step_due if step % self._interval(step) == 0 else None
+        step, every = counter.completed, self.sample_every_n_steps  # `_interval` inline: this runs every step
+        every = every if step >= self.check_every_n_steps else max(1, every // 2)
+        return self.on_before_optimizer_step_due if step % every == 0 else None
 
     def _interval(self, step: int) -> int:
         """Steps between samples at ``step``: half ``sample_every_n_steps`` during the first check interval (a

@@ -22,12 +22,13 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from lightning_debug.base import DebugCallback
 from lightning_debug.findings import Finding
-from lightning_debug.loss_series import LossRecorder, Rows, Unreadable, current_lr, step_values
+from lightning_debug.loss_series import LossRecorder, Rows, Unreadable, first_param_group, step_values
 from lightning_debug.rules import loss as rules
-from lightning_debug.signals import global_step_reader
+from lightning_debug.signals import global_step_counter
 from lightning_debug.sinks import Sink
 from lightning_debug.wording import loss as words
 
@@ -111,21 +112,34 @@ class LossConvergenceMonitor(DebugCallback, LossRecorder):
         self.finished = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._global_step = global_step_reader(trainer)
+        self._step_counter = global_step_counter(trainer)
+        self._lr_group = first_param_group(trainer)
         self._step = trainer.global_step  # after a resume has restored it
         self._plan(trainer, self.check_every_n_steps, self.warmup_steps)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        now = self._global_step() if self._global_step is not None else trainer.global_step
+        counter = self._step_counter
+        now = counter.completed if counter is not None else trainer.global_step
         step, self._step = self._step, now  # the step training_step saw; the next batch sees this
-        try:
-            values = step_values(trainer, pl_module, outputs, self.key, self._logged_keys)
-        except Unreadable as why:
-            self.skip(trainer, str(why), key=why.key)
-            return
-        self._record(values, step, current_lr(trainer))
+        loss = outputs.get("loss") if type(outputs) is dict else None
+        if (  # the usual case read inline, and the rate below from its group: fewer calls on every step
+            type(loss) is torch.Tensor
+            and not self._logged_keys
+            and trainer.accumulate_grad_batches == 1
+            and not loss.requires_grad
+            and loss.dim() == 0
+        ):
+            values = loss
+        else:
+            try:
+                values = step_values(trainer, pl_module, outputs, self.key, self._logged_keys)
+            except Unreadable as why:
+                self.skip(trainer, str(why), key=why.key)
+                return
+        group = self._lr_group
+        self._record(values, step, group.get("lr") if group is not None else None)
         every = self.schedule.check_every
         if self.batches % every == 0:
             self._check(trainer)
