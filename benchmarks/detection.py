@@ -4,6 +4,7 @@
     python benchmarks/detection.py --quick              # 24 short tune-set scenarios, a few minutes
     python benchmarks/detection.py --set tune           # the tune set: use it freely to tune rules
     python benchmarks/detection.py --smoke              # the 15 fixed scenarios of the first benchmark
+    python benchmarks/detection.py --only report-healthy-lstm-34   # one scenario again (its id in the log)
     python benchmarks/detection.py --verify             # re-derive every ground truth with a bare run
     python benchmarks/detection.py --truth-only         # only the ground truths not cached yet (no suite runs)
 
@@ -362,9 +363,15 @@ def load_truth() -> dict[str, Any]:
 
 
 def run_generated(args: argparse.Namespace) -> dict[str, Any]:
-    jobs = scenario_list("tune" if args.quick else args.set, quick=args.quick)
+    seed_set = "tune" if args.quick else args.set
+    jobs = scenario_list(seed_set, quick=args.quick)
     if args.faults:
         jobs = [j for j in jobs if (j["fault"] or "healthy") in args.faults]
+    if args.only:  # one scenario again, e.g. a false alarm the log shows
+        unknown = sorted(set(args.only) - {j["id"] for j in jobs})
+        if unknown:
+            raise SystemExit(f"--only: {unknown} not in the {seed_set} set (ids as its log gives them)")
+        jobs = [j for j in jobs if j["id"] in args.only]
     if args.limit:
         jobs = jobs[: args.limit]
     cache = load_truth()
@@ -430,7 +437,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--set", choices=tuple(SEED_BASE), default="report")
     parser.add_argument("--quick", action="store_true", help="24 short tune-set scenarios")
     parser.add_argument("--smoke", action="store_true", help="the 15 fixed scenarios instead")
-    parser.add_argument("--only", nargs="*", help="with --smoke: scenario names")
+    parser.add_argument("--only", nargs="*", help="only these scenarios: ids of the set (names with --smoke)")
     parser.add_argument("--faults", nargs="*", help="only these fault types ('healthy' for healthy runs)")
     parser.add_argument("--limit", type=int, help="only the first N scenarios")
     parser.add_argument("--workers", type=int, default=2)

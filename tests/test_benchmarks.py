@@ -172,3 +172,13 @@ def test_overhead_without_leaves_the_components_out(tmp_path):
     )
     names = {name.split("{")[0].split(".")[0] for name, _ in out["whole_runs"][0]["costliest_hooks"]}
     assert names and "LossConvergenceMonitor" not in names, names
+
+
+def test_detection_runs_one_scenario_of_a_set_by_id(tmp_path):
+    """``--only`` with a generated set runs just the named scenarios (here a 31-step CNN of the tune set, its
+    ground truth cached), and names an id the set does not have."""
+    out = detection.main(["--set", "tune", "--only", "tune-lr_too_high-1", "--workers", "1"])
+    assert [r["id"] for r in out["results"]] == ["tune-lr_too_high-1"], [r["id"] for r in out["results"]]
+    assert "findings" in out["results"][0], out["results"][0]
+    with pytest.raises(SystemExit, match="tune-no-such-run"):
+        detection.main(["--set", "tune", "--only", "tune-no-such-run"])
