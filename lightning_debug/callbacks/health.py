@@ -176,9 +176,8 @@ class ModelHealthCheck(DebugCallback):
             return None
         if counter is None:
             return self.on_before_optimizer_step_due
-        step, every = counter.completed, self.sample_every_n_steps  # `_interval` inline: this runs every step
-        every = every if step >= self.check_every_n_steps else max(1, every // 2)
-        return self.on_before_optimizer_step_due if step % every == 0 else None
+        step = counter.completed
+        return self.on_before_optimizer_step_due if step % self._interval(step) == 0 else None
 
     def _interval(self, step: int) -> int:
         """Steps between samples at ``step``: half ``sample_every_n_steps`` during the first check interval (a

@@ -124,7 +124,7 @@ class LossConvergenceMonitor(DebugCallback, LossRecorder):
         now = counter.completed if counter is not None else trainer.global_step
         step, self._step = self._step, now  # the step training_step saw; the next batch sees this
         loss = outputs.get("loss") if type(outputs) is dict else None
-        if (  # the usual case read inline, and the rate below from its group: fewer calls on every step
+        if (  # the usual case inline, not in step_values: the call costs ~2.5 us here, a third of the hook
             type(loss) is torch.Tensor
             and not self._logged_keys
             and trainer.accumulate_grad_batches == 1
